@@ -1,0 +1,390 @@
+//! Events: the immutable facts the log stores, and their codes.
+//!
+//! Every variant of [`Event`] is one *event type at one version*: a change to a payload adds a new
+//! variant (`FormAcceptedV2`) and keeps the old one readable forever (I6). [`Event::type_name`] and
+//! [`Event::type_version`] give the pair that the log writes into each envelope's header.
+//! Projections fold only these recorded facts, so a replay gives the same answer even after the
+//! rules in `decide` change.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{AppId, BlockApplied, CaseId, FormId, GroupId, Position, UserId};
+
+/// Why a whole form was rejected (SEMANTICS §7, R50).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Not well-formed, bad encoding, NUL, DTD/entities, or over a size/depth limit.
+    InvalidXml,
+    /// `meta/userID` is not a user of the project space.
+    UnknownUser,
+    /// A v1 or unknown case namespace (R8).
+    UnsupportedCaseVersion,
+    /// Empty, whitespace-only or over-long case id, or a deleted case.
+    IllegalCaseId,
+    /// Unparseable block `date_modified` (R76).
+    PhoneDateValueError,
+    /// A `<referral>` inside a case block.
+    UsesReferrals,
+    /// Over-long or malformed case values (R50, R51).
+    CaseValueError,
+    /// A create needing a default owner from a user in no case-sharing group (R38).
+    NoCaseSharingGroup,
+    /// A create needing a default owner from a user in several case-sharing groups (R38).
+    MultipleCaseSharingGroups,
+    /// Bad index attributes or targets (R26, R27, R29, R30).
+    InvalidCaseIndex,
+}
+
+impl ErrorCode {
+    /// All codes, in R52 precedence order (the first that applies wins).
+    pub const PRECEDENCE: [ErrorCode; 10] = [
+        ErrorCode::InvalidXml,
+        ErrorCode::UnknownUser,
+        ErrorCode::UnsupportedCaseVersion,
+        ErrorCode::IllegalCaseId,
+        ErrorCode::PhoneDateValueError,
+        ErrorCode::UsesReferrals,
+        ErrorCode::CaseValueError,
+        ErrorCode::NoCaseSharingGroup,
+        ErrorCode::MultipleCaseSharingGroups,
+        ErrorCode::InvalidCaseIndex,
+    ];
+
+    /// Rank in R52 precedence (lower wins).
+    pub fn rank(self) -> usize {
+        Self::PRECEDENCE
+            .iter()
+            .position(|c| *c == self)
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Wire spelling, e.g. `NoCaseSharingGroup`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidXml => "InvalidXml",
+            ErrorCode::UnknownUser => "UnknownUser",
+            ErrorCode::UnsupportedCaseVersion => "UnsupportedCaseVersion",
+            ErrorCode::IllegalCaseId => "IllegalCaseId",
+            ErrorCode::PhoneDateValueError => "PhoneDateValueError",
+            ErrorCode::UsesReferrals => "UsesReferrals",
+            ErrorCode::CaseValueError => "CaseValueError",
+            ErrorCode::NoCaseSharingGroup => "NoCaseSharingGroup",
+            ErrorCode::MultipleCaseSharingGroups => "MultipleCaseSharingGroups",
+            ErrorCode::InvalidCaseIndex => "InvalidCaseIndex",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A typed rejection: the code and a message that says what is wrong and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The code.
+    pub code: ErrorCode,
+    /// Human-readable detail naming the case id / element.
+    pub message: String,
+}
+
+/// Diagnostic codes of SEMANTICS §9 (R59–R66).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DiagnosticCode {
+    /// R59.
+    UserNotInCaseSharingGroup,
+    /// R60.
+    UserInMultipleCaseSharingGroups,
+    /// R61.
+    CaseSharingAppWithoutGroups,
+    /// R62.
+    CaseTypeMismatch,
+    /// R63.
+    ClosedCaseUpdated,
+    /// R64.
+    OwnerUnknown,
+    /// R65.
+    OutOfOrderEdit,
+    /// R66.
+    RejectedSubmission,
+}
+
+impl DiagnosticCode {
+    /// Wire spelling, e.g. `closed_case_updated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiagnosticCode::UserNotInCaseSharingGroup => "user_not_in_case_sharing_group",
+            DiagnosticCode::UserInMultipleCaseSharingGroups => {
+                "user_in_multiple_case_sharing_groups"
+            }
+            DiagnosticCode::CaseSharingAppWithoutGroups => "case_sharing_app_without_groups",
+            DiagnosticCode::CaseTypeMismatch => "case_type_mismatch",
+            DiagnosticCode::ClosedCaseUpdated => "closed_case_updated",
+            DiagnosticCode::OwnerUnknown => "owner_unknown",
+            DiagnosticCode::OutOfOrderEdit => "out_of_order_edit",
+            DiagnosticCode::RejectedSubmission => "rejected_submission",
+        }
+    }
+}
+
+impl fmt::Display for DiagnosticCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validation finding that never blocks processing (§9).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diagnostic {
+    /// The code.
+    pub code: DiagnosticCode,
+    /// A user id, app id, case id or form instanceID.
+    pub subject: String,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+/// A submission as received: identity and the verbatim bytes (I7: nothing a client sent is dropped).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormRecord {
+    /// The form id the submission was filed under (R3, R55).
+    pub form_id: FormId,
+    /// The form's xmlns, empty when the XML could not be read.
+    pub xmlns: String,
+    /// The app it was submitted through (R6).
+    pub app_id: Option<AppId>,
+    /// `meta/userID`.
+    pub user_id: Option<String>,
+    /// SHA-256 of `raw`, to tell duplicates from edits (R53, R54).
+    pub content_hash: [u8; 32],
+    /// The bytes exactly as received.
+    #[serde(with = "serde_bytes_compat")]
+    pub raw: Vec<u8>,
+}
+
+impl fmt::Debug for FormRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FormRecord")
+            .field("form_id", &self.form_id)
+            .field("xmlns", &self.xmlns)
+            .field("app_id", &self.app_id)
+            .field("user_id", &self.user_id)
+            .field("raw_len", &self.raw.len())
+            .finish()
+    }
+}
+
+/// Serialises `Vec<u8>` as one byte string instead of a sequence of numbers.
+mod serde_bytes_compat {
+    use serde::{de, Deserializer, Serializer};
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> de::Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+}
+
+/// `UserCreated` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserCreatedV1 {
+    /// Id.
+    pub user_id: UserId,
+    /// Login name.
+    pub username: String,
+}
+
+/// `GroupCreated` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCreatedV1 {
+    /// Id.
+    pub group_id: GroupId,
+    /// Display name.
+    pub name: String,
+    /// Case sharing on.
+    pub case_sharing: bool,
+}
+
+/// `GroupCaseSharingSet` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCaseSharingSetV1 {
+    /// Group.
+    pub group_id: GroupId,
+    /// New flag.
+    pub case_sharing: bool,
+}
+
+/// `MemberAdded` / `MemberRemoved` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipV1 {
+    /// Group.
+    pub group_id: GroupId,
+    /// User.
+    pub user_id: UserId,
+}
+
+/// `AppCreated` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppCreatedV1 {
+    /// Id.
+    pub app_id: AppId,
+    /// Display name.
+    pub name: String,
+    /// Case sharing on.
+    pub case_sharing: bool,
+    /// Declared case types (R43, R62).
+    pub case_types: Vec<String>,
+}
+
+/// `AppCaseSharingSet` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppCaseSharingSetV1 {
+    /// App.
+    pub app_id: AppId,
+    /// New flag.
+    pub case_sharing: bool,
+}
+
+/// `FormAccepted` v1: the form and the case blocks it applied, in application order (R12), with
+/// the server-resolved owner, date and user of each block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormAcceptedV1 {
+    /// The submission.
+    pub form: FormRecord,
+    /// Blocks in the order they were applied.
+    pub blocks: Vec<BlockApplied>,
+}
+
+impl FormAcceptedV1 {
+    /// Distinct case ids the form touched, in first-touch order.
+    pub fn case_ids(&self) -> Vec<CaseId> {
+        let mut out: Vec<CaseId> = Vec::new();
+        for b in &self.blocks {
+            if !out.contains(&b.case_id) {
+                out.push(b.case_id.clone());
+            }
+        }
+        out
+    }
+}
+
+/// `FormRejected` v1: stored with its typed error (R49).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormRejectedV1 {
+    /// The submission.
+    pub form: FormRecord,
+    /// Why.
+    pub error: Rejection,
+}
+
+/// `FormDuplicate` v1: an identical resend of an accepted form (R53); no case effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormDuplicateV1 {
+    /// The resent submission (kept too).
+    pub form: FormRecord,
+    /// Where the original was accepted.
+    pub original: Position,
+}
+
+/// `DiagnosticRaised` v1 (§9).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiagnosticRaisedV1 {
+    /// The finding.
+    pub diagnostic: Diagnostic,
+}
+
+/// Every event type, each at a fixed version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Event {
+    /// A mobile worker was created.
+    UserCreatedV1(UserCreatedV1),
+    /// A group was created.
+    GroupCreatedV1(GroupCreatedV1),
+    /// A group's case sharing flag changed.
+    GroupCaseSharingSetV1(GroupCaseSharingSetV1),
+    /// A user joined a group.
+    MemberAddedV1(MembershipV1),
+    /// A user left a group.
+    MemberRemovedV1(MembershipV1),
+    /// An app was created.
+    AppCreatedV1(AppCreatedV1),
+    /// An app's case sharing flag changed.
+    AppCaseSharingSetV1(AppCaseSharingSetV1),
+    /// A form was accepted and applied to cases.
+    FormAcceptedV1(FormAcceptedV1),
+    /// A form was rejected and stored.
+    FormRejectedV1(FormRejectedV1),
+    /// A form was an identical resend.
+    FormDuplicateV1(FormDuplicateV1),
+    /// A diagnostic was raised.
+    DiagnosticRaisedV1(DiagnosticRaisedV1),
+}
+
+impl Event {
+    /// The event type's stable name (without version), as written in envelope headers.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::UserCreatedV1(_) => "UserCreated",
+            Event::GroupCreatedV1(_) => "GroupCreated",
+            Event::GroupCaseSharingSetV1(_) => "GroupCaseSharingSet",
+            Event::MemberAddedV1(_) => "MemberAdded",
+            Event::MemberRemovedV1(_) => "MemberRemoved",
+            Event::AppCreatedV1(_) => "AppCreated",
+            Event::AppCaseSharingSetV1(_) => "AppCaseSharingSet",
+            Event::FormAcceptedV1(_) => "FormAccepted",
+            Event::FormRejectedV1(_) => "FormRejected",
+            Event::FormDuplicateV1(_) => "FormDuplicate",
+            Event::DiagnosticRaisedV1(_) => "DiagnosticRaised",
+        }
+    }
+
+    /// The event type's version.
+    pub fn type_version(&self) -> u16 {
+        match self {
+            Event::UserCreatedV1(_)
+            | Event::GroupCreatedV1(_)
+            | Event::GroupCaseSharingSetV1(_)
+            | Event::MemberAddedV1(_)
+            | Event::MemberRemovedV1(_)
+            | Event::AppCreatedV1(_)
+            | Event::AppCaseSharingSetV1(_)
+            | Event::FormAcceptedV1(_)
+            | Event::FormRejectedV1(_)
+            | Event::FormDuplicateV1(_)
+            | Event::DiagnosticRaisedV1(_) => 1,
+        }
+    }
+}

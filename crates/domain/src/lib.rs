@@ -1,0 +1,54 @@
+//! The pure domain core of caseledger: CommCare case sharing as commands, events and folds.
+//!
+//! - [`Command`]s are decided by [`decide`] against a read-only [`State`] into [`Event`]s or a
+//!   [`CommandError`]; a rejected *form* is not an error but a `FormRejected` event (I7).
+//! - [`apply_block`] folds one recorded case block into a [`Case`] (R11–R31).
+//! - [`Directory`] folds users, groups, memberships and apps (R34, R35).
+//!
+//! This crate does no IO (I1): no sled, no tokio, no files, no clock. Time comes in as data.
+//!
+//! ```ignore
+//! let events = domain::decide(&state, &Command::CreateUser { .. }, received_at)?;
+//! ```
+
+mod case;
+mod command;
+mod decide;
+mod directory;
+mod event;
+mod form;
+mod ids;
+mod time;
+
+#[cfg(test)]
+mod tests;
+
+pub use case::{apply_block, Attachment, BlockApplied, Case, Index, RESTRICTED_PROPERTIES};
+pub use command::{Command, CommandError, Submission};
+pub use decide::{decide, State};
+pub use directory::{App, Directory, Group, User};
+pub use event::*;
+pub use form::{
+    Actions, AttachmentChange, CaseBlock, Create, IndexChange, ParsedForm, Problem, Relationship,
+};
+pub use ids::{AppId, CaseId, CommandId, DomainName, FormId, GroupId, Position, UserId};
+pub use time::{DateError, Timestamp};
+
+use serde::{Deserialize, Serialize};
+
+/// An event as stored: where it sits in the log, when the server received the command that caused
+/// it, which command that was, and the event itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// Gapless global position.
+    pub position: Position,
+    /// Server received time of the command.
+    pub recorded_at: Timestamp,
+    /// The command that produced it.
+    pub command_id: CommandId,
+    /// The fact.
+    pub event: Event,
+}
+
+/// The maximum length of ids and case values (R50).
+pub const MAX_VALUE_LEN: usize = 255;

@@ -1,0 +1,1 @@
+//! Given/when/then tests of `decide` and `apply_block`, each citing the rule it checks.
