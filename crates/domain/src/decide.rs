@@ -195,7 +195,11 @@ fn with_directory_diagnostics(dir: &Directory, event: Event) -> Vec<Event> {
             out.push(diag(
                 DiagnosticCode::UserInMultipleCaseSharingGroups,
                 &user,
-                format!("user is in {} case sharing groups: {}", names.len(), names.join(", ")),
+                format!(
+                    "user is in {} case sharing groups: {}",
+                    names.len(),
+                    names.join(", ")
+                ),
             ));
         }
     }
@@ -364,7 +368,10 @@ fn decide_submission(
                 diags.push(diag(
                     DiagnosticCode::UserInMultipleCaseSharingGroups,
                     user,
-                    format!("submitted through case-sharing app {app_id} while in {}", names.join(", ")),
+                    format!(
+                        "submitted through case-sharing app {app_id} while in {}",
+                        names.join(", ")
+                    ),
                 ));
             }
         }
@@ -497,7 +504,10 @@ fn decide_submission(
             case_diags.push(diag(
                 DiagnosticCode::OwnerUnknown,
                 b.case_id.as_str(),
-                format!("owner_id {:?} is neither a known user nor a known group", after.owner_id),
+                format!(
+                    "owner_id {:?} is neither a known user nor a known group",
+                    after.owner_id
+                ),
             ));
         }
         if !b.actions.index.is_empty() && !index_changed.contains(&b.case_id) {

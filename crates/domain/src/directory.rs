@@ -126,7 +126,11 @@ impl Directory {
     /// The user's owner ids (R35): the user id and the ids of the user's case-sharing groups.
     pub fn owner_ids(&self, user: &str) -> Vec<String> {
         let mut ids = vec![user.to_owned()];
-        ids.extend(self.case_sharing_groups(user).into_iter().map(|g| g.0.clone()));
+        ids.extend(
+            self.case_sharing_groups(user)
+                .into_iter()
+                .map(|g| g.0.clone()),
+        );
         ids
     }
 

@@ -79,9 +79,7 @@ string_id!(
 ///
 /// Position 0 means "before the first event": reading from 0 reads everything and a projection
 /// whose checkpoint is 0 has seen nothing.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Position(pub u64);
 

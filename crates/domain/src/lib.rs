@@ -21,11 +21,12 @@ mod ids;
 mod time;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
 pub use case::{apply_block, Attachment, BlockApplied, Case, Index, RESTRICTED_PROPERTIES};
 pub use command::{Command, CommandError, Submission};
-pub use decide::{decide, State};
+pub use decide::{decide, FormStatus, State};
 pub use directory::{App, Directory, Group, User};
 pub use event::*;
 pub use form::{

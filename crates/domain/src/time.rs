@@ -109,9 +109,7 @@ impl Timestamp {
             && (0..=60).contains(&s)
             && (0..1000).contains(&ms);
         ok.then(|| {
-            Timestamp(
-                days_from_civil(y, mo, d) * MS_PER_DAY + ((h * 60 + mi) * 60 + s) * 1000 + ms,
-            )
+            Timestamp(days_from_civil(y, mo, d) * MS_PER_DAY + ((h * 60 + mi) * 60 + s) * 1000 + ms)
         })
     }
 
@@ -233,16 +231,24 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> String {
-        Timestamp::parse_phone(s).map(|t| t.to_string()).unwrap_or_else(|e| e.to_string())
+        Timestamp::parse_phone(s)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|e| e.to_string())
     }
 
     #[test]
     fn r76_accepted_shapes_normalise_to_utc() {
-        assert_eq!(p("2026-03-02T09:15:22.104+03:00"), "2026-03-02T06:15:22.104Z");
+        assert_eq!(
+            p("2026-03-02T09:15:22.104+03:00"),
+            "2026-03-02T06:15:22.104Z"
+        );
         assert_eq!(p("2026-03-02"), "2026-03-02T00:00:00.000Z");
         assert_eq!(p("2026-03-02 09:15"), "2026-03-02T09:15:00.000Z");
         assert_eq!(p("2026-03-02T09:15:22Z"), "2026-03-02T09:15:22.000Z");
-        assert_eq!(p("2026-03-02T09:15:22.1234567-0530"), "2026-03-02T14:45:22.123Z");
+        assert_eq!(
+            p("2026-03-02T09:15:22.1234567-0530"),
+            "2026-03-02T14:45:22.123Z"
+        );
         assert_eq!(p("2026-03-02T01:00:00+02"), "2026-03-01T23:00:00.000Z");
         assert_eq!(p("2024-02-29T00:00:00"), "2024-02-29T00:00:00.000Z");
     }
@@ -265,7 +271,14 @@ mod tests {
 
     #[test]
     fn round_trips_through_display_before_and_after_epoch() {
-        for ms in [0, 1, -1, 1_767_225_600_123, -86_400_001, 253_402_300_799_999] {
+        for ms in [
+            0,
+            1,
+            -1,
+            1_767_225_600_123,
+            -86_400_001,
+            253_402_300_799_999,
+        ] {
             let t = Timestamp(ms);
             assert_eq!(Timestamp::parse_phone(&t.to_string()), Ok(t));
         }
