@@ -1,1 +1,552 @@
-fn main() {}
+//! The `caseledger` command line: parse arguments, set up tracing, call the engine, print.
+//!
+//! Exit status (a contract scripts depend on): 0 when everything went through (duplicates
+//! included), 2 when a submission was rejected (it is still stored), 1 for usage, IO or
+//! unknown-id errors (nothing appended).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use caseledger::domain::{AppId, CaseId, Command, GroupId, Position, Timestamp, UserId};
+use caseledger::{view, Engine, EngineConfig, EngineError, Request, SubmitOutcome, SubmitStatus};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "caseledger",
+    version,
+    about = "Event-sourced CommCare case store with case sharing"
+)]
+struct Cli {
+    /// Data directory (default: $CASELEDGER_DATA, else ./caseledger-data).
+    #[arg(
+        long,
+        global = true,
+        env = "CASELEDGER_DATA",
+        default_value = "caseledger-data"
+    )]
+    data: PathBuf,
+    /// Project space.
+    #[arg(long, global = true, default_value = "demo")]
+    domain: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl OnOff {
+    fn on(self) -> bool {
+        matches!(self, OnOff::On)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Mobile workers.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Groups and memberships.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Applications.
+    #[command(subcommand)]
+    App(AppCmd),
+    /// Submit form XML files, in order.
+    Submit {
+        /// Files to submit.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The app the forms are submitted through.
+        #[arg(long)]
+        app: Option<String>,
+        /// Server received time (RFC 3339) instead of now.
+        #[arg(long)]
+        received_at: Option<String>,
+    },
+    /// Cases.
+    #[command(subcommand)]
+    Case(CaseCmd),
+    /// A case list: by user (R44) or by owner.
+    Cases {
+        /// Cases the user sees: owned by the user or the user's case-sharing groups.
+        #[arg(long, conflicts_with = "owner", required_unless_present = "owner")]
+        user: Option<String>,
+        /// Cases owned by this id.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Include closed cases.
+        #[arg(long)]
+        include_closed: bool,
+    },
+    /// Groups and their members.
+    Groups {
+        /// Only groups listing this user.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Validation diagnostics (R59–R66).
+    Diagnostics,
+    /// Read the event log.
+    Log {
+        /// First position.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Rebuild every projection from the log and swap it in.
+    Replay,
+    /// Run the seed's case-sharing stories in a fresh data dir and show what each user sees.
+    Demo,
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Create a mobile worker.
+    Create {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        username: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCmd {
+    /// Create a group.
+    Create {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        case_sharing: bool,
+    },
+    /// Turn a group's case sharing on or off.
+    SetCaseSharing { group: String, state: OnOff },
+    /// Add a user to a group.
+    AddMember { group: String, user: String },
+    /// Remove a user from a group.
+    RemoveMember { group: String, user: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum AppCmd {
+    /// Create an app.
+    Create {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        case_sharing: bool,
+        /// A case type its case lists show (repeat the flag).
+        #[arg(long = "case-type")]
+        case_types: Vec<String>,
+    },
+    /// Turn an app's case sharing on or off.
+    SetCaseSharing { app: String, state: OnOff },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaseCmd {
+    /// Show one case.
+    Show { case_id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CASELEDGER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn out(value: &Value) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, value)?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn print_line(line: &str) -> Result<()> {
+    writeln!(std::io::stdout().lock(), "{line}")?;
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    if let Cmd::Demo = cli.command {
+        return caseledger::demo::run(&cli.data).await.map(|()| 0);
+    }
+    let engine = Engine::open(
+        &cli.data,
+        &cli.domain.as_str().into(),
+        EngineConfig::default(),
+    )
+    .with_context(|| format!("opening {}", cli.data.display()))?;
+    let code = dispatch(&engine, &cli).await?;
+    engine.flush()?;
+    Ok(code)
+}
+
+async fn command(engine: &Engine, cli: &Cli, cmd: Command, done: &str) -> Result<u8> {
+    let outcome = engine.execute(Request::new(cmd)).await?;
+    let last = outcome.events.last().map(|e| e.position.0);
+    if cli.json {
+        out(&json!({"ok": true, "position": last, "events": outcome.events.len()}))?;
+    } else {
+        let at = last.map_or("no change".to_owned(), |p| format!("@{p}"));
+        print_line(&format!("{done} ({at})"))?;
+    }
+    Ok(0)
+}
+
+async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
+    match &cli.command {
+        Cmd::User(UserCmd::Create { id, username }) => {
+            let cmd = Command::CreateUser {
+                id: UserId::new(id.as_str()),
+                username: username.clone(),
+            };
+            command(engine, cli, cmd, &format!("user {id} created")).await
+        }
+        Cmd::Group(g) => {
+            let (cmd, done) = match g {
+                GroupCmd::Create {
+                    id,
+                    name,
+                    case_sharing,
+                } => (
+                    Command::CreateGroup {
+                        id: GroupId::new(id.as_str()),
+                        name: name.clone(),
+                        case_sharing: *case_sharing,
+                    },
+                    format!("group {id} created"),
+                ),
+                GroupCmd::SetCaseSharing { group, state } => (
+                    Command::SetGroupCaseSharing {
+                        group: GroupId::new(group.as_str()),
+                        on: state.on(),
+                    },
+                    format!("group {group} case sharing {state:?}"),
+                ),
+                GroupCmd::AddMember { group, user } => (
+                    Command::AddMember {
+                        group: GroupId::new(group.as_str()),
+                        user: UserId::new(user.as_str()),
+                    },
+                    format!("{user} added to {group}"),
+                ),
+                GroupCmd::RemoveMember { group, user } => (
+                    Command::RemoveMember {
+                        group: GroupId::new(group.as_str()),
+                        user: UserId::new(user.as_str()),
+                    },
+                    format!("{user} removed from {group}"),
+                ),
+            };
+            command(engine, cli, cmd, &done).await
+        }
+        Cmd::App(a) => {
+            let (cmd, done) = match a {
+                AppCmd::Create {
+                    id,
+                    name,
+                    case_sharing,
+                    case_types,
+                } => (
+                    Command::CreateApp {
+                        id: AppId::new(id.as_str()),
+                        name: name.clone(),
+                        case_sharing: *case_sharing,
+                        case_types: case_types.clone(),
+                    },
+                    format!("app {id} created"),
+                ),
+                AppCmd::SetCaseSharing { app, state } => (
+                    Command::SetAppCaseSharing {
+                        app: AppId::new(app.as_str()),
+                        on: state.on(),
+                    },
+                    format!("app {app} case sharing {state:?}"),
+                ),
+            };
+            command(engine, cli, cmd, &done).await
+        }
+        Cmd::Submit {
+            files,
+            app,
+            received_at,
+        } => submit(engine, cli, files, app.as_deref(), received_at.as_deref()).await,
+        Cmd::Case(CaseCmd::Show { case_id }) => {
+            match engine.projections().case(&CaseId::new(case_id.as_str()))? {
+                Some(case) => {
+                    if cli.json {
+                        out(&view::case_json(&case))?;
+                    } else {
+                        print_case(&case)?;
+                    }
+                    Ok(0)
+                }
+                None => {
+                    eprintln!("error: no case {case_id}");
+                    Ok(1)
+                }
+            }
+        }
+        Cmd::Cases {
+            user,
+            owner,
+            include_closed,
+        } => {
+            let cases = match (user, owner) {
+                (Some(u), _) => {
+                    if !engine
+                        .projections()
+                        .directory()
+                        .users
+                        .contains_key(&UserId::new(u.as_str()))
+                    {
+                        eprintln!("error: unknown user {u}");
+                        return Ok(1);
+                    }
+                    engine.projections().cases_for_user(u, *include_closed)?
+                }
+                (None, Some(o)) => engine.projections().cases_by_owner(o, *include_closed)?,
+                (None, None) => anyhow::bail!("give --user or --owner"),
+            };
+            if cli.json {
+                out(&Value::Array(cases.iter().map(view::case_json).collect()))?;
+            } else {
+                print_line(&format!(
+                    "{:<38} {:<12} {:<24} {:<14} {:<10} {}",
+                    "CASE_ID", "TYPE", "NAME", "OWNER", "USER", "STATUS"
+                ))?;
+                for c in &cases {
+                    print_line(&format!(
+                        "{:<38} {:<12} {:<24} {:<14} {:<10} {}",
+                        c.case_id,
+                        c.case_type,
+                        c.case_name,
+                        c.owner_id,
+                        c.user_id,
+                        if c.closed { "closed" } else { "open" }
+                    ))?;
+                }
+                print_line(&format!("{} case(s)", cases.len()))?;
+            }
+            Ok(0)
+        }
+        Cmd::Groups { user } => {
+            let groups = engine.projections().groups(user.as_deref());
+            if cli.json {
+                out(&Value::Array(groups.iter().map(view::group_json).collect()))?;
+            } else {
+                print_line(&format!(
+                    "{:<16} {:<24} {:<8} MEMBERS",
+                    "GROUP", "NAME", "SHARING"
+                ))?;
+                for g in &groups {
+                    print_line(&format!(
+                        "{:<16} {:<24} {:<8} {}",
+                        g.id,
+                        g.name,
+                        if g.case_sharing { "on" } else { "off" },
+                        g.members.join(", ")
+                    ))?;
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Diagnostics => {
+            let rows = engine.projections().diagnostics()?;
+            if cli.json {
+                out(&Value::Array(
+                    rows.iter().map(view::diagnostic_json).collect(),
+                ))?;
+            } else {
+                print_line(&format!(
+                    "{:<8} {:<38} {:<40} DETAIL",
+                    "POS", "CODE", "SUBJECT"
+                ))?;
+                for d in &rows {
+                    print_line(&format!(
+                        "{:<8} {:<38} {:<40} {}",
+                        d.position, d.diagnostic.code, d.diagnostic.subject, d.diagnostic.detail
+                    ))?;
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Log { from, limit } => {
+            let events: Vec<_> = engine
+                .log()
+                .iter_from(Position(*from))
+                .take(*limit)
+                .collect::<Result<_, _>>()?;
+            if cli.json {
+                let entries: Vec<_> = events.iter().map(view::log_entry).collect();
+                out(&serde_json::to_value(entries)?)?;
+            } else {
+                for e in events.iter().map(view::log_entry) {
+                    print_line(&format!(
+                        "{:>8}  {}  {}/v{}  {}",
+                        e.position, e.recorded_at, e.kind, e.version, e.summary
+                    ))?;
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Replay => replay(engine, cli),
+        Cmd::Demo => Ok(0),
+    }
+}
+
+async fn submit(
+    engine: &Engine,
+    cli: &Cli,
+    files: &[PathBuf],
+    app: Option<&str>,
+    received_at: Option<&str>,
+) -> Result<u8> {
+    let received_at = received_at
+        .map(|t| Timestamp::parse_rfc3339(t).context("--received-at"))
+        .transpose()?;
+    let app = app.map(AppId::new);
+    if let Some(a) = &app {
+        if !engine.projections().directory().apps.contains_key(a) {
+            anyhow::bail!("unknown app {a}");
+        }
+    }
+    // Read every file first: an unreadable file means nothing is appended.
+    let mut bodies = Vec::with_capacity(files.len());
+    for f in files {
+        bodies.push(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
+    }
+    let requests = bodies
+        .into_iter()
+        .map(|raw| {
+            let sub = engine.prepare_submission(raw, app.clone());
+            let mut r = Request::new(Command::SubmitForm(Box::new(sub)));
+            r.received_at = received_at;
+            r
+        })
+        .collect();
+    let results = engine.execute_many(requests).await?;
+    let mut code = 0;
+    for (file, result) in files.iter().zip(results) {
+        let outcome = SubmitOutcome::from_events(&result?.events)?;
+        if outcome.outcome == SubmitStatus::Rejected {
+            code = 2;
+        }
+        if cli.json {
+            out(&json!({
+                "file": file.display().to_string(),
+                "instance_id": outcome.instance_id,
+                "outcome": outcome.outcome,
+                "error": outcome.error.as_ref().map(|e| json!({"code": e.code.as_str(), "message": e.message})),
+                "position": outcome.position.0,
+                "cases": outcome.cases,
+            }))?;
+        } else {
+            let detail = match &outcome.error {
+                Some(e) => format!("{}: {}", e.code, e.message),
+                None => outcome
+                    .cases
+                    .iter()
+                    .map(|c| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
+            print_line(&format!(
+                "{}  {:?}  {}  @{}  {}",
+                file.display(),
+                outcome.outcome,
+                outcome.instance_id,
+                outcome.position,
+                detail
+            ))?;
+        }
+    }
+    Ok(code)
+}
+
+fn print_case(c: &caseledger::domain::Case) -> Result<()> {
+    let v = view::case_json(c);
+    if let Value::Object(map) = v {
+        for (k, v) in map {
+            let text = match v {
+                Value::String(s) => s,
+                Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            print_line(&format!("{k:<12} {text}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn replay(engine: &Engine, cli: &Cli) -> Result<u8> {
+    let head = engine.log().written_head();
+    let bar = indicatif::ProgressBar::new(head.0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} replay [{bar:40}] {pos}/{len} events {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let stats = engine
+        .replay(&mut |done, _head| bar.set_position(done.0))
+        .map_err(|e: EngineError| anyhow::anyhow!(e))?;
+    bar.finish_and_clear();
+    let rate = stats.events as f64 / stats.seconds.max(1e-9);
+    if cli.json {
+        out(&json!({"events": stats.events, "seconds": stats.seconds, "events_per_second": rate}))?;
+    } else {
+        print_line(&format!(
+            "replayed {} events in {:.3}s ({:.0} events/s)",
+            stats.events, stats.seconds, rate
+        ))?;
+    }
+    Ok(0)
+}

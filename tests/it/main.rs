@@ -1,1 +1,10 @@
-//! it
+//! The one integration test binary: everything that crosses crates.
+//!
+//! Modules: `conformance` (the data-driven CommCare suite), `stories` (the seed page's stories
+//! through the facade), `cli` (the command-line contract), `replay` (replay == live, I3).
+
+mod cli;
+mod conformance;
+mod replay;
+mod stories;
+mod support;

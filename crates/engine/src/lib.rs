@@ -1,1 +1,380 @@
-//! placeholder
+//! The command side of caseledger: parse → decide → append → project, in one place.
+//!
+//! [`Engine`] owns a project space's sled database: the event log ([`eventlog::SledLog`]) and
+//! the projections ([`projections::Projections`]) live in the same `sled::Db`, so sled's single
+//! internal log orders their writes and a crash can never keep a projection write while losing the
+//! log write it was derived from.
+//!
+//! Write path of one command (or one group of commands, [`Engine::execute_many`]):
+//! 1. parse form bytes (outside any lock; CPU only);
+//! 2. take the writer lock; catch projections up to the log if a previous commit failed;
+//! 3. `domain::decide` against [`projections::Pending`] (projections plus this group's effects);
+//! 4. `SledLog::write` the events (one atomic sled batch per command, not yet durable);
+//! 5. fold them into `Pending` and commit it with the checkpoint (one atomic batch, I4);
+//! 6. release the lock and wait for group-committed durability of the log (I5), then acknowledge.
+//!
+//! Queries read projections; they may observe an effect a few microseconds before it is durable,
+//! never one that is not in the log.
+
+mod error;
+mod outcome;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use domain::{
+    AppId, Command, CommandId, DomainName, Position, RecordedEvent, Submission, Timestamp,
+};
+use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
+use projections::Projections;
+
+pub use error::EngineError;
+pub use outcome::{Outcome, SubmitOutcome, SubmitStatus};
+
+/// How an engine is set up.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Parser limits (size, depth, block count).
+    pub limits: casexml::Limits,
+    /// Group-commit knobs of the log.
+    pub log: LogConfig,
+    /// Events per projection batch during catch-up and replay; bounds replay memory.
+    pub replay_chunk: usize,
+    /// sled page cache size in bytes.
+    pub cache_capacity: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            limits: casexml::Limits::default(),
+            log: LogConfig::default(),
+            replay_chunk: 8192,
+            cache_capacity: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// One command to execute, with its identity and server received time.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// What to do.
+    pub command: Command,
+    /// Idempotency key: a retried request with the same id is not applied twice.
+    pub command_id: CommandId,
+    /// Server received time; `None` = now.
+    pub received_at: Option<Timestamp>,
+}
+
+impl Request {
+    /// A request with a fresh id, received now.
+    pub fn new(command: Command) -> Self {
+        Request {
+            command,
+            command_id: CommandId(uuid::Uuid::new_v4().to_string()),
+            received_at: None,
+        }
+    }
+}
+
+/// Figures of a finished replay.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayStats {
+    /// Events folded.
+    pub events: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// The caseledger engine for one project space.
+pub struct Engine {
+    db: sled::Db,
+    domain: DomainName,
+    log: SledLog,
+    projections: Projections,
+    writer: Mutex<Clock>,
+    config: EngineConfig,
+}
+
+/// Guarded by the writer lock: the last received time handed out, to keep it non-decreasing.
+struct Clock {
+    last: Timestamp,
+}
+
+fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Timestamp(ms)
+}
+
+impl Engine {
+    /// Opens (or creates) the store in `dir` for `domain` and catches projections up to the log.
+    pub fn open(
+        dir: &Path,
+        domain: &DomainName,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(config.cache_capacity)
+            .open()?;
+        Self::with_db(db, domain, config)
+    }
+
+    /// Builds an engine over an open sled database (shared by several project spaces).
+    pub fn with_db(
+        db: sled::Db,
+        domain: &DomainName,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let log = SledLog::open(&db, domain, config.log.clone())?;
+        let projections = Projections::open(&db, domain)?;
+        let engine = Engine {
+            db,
+            domain: domain.clone(),
+            log,
+            projections,
+            writer: Mutex::new(Clock {
+                last: Timestamp::EPOCH,
+            }),
+            config,
+        };
+        {
+            let _guard = engine.lock();
+            engine.catch_up()?;
+        }
+        Ok(engine)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Clock> {
+        match self.writer.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Folds log events the projections have not seen yet (after a crash, or a failed commit).
+    fn catch_up(&self) -> Result<(), EngineError> {
+        let head = self.log.written_head();
+        let from = self.projections.checkpoint();
+        if from < head {
+            tracing::info!(from = from.0, to = head.0, "projection catch-up");
+            let events = self
+                .log
+                .iter_from(from.next())
+                .take_while(move |e| match e {
+                    Ok(e) => e.position <= head,
+                    Err(_) => true,
+                });
+            self.projections
+                .catch_up(events, self.config.replay_chunk)?;
+        }
+        Ok(())
+    }
+
+    /// The project space.
+    pub fn domain(&self) -> &DomainName {
+        &self.domain
+    }
+
+    /// The event log.
+    pub fn log(&self) -> &SledLog {
+        &self.log
+    }
+
+    /// The projections (queries).
+    pub fn projections(&self) -> &Projections {
+        &self.projections
+    }
+
+    /// Parser limits in force.
+    pub fn limits(&self) -> &casexml::Limits {
+        &self.config.limits
+    }
+
+    /// Parses submission bytes into a [`Submission`] (no lock; pure CPU).
+    pub fn prepare_submission(&self, raw: Vec<u8>, app: Option<AppId>) -> Submission {
+        let content_hash = casexml::content_hash(&raw);
+        let parsed = casexml::parse(&raw, &self.config.limits).map_err(|e| e.to_string());
+        Submission {
+            raw,
+            content_hash,
+            parsed,
+            app,
+        }
+    }
+
+    /// Executes one command durably.
+    pub async fn execute(&self, request: Request) -> Result<Outcome, EngineError> {
+        let mut all = self.execute_many(vec![request]).await?;
+        all.pop()
+            .unwrap_or_else(|| Err(EngineError::Internal("no outcome for a request".into())))
+    }
+
+    /// Submits one form durably.
+    pub async fn submit(
+        &self,
+        raw: Vec<u8>,
+        app: Option<AppId>,
+        received_at: Option<Timestamp>,
+    ) -> Result<SubmitOutcome, EngineError> {
+        let sub = self.prepare_submission(raw, app);
+        let mut request = Request::new(Command::SubmitForm(Box::new(sub)));
+        request.received_at = received_at;
+        let outcome = self.execute(request).await?;
+        SubmitOutcome::from_events(&outcome.events)
+    }
+
+    /// Executes a group of commands in order: decided one after the other (each sees the effects
+    /// of the ones before), appended, projected in one batch, and acknowledged after one shared
+    /// flush. Each command succeeds or fails on its own; a failed command appends nothing.
+    pub async fn execute_many(
+        &self,
+        requests: Vec<Request>,
+    ) -> Result<Vec<Result<Outcome, EngineError>>, EngineError> {
+        let (results, last) = self.decide_and_write(requests)?;
+        if let Some(last) = last {
+            self.log.wait_durable(last).await?;
+        }
+        Ok(results)
+    }
+
+    fn decide_and_write(
+        &self,
+        requests: Vec<Request>,
+    ) -> Result<(Vec<Result<Outcome, EngineError>>, Option<Position>), EngineError> {
+        let mut clock = self.lock();
+        self.catch_up()?;
+        let mut pending = self.projections.pending();
+        let mut results = Vec::with_capacity(requests.len());
+        let mut last = None;
+        for request in requests {
+            let received_at = match request.received_at {
+                Some(t) => t,
+                None => {
+                    // Server received time never goes backwards, so a time maps to a log prefix.
+                    let t = now().max(clock.last);
+                    clock.last = t;
+                    t
+                }
+            };
+            let events = match domain::decide(&pending, &request.command, received_at) {
+                Ok(events) => events,
+                Err(e) => {
+                    results.push(Err(EngineError::Command(e)));
+                    continue;
+                }
+            };
+            if pending.failed() {
+                // A read through the projections failed; nothing decided on it may be appended.
+                return Err(EngineError::Internal(
+                    "projection read failed while deciding; run `replay`".into(),
+                ));
+            }
+            if events.is_empty() {
+                results.push(Ok(Outcome { events: Vec::new() }));
+                continue;
+            }
+            let head = self.log.written_head();
+            let appended = self.log.write(AppendRequest {
+                expected: Expected::Head(head),
+                idempotency_key: Some(request.command_id.0.clone()),
+                command_id: request.command_id.clone(),
+                recorded_at: received_at,
+                events: events.clone(),
+            })?;
+            let recorded: Vec<RecordedEvent> = match appended {
+                AppendOutcome::Appended { first, .. } => events
+                    .into_iter()
+                    .zip(first.0..)
+                    .map(|(event, p)| RecordedEvent {
+                        position: Position(p),
+                        recorded_at: received_at,
+                        command_id: request.command_id.clone(),
+                        event,
+                    })
+                    .collect(),
+                AppendOutcome::AlreadyAppended { first, last: end } => {
+                    // A retry: answer with what the first attempt recorded.
+                    let done: Result<Vec<_>, _> = self
+                        .log
+                        .iter_from(first)
+                        .take_while(|e| e.as_ref().map_or(true, |e| e.position <= end))
+                        .collect();
+                    results.push(Ok(Outcome { events: done? }));
+                    last_max(&mut last, last_of(&results));
+                    continue;
+                }
+            };
+            for ev in &recorded {
+                pending.apply(ev)?;
+            }
+            last_max(&mut last, recorded.last().map(|e| e.position));
+            results.push(Ok(Outcome { events: recorded }));
+        }
+        pending.commit()?;
+        Ok((results, last))
+    }
+
+    /// Rebuilds every projection from position 1 into a fresh generation and swaps it in. Queries
+    /// keep answering from the old generation until the swap. `progress(done, head)` is called
+    /// after each chunk.
+    pub fn replay(
+        &self,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<ReplayStats, EngineError> {
+        let started = Instant::now();
+        let mut rebuild = self.projections.begin_rebuild()?;
+        let head = self.log.written_head();
+        let chunk = self.config.replay_chunk;
+        let upto = |head: Position| {
+            move |e: &Result<RecordedEvent, eventlog::LogError>| {
+                e.as_ref().map_or(true, |e| e.position <= head)
+            }
+        };
+        rebuild.feed(
+            self.log.iter_from(Position(1)).take_while(upto(head)),
+            chunk,
+            &mut |p| progress(p, head),
+        )?;
+        let _guard = self.lock();
+        let head = self.log.written_head();
+        let from = rebuild.checkpoint().next();
+        rebuild.feed(
+            self.log.iter_from(from).take_while(upto(head)),
+            chunk,
+            &mut |p| progress(p, head),
+        )?;
+        let events = rebuild.checkpoint().0;
+        rebuild.install()?;
+        Ok(ReplayStats {
+            events,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Flushes sled (projections included); used before a clean exit.
+    pub fn flush(&self) -> Result<(), EngineError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn last_of(results: &[Result<Outcome, EngineError>]) -> Option<Position> {
+    match results.last() {
+        Some(Ok(o)) => o.events.last().map(|e| e.position),
+        _ => None,
+    }
+}
+
+fn last_max(acc: &mut Option<Position>, p: Option<Position>) {
+    if let Some(p) = p {
+        *acc = Some(acc.map_or(p, |a| a.max(p)));
+    }
+}

@@ -1,0 +1,22 @@
+//! The engine's error type: one enum over the crates below it.
+
+/// Why a command or query could not be carried out.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The command was refused (unknown id, already exists, bad argument); nothing was appended.
+    #[error(transparent)]
+    Command(#[from] domain::CommandError),
+    /// The log failed. After a failed flush the log is poisoned: restart the process.
+    #[error(transparent)]
+    Log(#[from] eventlog::LogError),
+    /// A projection failed; `replay` rebuilds them from the log.
+    #[error(transparent)]
+    Projection(#[from] projections::ProjectionError),
+    /// sled failed to open or flush.
+    #[error("storage: {0}")]
+    Storage(#[from] sled::Error),
+    /// A broken internal expectation; a bug report.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,1 @@
+//! Engine tests: end-to-end command handling over a temporary store.

@@ -1,0 +1,79 @@
+//! Key layout of a projection tree. One tree holds every projection of one generation so that a
+//! single `sled::Batch` (atomic) writes all of them together with the checkpoint (I4).
+//!
+//! | prefix | key rest | value |
+//! | --- | --- | --- |
+//! | `c` | case id | bincode [`domain::Case`] |
+//! | `o` | u32 BE owner length, owner id, case id | one byte: 1 = closed |
+//! | `f` | form id | bincode `FormEntry` |
+//! | `h` | u32 BE case id length, case id, position BE | empty (case history) |
+//! | `d` | position BE, u32 BE index | bincode diagnostic row |
+//! | `D` | — | bincode [`domain::Directory`] |
+//! | `K` | — | checkpoint position BE |
+//!
+//! Length prefixes keep one id from being a prefix of another (`u-1` vs `u-10`).
+
+pub const CASE: u8 = b'c';
+pub const OWNER: u8 = b'o';
+pub const FORM: u8 = b'f';
+pub const HISTORY: u8 = b'h';
+pub const DIAGNOSTIC: u8 = b'd';
+pub const DIRECTORY: &[u8] = b"D";
+pub const CHECKPOINT: &[u8] = b"K";
+
+pub fn case(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(CASE);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn len_prefixed(prefix: u8, a: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + a.len() + 16);
+    k.push(prefix);
+    k.extend_from_slice(&u32::try_from(a.len()).unwrap_or(u32::MAX).to_be_bytes());
+    k.extend_from_slice(a.as_bytes());
+    k
+}
+
+pub fn owner_prefix(owner: &str) -> Vec<u8> {
+    len_prefixed(OWNER, owner)
+}
+
+pub fn owner(owner: &str, case: &str) -> Vec<u8> {
+    let mut k = owner_prefix(owner);
+    k.extend_from_slice(case.as_bytes());
+    k
+}
+
+pub fn form(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(FORM);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub fn history_prefix(case: &str) -> Vec<u8> {
+    len_prefixed(HISTORY, case)
+}
+
+pub fn history(case: &str, position: u64) -> Vec<u8> {
+    let mut k = history_prefix(case);
+    k.extend_from_slice(&position.to_be_bytes());
+    k
+}
+
+pub fn diagnostic(position: u64, n: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13);
+    k.push(DIAGNOSTIC);
+    k.extend_from_slice(&position.to_be_bytes());
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// The trailing 8 bytes of a key as a big-endian u64.
+pub fn trailing_u64(key: &[u8]) -> Option<u64> {
+    let start = key.len().checked_sub(8)?;
+    let bytes: [u8; 8] = key.get(start..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}

@@ -1,0 +1,252 @@
+//! [`Pending`]: a batch of events folded in memory over one projection generation, committed as
+//! one atomic `sled::Batch` together with the new checkpoint (I4).
+//!
+//! It is also the [`domain::State`] that `decide` reads while a group of commands is being
+//! decided, so the second command of a batch sees the first one's effects before anything is
+//! written.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use domain::{
+    apply_block, Case, CaseId, Directory, Event, FormId, FormStatus, Position, RecordedEvent, State,
+};
+
+use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, ProjectionError};
+
+struct CaseSlot {
+    /// Owner and closed flag as stored before this batch (to move the owner index entry).
+    stored: Option<(String, bool)>,
+    current: Option<Case>,
+    dirty: bool,
+}
+
+/// Uncommitted projection changes over a generation.
+pub struct Pending {
+    generation: Arc<Generation>,
+    directory: Arc<Directory>,
+    directory_dirty: bool,
+    cases: HashMap<CaseId, CaseSlot>,
+    forms: HashMap<FormId, FormEntry>,
+    history: Vec<(CaseId, Position)>,
+    diagnostics: Vec<DiagnosticRow>,
+    checkpoint: Position,
+    error: RefCell<Option<ProjectionError>>,
+}
+
+impl Pending {
+    pub(crate) fn new(generation: Arc<Generation>) -> Self {
+        let directory = generation.directory();
+        let checkpoint = generation.checkpoint();
+        Pending {
+            generation,
+            directory,
+            directory_dirty: false,
+            cases: HashMap::new(),
+            forms: HashMap::new(),
+            history: Vec::new(),
+            diagnostics: Vec::new(),
+            checkpoint,
+            error: RefCell::new(None),
+        }
+    }
+
+    /// Records a storage error met while `decide` read through this batch. `decide` then saw
+    /// "absent", so the caller must check [`Pending::failed`] before appending what it decided.
+    fn fail<T>(&self, e: ProjectionError) -> Option<T> {
+        self.error.borrow_mut().get_or_insert(e);
+        None
+    }
+
+    /// True when a read through this batch failed; its decisions must be discarded.
+    pub fn failed(&self) -> bool {
+        self.error.borrow().is_some()
+    }
+
+    /// The position of the last event folded.
+    pub fn checkpoint(&self) -> Position {
+        self.checkpoint
+    }
+
+    /// Number of cases held in memory (replay uses it to bound memory).
+    pub fn len(&self) -> usize {
+        self.cases.len() + self.forms.len() + self.history.len()
+    }
+
+    /// True when nothing was folded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0 && !self.directory_dirty
+    }
+
+    fn slot(&mut self, id: &CaseId) -> Result<&mut CaseSlot, ProjectionError> {
+        if !self.cases.contains_key(id) {
+            let current = self.generation.load_case(id)?;
+            let stored = current.as_ref().map(|c| (c.owner_id.clone(), c.closed));
+            self.cases.insert(
+                id.clone(),
+                CaseSlot {
+                    stored,
+                    current,
+                    dirty: false,
+                },
+            );
+        }
+        self.cases
+            .get_mut(id)
+            .ok_or_else(|| ProjectionError::Decode {
+                key: id.0.clone(),
+                reason: "case slot vanished".into(),
+            })
+    }
+
+    fn form_entry(&self, id: &FormId) -> Result<Option<FormEntry>, ProjectionError> {
+        match self.forms.get(id) {
+            Some(f) => Ok(Some(f.clone())),
+            None => self.generation.load_form(id),
+        }
+    }
+
+    /// Folds one event. Events must come in position order, starting right after the checkpoint.
+    pub fn apply(&mut self, ev: &RecordedEvent) -> Result<(), ProjectionError> {
+        let expected = self.checkpoint.next();
+        if ev.position != expected {
+            return Err(ProjectionError::OutOfOrder {
+                expected,
+                got: ev.position,
+            });
+        }
+        match &ev.event {
+            Event::FormAcceptedV1(f) => {
+                let form_id = &f.form.form_id;
+                let mut cases = Vec::new();
+                for block in &f.blocks {
+                    let slot = self.slot(&block.case_id)?;
+                    let case = apply_block(slot.current.take(), block, form_id);
+                    slot.current = Some(case);
+                    slot.dirty = true;
+                    if !cases.contains(&block.case_id) {
+                        cases.push(block.case_id.clone());
+                    }
+                }
+                for c in &cases {
+                    self.history.push((c.clone(), ev.position));
+                }
+                self.forms.insert(
+                    form_id.clone(),
+                    FormEntry {
+                        accepted: true,
+                        xmlns: f.form.xmlns.clone(),
+                        content_hash: f.form.content_hash,
+                        position: ev.position,
+                        app_id: f.form.app_id.clone(),
+                        user_id: f.form.user_id.clone(),
+                        error: None,
+                        case_ids: cases,
+                    },
+                );
+            }
+            Event::FormRejectedV1(f) => {
+                let id = &f.form.form_id;
+                // A rejected edit leaves the accepted version in force (R54).
+                let in_force = self.form_entry(id)?.is_some_and(|e| e.accepted);
+                if !in_force {
+                    self.forms.insert(
+                        id.clone(),
+                        FormEntry {
+                            accepted: false,
+                            xmlns: f.form.xmlns.clone(),
+                            content_hash: f.form.content_hash,
+                            position: ev.position,
+                            app_id: f.form.app_id.clone(),
+                            user_id: f.form.user_id.clone(),
+                            error: Some(f.error.clone()),
+                            case_ids: Vec::new(),
+                        },
+                    );
+                }
+            }
+            Event::DiagnosticRaisedV1(d) => self.diagnostics.push(DiagnosticRow {
+                position: ev.position,
+                diagnostic: d.diagnostic.clone(),
+            }),
+            Event::FormDuplicateV1(_) => {}
+            other => {
+                // Directory events: copy on write, they are rare next to forms.
+                Arc::make_mut(&mut self.directory).apply(other);
+                self.directory_dirty = true;
+            }
+        }
+        self.checkpoint = ev.position;
+        Ok(())
+    }
+
+    /// Writes everything folded so far, and the checkpoint, in one atomic batch.
+    pub fn commit(self) -> Result<Arc<Generation>, ProjectionError> {
+        if let Some(e) = self.error.into_inner() {
+            return Err(e);
+        }
+        let mut batch = sled::Batch::default();
+        let mut diag_seq: HashMap<Position, u32> = HashMap::new();
+        for (id, slot) in &self.cases {
+            if !slot.dirty {
+                continue;
+            }
+            let Some(case) = &slot.current else { continue };
+            batch.insert(keys::case(id.as_str()), codec::encode(case));
+            if let Some((owner, _)) = &slot.stored {
+                if *owner != case.owner_id {
+                    batch.remove(keys::owner(owner, id.as_str()));
+                }
+            }
+            batch.insert(
+                keys::owner(&case.owner_id, id.as_str()),
+                vec![u8::from(case.closed)],
+            );
+        }
+        for (id, form) in &self.forms {
+            batch.insert(keys::form(id.as_str()), codec::encode(form));
+        }
+        for (case, pos) in &self.history {
+            batch.insert(keys::history(case.as_str(), pos.0), Vec::<u8>::new());
+        }
+        for row in &self.diagnostics {
+            let n = diag_seq.entry(row.position).or_insert(0);
+            batch.insert(keys::diagnostic(row.position.0, *n), codec::encode(row));
+            *n += 1;
+        }
+        if self.directory_dirty {
+            batch.insert(keys::DIRECTORY, codec::encode(self.directory.as_ref()));
+        }
+        batch.insert(keys::CHECKPOINT, self.checkpoint.to_be_bytes().to_vec());
+        self.generation.tree.apply_batch(batch)?;
+        self.generation.published(self.directory, self.checkpoint);
+        Ok(self.generation)
+    }
+}
+
+impl State for Pending {
+    fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    fn case(&self, id: &CaseId) -> Option<Case> {
+        match self.cases.get(id) {
+            Some(slot) => slot.current.clone(),
+            None => self
+                .generation
+                .load_case(id)
+                .unwrap_or_else(|e| self.fail(e)),
+        }
+    }
+
+    fn form(&self, id: &FormId) -> Option<FormStatus> {
+        let entry = self.form_entry(id).unwrap_or_else(|e| self.fail(e));
+        entry.map(|e| FormStatus {
+            accepted: e.accepted,
+            xmlns: e.xmlns,
+            content_hash: e.content_hash,
+            position: e.position,
+        })
+    }
+}

@@ -1,0 +1,1 @@
+//! Fold tests over hand-built events.

@@ -1,0 +1,274 @@
+//! The command-line contract of issue 3, through the real binary: JSON shapes, exit codes
+//! (0 ok, 2 rejected-but-stored, 1 usage/IO/unknown id with nothing appended).
+
+use std::path::Path;
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::support;
+
+fn run(data: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .arg("--data")
+        .arg(data)
+        .arg("--json")
+        .args(args)
+        .env_remove("CASELEDGER_DATA")
+        .output()
+        .expect("run caseledger")
+}
+
+fn ok(data: &Path, args: &[&str]) -> Value {
+    let out = run(data, args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().next().unwrap_or("null")).expect("JSON output")
+}
+
+fn head(data: &Path) -> usize {
+    ok(data, &["log", "--limit", "100000"])
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+fn setup(data: &Path) {
+    for args in [
+        &["user", "create", "--id", "u-david", "--username", "david"][..],
+        &["user", "create", "--id", "u-maria", "--username", "maria"],
+        &["user", "create", "--id", "u-ana", "--username", "ana"],
+        &[
+            "group",
+            "create",
+            "--id",
+            "g-team",
+            "--name",
+            "Kibera CHW team",
+            "--case-sharing",
+        ],
+        &[
+            "group",
+            "create",
+            "--id",
+            "g-other",
+            "--name",
+            "Mathare",
+            "--case-sharing",
+        ],
+        &["group", "add-member", "g-team", "u-david"],
+        &["group", "add-member", "g-team", "u-maria"],
+        &["group", "add-member", "g-other", "u-ana"],
+        &[
+            "app",
+            "create",
+            "--id",
+            "app-anc",
+            "--name",
+            "ANC",
+            "--case-sharing",
+            "--case-type",
+            "pregnancy",
+        ],
+    ] {
+        ok(data, args);
+    }
+}
+
+#[test]
+fn seed_use_case_1_through_the_cli() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    let dir = support::conformance_dir().join("01-shared-team");
+    let reg = dir.join("01-register.xml");
+    let visit = dir.join("02-maria-visit.xml");
+    let out = run(
+        data,
+        &[
+            "submit",
+            reg.to_str().unwrap_or_default(),
+            visit.to_str().unwrap_or_default(),
+            "--app",
+            "app-anc",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per file"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["outcome"], "accepted");
+    assert_eq!(lines[0]["error"], Value::Null);
+    assert_eq!(
+        lines[0]["instance_id"],
+        "3d307d25-cc07-51c3-bfcb-fcd7d6a6807c"
+    );
+    assert_eq!(lines[0]["cases"][0], "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10");
+    assert!(lines[1]["position"].as_u64() > lines[0]["position"].as_u64());
+
+    let case = ok(
+        data,
+        &["case", "show", "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10"],
+    );
+    assert_eq!(case["owner_id"], "g-team");
+    assert_eq!(case["user_id"], "u-maria");
+    assert_eq!(case["xform_ids"].as_array().map(Vec::len), Some(2));
+    for key in [
+        "case_id",
+        "case_type",
+        "case_name",
+        "opened_on",
+        "opened_by",
+        "modified_on",
+        "closed",
+        "closed_on",
+        "closed_by",
+        "properties",
+        "indices",
+    ] {
+        assert!(case.get(key).is_some(), "case show lacks {key}");
+    }
+    let maria = ok(data, &["cases", "--user", "u-maria"]);
+    assert_eq!(maria.as_array().map(Vec::len), Some(1));
+    let ana = ok(data, &["cases", "--user", "u-ana"]);
+    assert_eq!(ana, Value::Array(vec![]));
+    let groups = ok(data, &["groups", "--user", "u-maria"]);
+    assert_eq!(groups[0]["id"], "g-team");
+    assert_eq!(
+        groups[0]["members"],
+        serde_json::json!(["u-david", "u-maria"])
+    );
+
+    // Resending is a duplicate: exit 0, no case change (R53).
+    let again = run(
+        data,
+        &[
+            "submit",
+            reg.to_str().unwrap_or_default(),
+            "--app",
+            "app-anc",
+        ],
+    );
+    assert_eq!(again.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("\"duplicate\""));
+}
+
+#[test]
+fn rejected_forms_exit_2_and_are_stored_unknown_ids_exit_1_and_append_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    let bad = data.join("bad.xml");
+    std::fs::write(&bad, b"<data><unclosed></data>").expect("write");
+    let out = run(
+        data,
+        &[
+            "submit",
+            bad.to_str().unwrap_or_default(),
+            "--app",
+            "app-anc",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "R49: rejected but stored");
+    let line: Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap_or_default())
+            .expect("json");
+    assert_eq!(line["outcome"], "rejected");
+    assert_eq!(line["error"]["code"], "InvalidXml");
+    let stored = ok(data, &["log", "--from", &line["position"].to_string()]);
+    assert_eq!(stored[0]["type"], "FormRejected");
+
+    let before = head(data);
+    for args in [
+        &[
+            "submit",
+            bad.to_str().unwrap_or_default(),
+            "--app",
+            "app-nope",
+        ][..],
+        &["submit", "/nonexistent/form.xml", "--app", "app-anc"],
+        &["group", "add-member", "g-nope", "u-david"],
+        &["group", "add-member", "g-team", "u-nope"],
+        &["user", "create", "--id", "u-david", "--username", "again"],
+        &["case", "show", "no-such-case"],
+        &["cases", "--user", "u-nope"],
+        &["no-such-command"],
+    ] {
+        let out = run(data, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?} should exit 1");
+        assert!(
+            !out.stderr.is_empty(),
+            "{args:?} should explain itself on stderr"
+        );
+    }
+    assert_eq!(head(data), before, "nothing appended by failed commands");
+    let diags = ok(data, &["diagnostics"]);
+    assert!(diags
+        .as_array()
+        .is_some_and(|d| d.iter().any(|d| d["code"] == "rejected_submission")));
+}
+
+#[test]
+fn replay_rebuilds_the_same_answers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    let dir = support::conformance_dir().join("11-update-after-close");
+    for f in ["01-register.xml", "02-maria-close.xml", "03-david-late.xml"] {
+        ok(
+            data,
+            &[
+                "submit",
+                dir.join(f).to_str().unwrap_or_default(),
+                "--app",
+                "app-anc",
+            ],
+        );
+    }
+    let before = ok(
+        data,
+        &["case", "show", "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10"],
+    );
+    let diags_before = ok(data, &["diagnostics"]);
+    let stats = ok(data, &["replay"]);
+    assert_eq!(stats["events"].as_u64(), Some(head(data) as u64));
+    assert_eq!(
+        ok(
+            data,
+            &["case", "show", "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10"]
+        ),
+        before
+    );
+    assert_eq!(ok(data, &["diagnostics"]), diags_before);
+}
+
+#[test]
+fn demo_runs_the_seed_stories() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .arg("--data")
+        .arg(tmp.path())
+        .arg("demo")
+        .output()
+        .expect("run demo");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("REJECTED NoCaseSharingGroup"), "{text}");
+    assert!(
+        text.contains("REJECTED MultipleCaseSharingGroups"),
+        "{text}"
+    );
+    assert!(text.contains("u-ana      sees (nothing)"), "{text}");
+    assert!(text.contains("closed=true"), "{text}");
+}

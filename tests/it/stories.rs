@@ -1,0 +1,391 @@
+//! The seed page's stories (shared/seeds/000_…: "Case Sharing"), end to end through the facade
+//! with real CommCare form XML built by `caseledger::demo::form`.
+
+use caseledger::demo::{form, Block};
+use caseledger::domain::{AppId, CaseId, Command, ErrorCode, GroupId, UserId};
+use caseledger::{Engine, Request, SubmitStatus};
+
+use crate::support;
+
+struct World {
+    _dir: tempfile::TempDir,
+    engine: Engine,
+    rt: tokio::runtime::Runtime,
+}
+
+impl World {
+    fn new() -> Self {
+        let (dir, engine) = support::engine();
+        let w = World {
+            _dir: dir,
+            engine,
+            rt: support::rt(),
+        };
+        for u in ["u-david", "u-maria", "u-ana", "u-grace", "u-tom", "u-sup"] {
+            w.cmd(Command::CreateUser {
+                id: UserId::new(u),
+                username: u.into(),
+            });
+        }
+        w.group("g-team", &["u-david", "u-maria", "u-grace", "u-sup"]);
+        w.group("g-other", &["u-ana", "u-sup"]);
+        w.app("app-anc", true, &["pregnancy", "referral"]);
+        w.app("app-clinic", true, &["pregnancy"]);
+        w.app("app-old", false, &["pregnancy"]);
+        w
+    }
+
+    fn cmd(&self, c: Command) {
+        self.rt
+            .block_on(self.engine.execute(Request::new(c)))
+            .expect("command");
+    }
+
+    fn group(&self, id: &str, members: &[&str]) {
+        self.cmd(Command::CreateGroup {
+            id: GroupId::new(id),
+            name: id.into(),
+            case_sharing: true,
+        });
+        for m in members {
+            self.cmd(Command::AddMember {
+                group: GroupId::new(id),
+                user: UserId::new(*m),
+            });
+        }
+    }
+
+    fn app(&self, id: &str, sharing: bool, types: &[&str]) {
+        self.cmd(Command::CreateApp {
+            id: AppId::new(id),
+            name: id.into(),
+            case_sharing: sharing,
+            case_types: types.iter().map(|t| (*t).to_owned()).collect(),
+        });
+    }
+
+    fn submit(&self, app: &str, xml: Vec<u8>) -> caseledger::SubmitOutcome {
+        self.rt
+            .block_on(self.engine.submit(xml, Some(AppId::new(app)), None))
+            .expect("submit")
+    }
+
+    fn sees(&self, user: &str) -> Vec<String> {
+        self.engine
+            .projections()
+            .cases_for_user(user, false)
+            .expect("case list")
+            .into_iter()
+            .map(|c| c.case_id.0)
+            .collect()
+    }
+
+    fn case(&self, id: &str) -> caseledger::domain::Case {
+        self.engine
+            .projections()
+            .case(&CaseId::new(id))
+            .expect("read")
+            .expect("case exists")
+    }
+}
+
+fn register<'a>(case: &'a str, user: &'a str, owner: Option<&'a str>) -> Block<'a> {
+    Block {
+        case_id: case,
+        user,
+        date: "2026-03-02T09:00:00+03:00",
+        create: Some(("pregnancy", "Monica", owner)),
+        update: &[],
+        close: false,
+    }
+}
+
+fn visit<'a>(
+    case: &'a str,
+    user: &'a str,
+    date: &'a str,
+    update: &'a [(&'a str, &'a str)],
+) -> Block<'a> {
+    Block {
+        case_id: case,
+        user,
+        date,
+        create: None,
+        update,
+        close: false,
+    }
+}
+
+#[test]
+fn seed_use_case_1_david_and_maria_share_one_case_list() {
+    let w = World::new();
+    assert_eq!(
+        w.submit(
+            "app-anc",
+            form("f1", "u-david", &[register("c1", "u-david", None)])
+        )
+        .outcome,
+        SubmitStatus::Accepted
+    );
+    assert_eq!(
+        w.case("c1").owner_id,
+        "g-team",
+        "seed + R38: the group owns the case"
+    );
+    assert_eq!(w.sees("u-maria"), vec!["c1"]);
+    w.submit(
+        "app-anc",
+        form(
+            "f2",
+            "u-maria",
+            &[visit(
+                "c1",
+                "u-maria",
+                "2026-03-03T09:00:00Z",
+                &[("anc_visits", "1")],
+            )],
+        ),
+    );
+    let c = w.case("c1");
+    assert_eq!(
+        (c.user_id.as_str(), c.opened_by.as_deref()),
+        ("u-maria", Some("u-david")),
+        "seed FAQ 2: user_id is the last submitter"
+    );
+    assert!(w.sees("u-ana").is_empty());
+}
+
+#[test]
+fn seed_use_case_2_the_clinic_app_shares_the_case_type() {
+    let w = World::new();
+    w.submit(
+        "app-anc",
+        form("f1", "u-david", &[register("c1", "u-david", None)]),
+    );
+    let o = w.submit(
+        "app-clinic",
+        form(
+            "f2",
+            "u-grace",
+            &[visit(
+                "c1",
+                "u-grace",
+                "2026-03-04T09:00:00Z",
+                &[("clinic_outcome", "admitted")],
+            )],
+        ),
+    );
+    assert_eq!(o.outcome, SubmitStatus::Accepted);
+    assert_eq!(w.case("c1").properties["clinic_outcome"], "admitted");
+    assert_eq!(w.sees("u-david"), vec!["c1"], "David sees the outcome");
+}
+
+#[test]
+fn seed_errors_a_user_in_no_group_is_rejected_and_the_form_is_kept() {
+    let w = World::new();
+    let o = w.submit(
+        "app-anc",
+        form("f1", "u-tom", &[register("c1", "u-tom", None)]),
+    );
+    assert_eq!(o.outcome, SubmitStatus::Rejected);
+    assert_eq!(o.error.map(|e| e.code), Some(ErrorCode::NoCaseSharingGroup));
+    assert!(w
+        .engine
+        .projections()
+        .case(&CaseId::new("c1"))
+        .expect("read")
+        .is_none());
+    let stored = w
+        .engine
+        .log()
+        .iter_from(o.position)
+        .next()
+        .expect("event")
+        .expect("decodes");
+    match stored.event {
+        caseledger::domain::Event::FormRejectedV1(r) => {
+            assert!(r.form.raw.starts_with(b"<?xml"), "raw bytes kept")
+        }
+        other => panic!("expected FormRejected, got {other:?}"),
+    }
+}
+
+#[test]
+fn seed_advanced_a_supervisor_in_two_groups_reviews_but_cannot_create() {
+    let w = World::new();
+    w.submit(
+        "app-anc",
+        form("f1", "u-david", &[register("c1", "u-david", None)]),
+    );
+    let review = w.submit(
+        "app-anc",
+        form(
+            "f2",
+            "u-sup",
+            &[visit(
+                "c1",
+                "u-sup",
+                "2026-03-05T09:00:00Z",
+                &[("reviewed", "yes")],
+            )],
+        ),
+    );
+    assert_eq!(review.outcome, SubmitStatus::Accepted);
+    let create = w.submit(
+        "app-anc",
+        form("f3", "u-sup", &[register("c2", "u-sup", None)]),
+    );
+    assert_eq!(
+        create.error.map(|e| e.code),
+        Some(ErrorCode::MultipleCaseSharingGroups)
+    );
+    assert_eq!(
+        w.sees("u-sup"),
+        vec!["c1"],
+        "R44: the union of both groups' cases"
+    );
+}
+
+#[test]
+fn seed_faq_1_a_case_from_before_sharing_keeps_its_owner() {
+    let w = World::new();
+    w.submit(
+        "app-old",
+        form("f1", "u-david", &[register("c-old", "u-david", None)]),
+    );
+    w.cmd(Command::SetAppCaseSharing {
+        app: AppId::new("app-old"),
+        on: true,
+    });
+    w.submit(
+        "app-old",
+        form(
+            "f2",
+            "u-david",
+            &[visit(
+                "c-old",
+                "u-david",
+                "2026-03-06T09:00:00Z",
+                &[("v", "2")],
+            )],
+        ),
+    );
+    w.submit(
+        "app-old",
+        form("f3", "u-david", &[register("c-new", "u-david", None)]),
+    );
+    assert_eq!(w.case("c-old").owner_id, "u-david");
+    assert_eq!(w.case("c-new").owner_id, "g-team");
+    assert_eq!(w.sees("u-maria"), vec!["c-new"]);
+}
+
+#[test]
+fn seed_faq_4_owner_id_set_to_the_user_keeps_a_case_private() {
+    let w = World::new();
+    w.submit(
+        "app-anc",
+        form(
+            "f1",
+            "u-david",
+            &[register("c-private", "u-david", Some("u-david"))],
+        ),
+    );
+    assert_eq!(w.sees("u-david"), vec!["c-private"]);
+    assert!(w.sees("u-maria").is_empty());
+}
+
+#[test]
+fn seed_faq_3_offline_edits_apply_in_received_order() {
+    let w = World::new();
+    w.submit(
+        "app-anc",
+        form("f1", "u-david", &[register("c1", "u-david", None)]),
+    );
+    w.submit(
+        "app-anc",
+        form(
+            "f2",
+            "u-maria",
+            &[visit(
+                "c1",
+                "u-maria",
+                "2026-03-04T09:00:00Z",
+                &[("risk", "low")],
+            )],
+        ),
+    );
+    w.submit(
+        "app-anc",
+        form(
+            "f3",
+            "u-david",
+            &[visit(
+                "c1",
+                "u-david",
+                "2026-03-03T09:00:00Z",
+                &[("risk", "high")],
+            )],
+        ),
+    );
+    let c = w.case("c1");
+    assert_eq!(c.properties["risk"], "high", "later received wins");
+    assert_eq!(
+        c.modified_on.map(|t| t.to_string()).as_deref(),
+        Some("2026-03-04T09:00:00.000Z")
+    );
+}
+
+#[test]
+fn seed_faq_3_an_update_to_a_closed_case_leaves_it_closed() {
+    let w = World::new();
+    w.submit(
+        "app-anc",
+        form("f1", "u-david", &[register("c1", "u-david", None)]),
+    );
+    let close = Block {
+        case_id: "c1",
+        user: "u-maria",
+        date: "2026-03-10T09:00:00Z",
+        create: None,
+        update: &[],
+        close: true,
+    };
+    w.submit("app-anc", form("f2", "u-maria", &[close]));
+    w.submit(
+        "app-anc",
+        form(
+            "f3",
+            "u-david",
+            &[visit(
+                "c1",
+                "u-david",
+                "2026-03-09T09:00:00Z",
+                &[("pnc", "done")],
+            )],
+        ),
+    );
+    let c = w.case("c1");
+    assert!(c.closed);
+    assert_eq!(c.properties["pnc"], "done");
+    assert!(w.sees("u-david").is_empty());
+}
+
+#[test]
+fn seed_membership_removal_takes_effect_at_once_r44() {
+    let w = World::new();
+    w.submit(
+        "app-anc",
+        form("f1", "u-david", &[register("c1", "u-david", None)]),
+    );
+    w.cmd(Command::RemoveMember {
+        group: GroupId::new("g-team"),
+        user: UserId::new("u-maria"),
+    });
+    assert!(w.sees("u-maria").is_empty());
+    assert_eq!(w.sees("u-david"), vec!["c1"]);
+    assert_eq!(
+        w.case("c1").owner_id,
+        "g-team",
+        "R41: owner never rewritten"
+    );
+}
