@@ -9,6 +9,7 @@
 //! ```
 
 pub mod demo;
+pub mod restore;
 pub mod view;
 
 pub use casexml;

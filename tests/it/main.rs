@@ -6,5 +6,6 @@
 mod cli;
 mod conformance;
 mod replay;
+mod restore;
 mod stories;
 mod support;

@@ -8,6 +8,8 @@
 //! | `f` | form id | bincode `FormEntry` |
 //! | `h` | u32 BE case id length, case id, position BE | empty (case history) |
 //! | `d` | position BE, u32 BE index | bincode diagnostic row |
+//! | `r` | u32 BE target length, target case id, case id | 1 = extension, 0 = child |
+//! | `x` | case id | empty (tombstone of a deleted case) |
 //! | `D` | — | bincode [`domain::Directory`] |
 //! | `K` | — | checkpoint position BE |
 //!
@@ -18,6 +20,8 @@ pub const OWNER: u8 = b'o';
 pub const FORM: u8 = b'f';
 pub const HISTORY: u8 = b'h';
 pub const DIAGNOSTIC: u8 = b'd';
+pub const REVERSE: u8 = b'r';
+pub const TOMBSTONE: u8 = b'x';
 pub const DIRECTORY: &[u8] = b"D";
 pub const CHECKPOINT: &[u8] = b"K";
 
@@ -76,4 +80,21 @@ pub fn trailing_u64(key: &[u8]) -> Option<u64> {
     let start = key.len().checked_sub(8)?;
     let bytes: [u8; 8] = key.get(start..)?.try_into().ok()?;
     Some(u64::from_be_bytes(bytes))
+}
+
+pub fn reverse_prefix(target: &str) -> Vec<u8> {
+    len_prefixed(REVERSE, target)
+}
+
+pub fn reverse(target: &str, case: &str) -> Vec<u8> {
+    let mut k = reverse_prefix(target);
+    k.extend_from_slice(case.as_bytes());
+    k
+}
+
+pub fn tombstone(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(TOMBSTONE);
+    k.extend_from_slice(id.as_bytes());
+    k
 }

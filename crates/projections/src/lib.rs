@@ -286,6 +286,24 @@ impl Projections {
             .collect()
     }
 
+    /// Cases that index `target`, with `true` for an extension index (reverse index).
+    pub fn indexed_by(&self, target: &CaseId) -> Result<Vec<(CaseId, bool)>, ProjectionError> {
+        let generation = self.current();
+        let prefix = keys::reverse_prefix(target.as_str());
+        let mut out = Vec::new();
+        for item in generation.tree.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(key.get(prefix.len()..).unwrap_or_default());
+            out.push((CaseId::new(id), value.first() == Some(&1)));
+        }
+        Ok(out)
+    }
+
+    /// True when the case existed and was deleted (every form that touched it is gone).
+    pub fn is_deleted(&self, id: &CaseId) -> Result<bool, ProjectionError> {
+        Ok(self.current().tree.contains_key(keys::tombstone(id.as_str()))?)
+    }
+
     /// Every diagnostic, in position order.
     pub fn diagnostics(&self) -> Result<Vec<DiagnosticRow>, ProjectionError> {
         let generation = self.current();

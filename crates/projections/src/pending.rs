@@ -10,14 +10,26 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use domain::{
-    apply_block, Case, CaseId, Directory, Event, FormId, FormStatus, Position, RecordedEvent, State,
+    apply_block, Case, CaseId, Relationship, Directory, Event, FormId, FormStatus, Position, RecordedEvent, State,
 };
 
 use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, ProjectionError};
 
+struct Stored {
+    owner: String,
+    targets: Vec<String>,
+}
+
+fn stored_of(case: &Case) -> Stored {
+    Stored {
+        owner: case.owner_id.clone(),
+        targets: case.indices.values().map(|ix| ix.case_id.0.clone()).collect(),
+    }
+}
+
 struct CaseSlot {
-    /// Owner and closed flag as stored before this batch (to move the owner index entry).
-    stored: Option<(String, bool)>,
+    /// What is stored before this batch, to move index entries: owner and index targets.
+    stored: Option<Stored>,
     current: Option<Case>,
     dirty: bool,
 }
@@ -82,7 +94,7 @@ impl Pending {
     fn slot(&mut self, id: &CaseId) -> Result<&mut CaseSlot, ProjectionError> {
         if !self.cases.contains_key(id) {
             let current = self.generation.load_case(id)?;
-            let stored = current.as_ref().map(|c| (c.owner_id.clone(), c.closed));
+            let stored = current.as_ref().map(stored_of);
             self.cases.insert(
                 id.clone(),
                 CaseSlot {
@@ -192,17 +204,44 @@ impl Pending {
             if !slot.dirty {
                 continue;
             }
-            let Some(case) = &slot.current else { continue };
-            batch.insert(keys::case(id.as_str()), codec::encode(case));
-            if let Some((owner, _)) = &slot.stored {
-                if *owner != case.owner_id {
-                    batch.remove(keys::owner(owner, id.as_str()));
+            let new = slot.current.as_ref().map(stored_of);
+            if let Some(old) = &slot.stored {
+                if new.as_ref().is_none_or(|n| n.owner != old.owner) {
+                    batch.remove(keys::owner(&old.owner, id.as_str()));
+                }
+                for t in &old.targets {
+                    if new.as_ref().is_none_or(|n| !n.targets.contains(t)) {
+                        batch.remove(keys::reverse(t, id.as_str()));
+                    }
                 }
             }
-            batch.insert(
-                keys::owner(&case.owner_id, id.as_str()),
-                vec![u8::from(case.closed)],
-            );
+            match &slot.current {
+                Some(case) => {
+                    if slot.stored.is_none() {
+                        // Revived by an unarchive (R57), or new: no tombstone any more.
+                        batch.remove(keys::tombstone(id.as_str()));
+                    }
+                    batch.insert(keys::case(id.as_str()), codec::encode(case));
+                    batch.insert(
+                        keys::owner(&case.owner_id, id.as_str()),
+                        vec![u8::from(case.closed)],
+                    );
+                    for ix in case.indices.values() {
+                        batch.insert(
+                            keys::reverse(ix.case_id.as_str(), id.as_str()),
+                            vec![u8::from(ix.relationship == Relationship::Extension)],
+                        );
+                    }
+                }
+                None => {
+                    // R54/R57: a case left with no live form is deleted; the tombstone makes a
+                    // later block naming it an IllegalCaseId (R50).
+                    batch.remove(keys::case(id.as_str()));
+                    if slot.stored.is_some() {
+                        batch.insert(keys::tombstone(id.as_str()), Vec::<u8>::new());
+                    }
+                }
+            }
         }
         for (id, form) in &self.forms {
             batch.insert(keys::form(id.as_str()), codec::encode(form));

@@ -1,0 +1,1 @@
+//! OpenRosa restore payloads (R45–R48). Being written.

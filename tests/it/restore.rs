@@ -1,0 +1,1 @@
+//! Restore payload tests (R45–R48). Being written.
