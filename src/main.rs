@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use caseledger::domain::{AppId, CaseId, Command, GroupId, Position, Timestamp, UserId};
+use caseledger::domain::{AppId, CaseId, Command, FormId, GroupId, Position, Timestamp, UserId};
 use caseledger::{view, Engine, EngineConfig, EngineError, Request, SubmitOutcome, SubmitStatus};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -108,6 +108,23 @@ enum Cmd {
     },
     /// Rebuild every projection from the log and swap it in.
     Replay,
+    /// Archive or unarchive a form (R57).
+    #[command(subcommand)]
+    Form(FormCmd),
+    /// Re-decide a stored rejected form after its cause was fixed (R56).
+    Reprocess {
+        /// The form's instanceID.
+        form_id: String,
+    },
+    /// Print the OpenRosa restore XML a phone of this user would receive (R45–R48).
+    Restore {
+        /// The mobile worker.
+        #[arg(long)]
+        user: String,
+        /// Sync token of an earlier restore: only what changed after it.
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Run the seed's case-sharing stories in a fresh data dir and show what each user sees.
     Demo,
 }
@@ -158,6 +175,14 @@ enum AppCmd {
     },
     /// Turn an app's case sharing on or off.
     SetCaseSharing { app: String, state: OnOff },
+}
+
+#[derive(Subcommand, Debug)]
+enum FormCmd {
+    /// Revoke a form's case effects; affected cases are rebuilt without it.
+    Archive { form_id: String },
+    /// Restore an archived form's case effects at its original position.
+    Unarchive { form_id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -438,6 +463,41 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::Replay => replay(engine, cli),
+        Cmd::Form(f) => {
+            let (cmd, done) = match f {
+                FormCmd::Archive { form_id } => (
+                    Command::ArchiveForm {
+                        form: FormId::new(form_id.as_str()),
+                    },
+                    format!("form {form_id} archived"),
+                ),
+                FormCmd::Unarchive { form_id } => (
+                    Command::UnarchiveForm {
+                        form: FormId::new(form_id.as_str()),
+                    },
+                    format!("form {form_id} unarchived"),
+                ),
+            };
+            command(engine, cli, cmd, &done).await
+        }
+        Cmd::Reprocess { form_id } => {
+            let outcome = engine.reprocess(&FormId::new(form_id.as_str())).await?;
+            print_outcome(cli, form_id, &outcome)?;
+            Ok(if outcome.outcome == SubmitStatus::Rejected {
+                2
+            } else {
+                0
+            })
+        }
+        Cmd::Restore { user, since } => {
+            let restore = caseledger::restore::restore(engine, user, since.as_deref())?;
+            if cli.json {
+                out(&json!({"token": restore.token, "cases": restore.cases, "xml": restore.xml}))?;
+            } else {
+                print_line(&restore.xml)?;
+            }
+            Ok(0)
+        }
         Cmd::Demo => Ok(0),
     }
 }
@@ -479,9 +539,16 @@ async fn submit(
         if outcome.outcome == SubmitStatus::Rejected {
             code = 2;
         }
+        print_outcome(cli, &file.display().to_string(), &outcome)?;
+    }
+    Ok(code)
+}
+
+fn print_outcome(cli: &Cli, file: &str, outcome: &SubmitOutcome) -> Result<()> {
+    {
         if cli.json {
             out(&json!({
-                "file": file.display().to_string(),
+                "file": file,
                 "instance_id": outcome.instance_id,
                 "outcome": outcome.outcome,
                 "error": outcome.error.as_ref().map(|e| json!({"code": e.code.as_str(), "message": e.message})),
@@ -500,15 +567,11 @@ async fn submit(
             };
             print_line(&format!(
                 "{}  {:?}  {}  @{}  {}",
-                file.display(),
-                outcome.outcome,
-                outcome.instance_id,
-                outcome.position,
-                detail
+                file, outcome.outcome, outcome.instance_id, outcome.position, detail
             ))?;
         }
     }
-    Ok(code)
+    Ok(())
 }
 
 fn print_case(c: &caseledger::domain::Case) -> Result<()> {

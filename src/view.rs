@@ -130,6 +130,14 @@ pub fn log_entry(ev: &RecordedEvent) -> LogEntry {
         Event::FormDuplicateV1(e) => {
             format!("form {} duplicate of @{}", e.form.form_id, e.original)
         }
+        Event::FormEditedV1(e) => format!(
+            "form {} edited (replaces @{}), {} bytes",
+            e.form.form_id,
+            e.replaces,
+            e.form.raw.len()
+        ),
+        Event::FormArchivedV1(e) => format!("form {} archived", e.form_id),
+        Event::FormUnarchivedV1(e) => format!("form {} unarchived", e.form_id),
         Event::DiagnosticRaisedV1(e) => format!(
             "{} {}: {}",
             e.diagnostic.code, e.diagnostic.subject, e.diagnostic.detail

@@ -16,7 +16,7 @@ use crate::support;
 
 /// Scenarios whose rules belong to the conformance issue (#4) and are not implemented yet.
 /// Each must still be *run*; the test fails if one of them starts passing while listed here.
-const PENDING: &[&str] = &["31-form-edit"];
+const PENDING: &[&str] = &[];
 
 fn op(engine: &Engine, step: &Value) -> Result<(), String> {
     let s = |k: &str| {

@@ -23,6 +23,9 @@ enum Step {
         user: usize,
         blocks: Vec<(usize, u8, u8)>,
     },
+    Archive(usize, bool),
+    /// Resubmit an earlier form's id with other content (R54 edit).
+    Edit(usize, usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -36,6 +39,8 @@ fn step() -> impl Strategy<Value = Step> {
             prop::collection::vec((0..5usize, 0..4u8, 0..28u8), 1..4)
         )
             .prop_map(|(user, blocks)| Step::Form { user, blocks }),
+        (0..30usize, any::<bool>()).prop_map(|(n, on)| Step::Archive(n, on)),
+        (0..30usize, 0..5usize).prop_map(|(n, c)| Step::Edit(n, c)),
     ]
 }
 
@@ -107,6 +112,29 @@ fn apply(engine: &Engine, rt: &tokio::runtime::Runtime, steps: &[Step]) {
                 let xml = form(&format!("f{n}"), USERS[*user], &blocks);
                 let sub = engine.prepare_submission(xml, Some(AppId::new("app")));
                 Command::SubmitForm(Box::new(sub))
+            }
+            Step::Archive(k, true) => Command::ArchiveForm {
+                form: format!("f{k}").as_str().into(),
+            },
+            Step::Archive(k, false) => Command::UnarchiveForm {
+                form: format!("f{k}").as_str().into(),
+            },
+            Step::Edit(k, c) => {
+                let xml = form(
+                    &format!("f{k}"),
+                    USERS[0],
+                    &[Block {
+                        case_id: CASES[*c],
+                        user: USERS[0],
+                        date: "2026-03-15T10:00:00Z",
+                        create: None,
+                        update: &[("edited", "yes")],
+                        close: false,
+                    }],
+                );
+                Command::SubmitForm(Box::new(
+                    engine.prepare_submission(xml, Some(AppId::new("app"))),
+                ))
             }
         };
         // Refused commands (e.g. leaving a group one is not in) append nothing; that is fine.

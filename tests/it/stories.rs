@@ -389,3 +389,159 @@ fn seed_membership_removal_takes_effect_at_once_r44() {
         "R41: owner never rewritten"
     );
 }
+
+#[test]
+fn r57_archiving_the_closing_form_reopens_the_case_and_unarchive_closes_it_again() {
+    let w = World::new();
+    w.submit(
+        "app-anc",
+        form("f1", "u-david", &[register("c1", "u-david", None)]),
+    );
+    let close = Block {
+        case_id: "c1",
+        user: "u-maria",
+        date: "2026-03-10T09:00:00Z",
+        create: None,
+        update: &[("outcome", "delivered")],
+        close: true,
+    };
+    w.submit("app-anc", form("f2", "u-maria", &[close]));
+    w.submit(
+        "app-anc",
+        form(
+            "f3",
+            "u-david",
+            &[visit(
+                "c1",
+                "u-david",
+                "2026-03-11T09:00:00Z",
+                &[("pnc", "done")],
+            )],
+        ),
+    );
+    assert!(w.case("c1").closed);
+    w.cmd(Command::ArchiveForm { form: "f2".into() });
+    let c = w.case("c1");
+    assert!(
+        !c.closed,
+        "R57: a case closed only by an archived form reopens"
+    );
+    assert!(!c.properties.contains_key("outcome"));
+    assert_eq!(c.properties["pnc"], "done", "later forms still count");
+    assert_eq!(c.xform_ids, vec!["f1".into(), "f3".into()]);
+    assert_eq!(w.sees("u-maria"), vec!["c1"]);
+    w.cmd(Command::UnarchiveForm { form: "f2".into() });
+    let c = w.case("c1");
+    assert!(
+        c.closed,
+        "R57: unarchive replays the form at its original position"
+    );
+    assert_eq!(c.xform_ids, vec!["f1".into(), "f2".into(), "f3".into()]);
+}
+
+#[test]
+fn r57_archiving_every_form_of_a_case_deletes_it_and_r50_later_blocks_are_illegal() {
+    let w = World::new();
+    w.submit(
+        "app-anc",
+        form("f1", "u-david", &[register("c1", "u-david", None)]),
+    );
+    w.cmd(Command::ArchiveForm { form: "f1".into() });
+    assert!(w
+        .engine
+        .projections()
+        .case(&CaseId::new("c1"))
+        .expect("read")
+        .is_none());
+    assert!(w.sees("u-david").is_empty());
+    let o = w.submit(
+        "app-anc",
+        form(
+            "f2",
+            "u-maria",
+            &[visit(
+                "c1",
+                "u-maria",
+                "2026-03-11T09:00:00Z",
+                &[("x", "1")],
+            )],
+        ),
+    );
+    assert_eq!(o.error.map(|e| e.code), Some(ErrorCode::IllegalCaseId));
+    let err =
+        w.rt.block_on(w.engine.execute(Request::new(Command::ArchiveForm {
+            form: "nope".into(),
+        })));
+    assert!(matches!(
+        err,
+        Err(caseledger::EngineError::Command(
+            caseledger::domain::CommandError::UnknownForm(_)
+        ))
+    ));
+}
+
+#[test]
+fn r56_reprocess_recovers_a_form_rejected_for_no_case_sharing_group() {
+    let w = World::new();
+    let o = w.submit(
+        "app-anc",
+        form("f1", "u-tom", &[register("c1", "u-tom", None)]),
+    );
+    assert_eq!(o.error.map(|e| e.code), Some(ErrorCode::NoCaseSharingGroup));
+    w.cmd(Command::AddMember {
+        group: GroupId::new("g-team"),
+        user: UserId::new("u-tom"),
+    });
+    let again =
+        w.rt.block_on(w.engine.reprocess(&"f1".into()))
+            .expect("reprocess");
+    assert_eq!(again.outcome, SubmitStatus::Accepted);
+    assert_eq!(w.case("c1").owner_id, "g-team");
+    let twice = w.rt.block_on(w.engine.reprocess(&"f1".into()));
+    assert!(twice.is_err(), "an accepted form is not reprocessed");
+}
+
+#[test]
+fn r54_an_edit_rebuilds_the_case_in_the_old_versions_place() {
+    let w = World::new();
+    let v1 = Block {
+        case_id: "c1",
+        user: "u-david",
+        date: "2026-03-02T09:00:00Z",
+        create: Some(("pregnancy", "Monica", None)),
+        update: &[("edd", "2026-09-01")],
+        close: false,
+    };
+    w.submit("app-anc", form("f1", "u-david", &[v1]));
+    w.submit(
+        "app-anc",
+        form(
+            "f2",
+            "u-maria",
+            &[visit(
+                "c1",
+                "u-maria",
+                "2026-03-03T09:00:00Z",
+                &[("edd", "2026-09-10"), ("bp", "110/70")],
+            )],
+        ),
+    );
+    let v2 = Block {
+        case_id: "c1",
+        user: "u-david",
+        date: "2026-03-02T09:00:00Z",
+        create: Some(("pregnancy", "Monica A.", None)),
+        update: &[("edd", "2026-09-15"), ("gravida", "2")],
+        close: false,
+    };
+    let o = w.submit("app-anc", form("f1", "u-david", &[v2]));
+    assert_eq!(o.outcome, SubmitStatus::Edited);
+    let c = w.case("c1");
+    assert_eq!(c.case_name, "Monica A.");
+    assert_eq!(
+        c.properties["edd"], "2026-09-10",
+        "f2 was received after f1's place, so it still wins"
+    );
+    assert_eq!(c.properties["gravida"], "2");
+    assert_eq!(c.xform_ids, vec!["f1".into(), "f2".into()]);
+}

@@ -1,6 +1,6 @@
 //! Commands: what a caller asks for. Deciding one yields events or a [`CommandError`].
 
-use crate::{AppId, GroupId, ParsedForm, UserId};
+use crate::{AppId, FormId, GroupId, ParsedForm, UserId};
 
 /// A form submission as handed to `decide`: the verbatim bytes, the parse result and the app.
 #[derive(Debug, Clone)]
@@ -76,6 +76,16 @@ pub enum Command {
     },
     /// Submit a form.
     SubmitForm(Box<Submission>),
+    /// Archive a form: its case effects are revoked by rebuild (R57).
+    ArchiveForm {
+        /// The form.
+        form: FormId,
+    },
+    /// Unarchive a form: its case effects come back at its original position (R57).
+    UnarchiveForm {
+        /// The form.
+        form: FormId,
+    },
 }
 
 /// A command that cannot be carried out; nothing is appended.
@@ -94,6 +104,17 @@ pub enum CommandError {
     /// The app id is not in the project space. Create the app first.
     #[error("unknown app {0}")]
     UnknownApp(AppId),
+    /// No form with that id was ever accepted.
+    #[error("unknown form {0}")]
+    UnknownForm(FormId),
+    /// The form is not in a state the command applies to (e.g. archiving a rejected form).
+    #[error("form {form}: {reason}")]
+    FormState {
+        /// The form.
+        form: FormId,
+        /// Why.
+        reason: &'static str,
+    },
     /// An object with that id exists already; ids are never reused.
     #[error("{kind} {id} already exists")]
     AlreadyExists {

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use crate::{
     apply_block, AppCaseSharingSetV1, AppCreatedV1, BlockApplied, Case, CaseId, Command,
     CommandError, Diagnostic, DiagnosticCode, DiagnosticRaisedV1, Directory, ErrorCode, Event,
-    FormAcceptedV1, FormDuplicateV1, FormId, FormRecord, FormRejectedV1, GroupCaseSharingSetV1,
-    GroupCreatedV1, MembershipV1, ParsedForm, Position, Rejection, Submission, Timestamp,
-    UserCreatedV1, MAX_VALUE_LEN,
+    FormAcceptedV1, FormArchiveV1, FormDuplicateV1, FormEditedV1, FormId, FormRecord,
+    FormRejectedV1, GroupCaseSharingSetV1, GroupCreatedV1, MembershipV1, ParsedForm, Position,
+    Rejection, Submission, Timestamp, UserCreatedV1, MAX_VALUE_LEN,
 };
 
 /// What `decide` knows about a form id that was seen before.
@@ -25,8 +25,10 @@ pub struct FormStatus {
     pub xmlns: String,
     /// SHA-256 of its bytes.
     pub content_hash: [u8; 32],
-    /// Where it was recorded.
+    /// Where the version in force (or the rejection) was recorded.
     pub position: Position,
+    /// Archived (R57).
+    pub archived: bool,
 }
 
 /// Read-only view of the state a decision needs. Implemented over projections by `engine`.
@@ -37,6 +39,8 @@ pub trait State {
     fn case(&self, id: &CaseId) -> Option<Case>;
     /// The latest status of a form id, `None` if never seen.
     fn form(&self, id: &FormId) -> Option<FormStatus>;
+    /// True when the case existed and was deleted by an edit or archive (R50 IllegalCaseId).
+    fn is_deleted(&self, id: &CaseId) -> bool;
 }
 
 /// Decides a command. `received_at` is the server received time (R5, R9).
@@ -137,6 +141,30 @@ pub fn decide(
             Ok(with_directory_diagnostics(dir, event))
         }
         Command::SubmitForm(sub) => decide_submission(state, sub, received_at),
+        Command::ArchiveForm { form } | Command::UnarchiveForm { form } => {
+            let archive = matches!(command, Command::ArchiveForm { .. });
+            let status = state
+                .form(form)
+                .ok_or_else(|| CommandError::UnknownForm(form.clone()))?;
+            if !status.accepted {
+                return Err(CommandError::FormState {
+                    form: form.clone(),
+                    reason: "was rejected; only accepted forms can be archived",
+                });
+            }
+            if status.archived == archive {
+                // Already in the asked state: nothing happened, nothing to record.
+                return Ok(Vec::new());
+            }
+            let e = FormArchiveV1 {
+                form_id: form.clone(),
+            };
+            Ok(vec![if archive {
+                Event::FormArchivedV1(e)
+            } else {
+                Event::FormUnarchivedV1(e)
+            }])
+        }
     }
 }
 
@@ -244,7 +272,7 @@ enum Identity {
     /// An identical resend of an accepted form.
     Duplicate(FormId, Position),
     /// Same id and xmlns, different bytes, earlier copy accepted.
-    Edit(FormId),
+    Edit(FormId, Position),
 }
 
 fn identify(state: &impl State, form: &ParsedForm, hash: &[u8; 32]) -> Identity {
@@ -262,7 +290,7 @@ fn identify(state: &impl State, form: &ParsedForm, hash: &[u8; 32]) -> Identity 
             // R56: a rejected form is decided afresh.
             Some(st) if !st.accepted => return Identity::New(id),
             Some(st) if st.content_hash == *hash => return Identity::Duplicate(id, st.position),
-            Some(_) => return Identity::Edit(id),
+            Some(st) => return Identity::Edit(id, st.position),
         }
     }
 }
@@ -319,24 +347,16 @@ fn decide_submission(
         }
     };
 
-    let form_id = match identify(state, form, &sub.content_hash) {
-        Identity::New(id) => id,
+    let (form_id, replaces) = match identify(state, form, &sub.content_hash) {
+        Identity::New(id) => (id, None),
         Identity::Duplicate(id, original) => {
             return Ok(vec![Event::FormDuplicateV1(FormDuplicateV1 {
                 form: record(id, Some(form)),
                 original,
             })]);
         }
-        Identity::Edit(id) => {
-            // R54 form edits are processed by the conformance issue's rebuild; until then an edit
-            // is refused as a typed rejection rather than applied half-way.
-            return Ok(reject(
-                record(id.clone(), Some(form)),
-                ErrorCode::InvalidXml,
-                format!("form {id} was already accepted with different content; edits are not supported yet"),
-                Vec::new(),
-            ));
-        }
+        // R54: the new version is validated like a new form; projections rebuild the cases.
+        Identity::Edit(id, old) => (id, Some(old)),
     };
     let rec = record(form_id.clone(), Some(form));
 
@@ -384,9 +404,22 @@ fn decide_submission(
         }
     }
 
-    // Parse problems that outrank the case-sharing checks (R52).
+    // R50: a block naming a deleted case is an IllegalCaseId, ranked with the parse problems.
+    let mut problems = form.problems.clone();
+    for b in &form.blocks {
+        if state.is_deleted(&b.case_id) {
+            problems.push(crate::Problem {
+                code: ErrorCode::IllegalCaseId,
+                message: format!(
+                    "case {}: the case was deleted (every form that touched it was archived or edited away)",
+                    b.case_id
+                ),
+            });
+        }
+    }
+    // Problems that outrank the case-sharing checks (R52).
     let first_problem = |max_rank: usize, min_rank: usize| {
-        form.problems
+        problems
             .iter()
             .filter(|p| (min_rank..max_rank).contains(&p.code.rank()))
             .min_by_key(|p| p.code.rank())
@@ -573,7 +606,14 @@ fn decide_submission(
         }
     }
 
-    let mut out = vec![Event::FormAcceptedV1(FormAcceptedV1 { form: rec, blocks })];
+    let mut out = vec![match replaces {
+        Some(replaces) => Event::FormEditedV1(FormEditedV1 {
+            form: rec,
+            replaces,
+            blocks,
+        }),
+        None => Event::FormAcceptedV1(FormAcceptedV1 { form: rec, blocks }),
+    }];
     out.extend(diags);
     out.extend(case_diags);
     Ok(out)

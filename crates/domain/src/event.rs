@@ -287,16 +287,33 @@ pub struct FormAcceptedV1 {
     pub blocks: Vec<BlockApplied>,
 }
 
+/// Distinct case ids of some blocks, in first-touch order.
+pub fn case_ids_of(blocks: &[BlockApplied]) -> Vec<CaseId> {
+    let mut out: Vec<CaseId> = Vec::new();
+    for b in blocks {
+        if !out.contains(&b.case_id) {
+            out.push(b.case_id.clone());
+        }
+    }
+    out
+}
+
 impl FormAcceptedV1 {
     /// Distinct case ids the form touched, in first-touch order.
     pub fn case_ids(&self) -> Vec<CaseId> {
-        let mut out: Vec<CaseId> = Vec::new();
-        for b in &self.blocks {
-            if !out.contains(&b.case_id) {
-                out.push(b.case_id.clone());
-            }
+        case_ids_of(&self.blocks)
+    }
+}
+
+impl Event {
+    /// The form id and blocks of an event that carries a form version in force
+    /// (`FormAccepted`, `FormEdited`).
+    pub fn form_blocks(&self) -> Option<(&FormId, &[BlockApplied])> {
+        match self {
+            Event::FormAcceptedV1(f) => Some((&f.form.form_id, &f.blocks)),
+            Event::FormEditedV1(f) => Some((&f.form.form_id, &f.blocks)),
+            _ => None,
         }
-        out
     }
 }
 
@@ -316,6 +333,25 @@ pub struct FormDuplicateV1 {
     pub form: FormRecord,
     /// Where the original was accepted.
     pub original: Position,
+}
+
+/// `FormEdited` v1: a new version of an accepted form (same instanceID and xmlns, other bytes,
+/// R54). It takes the old version's place in received order; affected cases are rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormEditedV1 {
+    /// The new version (both versions stay in the log).
+    pub form: FormRecord,
+    /// Position of the version it replaces.
+    pub replaces: Position,
+    /// The new version's blocks, resolved as for `FormAccepted`.
+    pub blocks: Vec<BlockApplied>,
+}
+
+/// `FormArchived` / `FormUnarchived` v1 (R57).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormArchiveV1 {
+    /// The form.
+    pub form_id: FormId,
 }
 
 /// `DiagnosticRaised` v1 (§9).
@@ -351,6 +387,12 @@ pub enum Event {
     FormDuplicateV1(FormDuplicateV1),
     /// A diagnostic was raised.
     DiagnosticRaisedV1(DiagnosticRaisedV1),
+    /// An accepted form was replaced by a new version.
+    FormEditedV1(FormEditedV1),
+    /// A form stopped counting.
+    FormArchivedV1(FormArchiveV1),
+    /// An archived form counts again.
+    FormUnarchivedV1(FormArchiveV1),
 }
 
 impl Event {
@@ -368,6 +410,9 @@ impl Event {
             Event::FormRejectedV1(_) => "FormRejected",
             Event::FormDuplicateV1(_) => "FormDuplicate",
             Event::DiagnosticRaisedV1(_) => "DiagnosticRaised",
+            Event::FormEditedV1(_) => "FormEdited",
+            Event::FormArchivedV1(_) => "FormArchived",
+            Event::FormUnarchivedV1(_) => "FormUnarchived",
         }
     }
 
@@ -384,7 +429,10 @@ impl Event {
             | Event::FormAcceptedV1(_)
             | Event::FormRejectedV1(_)
             | Event::FormDuplicateV1(_)
-            | Event::DiagnosticRaisedV1(_) => 1,
+            | Event::DiagnosticRaisedV1(_)
+            | Event::FormEditedV1(_)
+            | Event::FormArchivedV1(_)
+            | Event::FormUnarchivedV1(_) => 1,
         }
     }
 }

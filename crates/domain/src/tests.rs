@@ -25,6 +25,9 @@ impl State for Memory {
     fn form(&self, id: &FormId) -> Option<FormStatus> {
         self.forms.get(id).cloned()
     }
+    fn is_deleted(&self, _id: &CaseId) -> bool {
+        false
+    }
 }
 
 impl Memory {
@@ -53,6 +56,7 @@ impl Memory {
                             xmlns: f.form.xmlns.clone(),
                             content_hash: f.form.content_hash,
                             position: Position(self.position),
+                            archived: false,
                         },
                     );
                 }
@@ -64,6 +68,7 @@ impl Memory {
                             xmlns: f.form.xmlns.clone(),
                             content_hash: f.form.content_hash,
                             position: Position(self.position),
+                            archived: false,
                         },
                     );
                 }

@@ -20,6 +20,7 @@ mod error;
 mod outcome;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
 use std::path::Path;
@@ -27,7 +28,8 @@ use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use domain::{
-    AppId, Command, CommandId, DomainName, Position, RecordedEvent, Submission, Timestamp,
+    AppId, Command, CommandError, CommandId, DomainName, Event, FormId, Position, RecordedEvent,
+    Submission, Timestamp,
 };
 use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
 use projections::Projections;
@@ -135,6 +137,14 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let log = SledLog::open(&db, domain, config.log.clone())?;
         let projections = Projections::open(&db, domain)?;
+        let reader_log = log.clone();
+        projections.set_log_reader(std::sync::Arc::new(move |p: Position| {
+            match reader_log.iter_from(p).next() {
+                Some(Ok(e)) if e.position == p => Ok(Some(e)),
+                Some(Ok(_)) | None => Ok(None),
+                Some(Err(e)) => Err(e),
+            }
+        }));
         let engine = Engine {
             db,
             domain: domain.clone(),
@@ -228,6 +238,42 @@ impl Engine {
         let mut request = Request::new(Command::SubmitForm(Box::new(sub)));
         request.received_at = received_at;
         let outcome = self.execute(request).await?;
+        SubmitOutcome::from_events(&outcome.events)
+    }
+
+    /// Re-decides a stored rejected form from its raw bytes, e.g. after its user joined a group
+    /// (R56); the new outcome is appended.
+    pub async fn reprocess(&self, form: &FormId) -> Result<SubmitOutcome, EngineError> {
+        let entry = self
+            .projections
+            .form(form)?
+            .ok_or_else(|| EngineError::Command(CommandError::UnknownForm(form.clone())))?;
+        if entry.accepted {
+            return Err(EngineError::Command(CommandError::FormState {
+                form: form.clone(),
+                reason: "is in force; only rejected forms are reprocessed",
+            }));
+        }
+        let stored = self
+            .log
+            .iter_from(entry.position)
+            .next()
+            .transpose()?
+            .filter(|e| e.position == entry.position);
+        let Some(RecordedEvent {
+            event: Event::FormRejectedV1(rejected),
+            ..
+        }) = stored
+        else {
+            return Err(EngineError::Internal(format!(
+                "form {form}: position {} does not hold its rejection",
+                entry.position
+            )));
+        };
+        let sub = self.prepare_submission(rejected.form.raw, rejected.form.app_id);
+        let outcome = self
+            .execute(Request::new(Command::SubmitForm(Box::new(sub))))
+            .await?;
         SubmitOutcome::from_events(&outcome.events)
     }
 

@@ -58,6 +58,12 @@ impl SubmitOutcome {
                     Some(f.error.clone()),
                     Vec::new(),
                 ),
+                Event::FormEditedV1(f) => (
+                    f.form.form_id.clone(),
+                    SubmitStatus::Edited,
+                    None,
+                    domain::case_ids_of(&f.blocks),
+                ),
                 Event::FormDuplicateV1(f) => (
                     f.form.form_id.clone(),
                     SubmitStatus::Duplicate,

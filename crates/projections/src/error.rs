@@ -25,6 +25,14 @@ pub enum ProjectionError {
         /// Position it got.
         got: Position,
     },
+    /// A rebuild needed a log event that is not there, or no log reader was set.
+    #[error("rebuild of case {case} cannot read the log: {reason}")]
+    Rebuild {
+        /// The case being rebuilt.
+        case: String,
+        /// Why.
+        reason: String,
+    },
     /// Reading the log failed during catch-up or replay.
     #[error(transparent)]
     Log(#[from] eventlog::LogError),

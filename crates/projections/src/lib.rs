@@ -43,8 +43,12 @@ pub struct FormEntry {
     pub xmlns: String,
     /// SHA-256 of the bytes in force.
     pub content_hash: [u8; 32],
-    /// Position of the event that recorded this version.
+    /// Position of the event that recorded the version in force (or the rejection).
     pub position: Position,
+    /// Position of the form's first acceptance: its place in received order (R54, R57).
+    pub original: Position,
+    /// Archived (R57).
+    pub archived: bool,
     /// App it came through.
     pub app_id: Option<AppId>,
     /// `meta/userID`.
@@ -76,6 +80,10 @@ pub struct GroupView {
     /// Member user ids, sorted.
     pub members: Vec<String>,
 }
+
+/// Reads one event of the log by position; projections use it to rebuild cases (R58).
+pub type LogReader =
+    Arc<dyn Fn(Position) -> Result<Option<RecordedEvent>, eventlog::LogError> + Send + Sync>;
 
 /// One generation of every projection, in one sled tree.
 pub struct Generation {
@@ -134,6 +142,22 @@ impl Generation {
         }
     }
 
+    fn history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
+        let prefix = keys::history_prefix(id.as_str());
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            if let Some(p) = keys::trailing_u64(&key) {
+                out.push(Position(p));
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_deleted(&self, id: &CaseId) -> Result<bool, ProjectionError> {
+        Ok(self.tree.contains_key(keys::tombstone(id.as_str()))?)
+    }
+
     fn load_form(&self, id: &FormId) -> Result<Option<FormEntry>, ProjectionError> {
         let key = keys::form(id.as_str());
         match self.tree.get(&key)? {
@@ -159,6 +183,7 @@ pub struct Projections {
     domain: DomainName,
     meta: sled::Tree,
     current: RwLock<Arc<Generation>>,
+    reader: RwLock<Option<LogReader>>,
 }
 
 impl Projections {
@@ -184,7 +209,24 @@ impl Projections {
             domain: domain.clone(),
             meta,
             current: RwLock::new(Arc::new(generation)),
+            reader: RwLock::new(None),
         })
+    }
+
+    /// Gives the projections read access to the log, needed to rebuild cases after a form edit
+    /// or archive (R54, R57, R58).
+    pub fn set_log_reader(&self, reader: LogReader) {
+        match self.reader.write() {
+            Ok(mut r) => *r = Some(reader),
+            Err(poisoned) => *poisoned.into_inner() = Some(reader),
+        }
+    }
+
+    fn reader(&self) -> Option<LogReader> {
+        match self.reader.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     fn current(&self) -> Arc<Generation> {
@@ -196,7 +238,7 @@ impl Projections {
 
     /// Starts folding a batch over the active generation.
     pub fn pending(&self) -> Pending {
-        Pending::new(self.current())
+        Pending::new(self.current(), self.reader())
     }
 
     /// Position of the last event folded into the active generation.
@@ -301,7 +343,7 @@ impl Projections {
 
     /// True when the case existed and was deleted (every form that touched it is gone).
     pub fn is_deleted(&self, id: &CaseId) -> Result<bool, ProjectionError> {
-        Ok(self.current().tree.contains_key(keys::tombstone(id.as_str()))?)
+        self.current().is_deleted(id)
     }
 
     /// Every diagnostic, in position order.
@@ -317,16 +359,7 @@ impl Projections {
 
     /// Positions of the events that touched a case, ascending (case history).
     pub fn history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
-        let generation = self.current();
-        let prefix = keys::history_prefix(id.as_str());
-        let mut out = Vec::new();
-        for item in generation.tree.scan_prefix(&prefix) {
-            let (key, _) = item?;
-            if let Some(p) = keys::trailing_u64(&key) {
-                out.push(Position(p));
-            }
-        }
-        Ok(out)
+        self.current().history(id)
     }
 
     /// Starts a rebuild into a fresh generation; the active one keeps answering meanwhile.
@@ -359,12 +392,8 @@ impl Rebuild<'_> {
     where
         I: IntoIterator<Item = Result<RecordedEvent, eventlog::LogError>>,
     {
-        fold_into(
-            Pending::new(Arc::clone(&self.generation)),
-            events,
-            chunk,
-            progress,
-        )
+        let pending = Pending::new(Arc::clone(&self.generation), self.owner.reader());
+        fold_into(pending, events, chunk, progress)
     }
 
     /// Position the new generation has reached.
@@ -406,9 +435,10 @@ where
         pending.apply(&ev)?;
         in_chunk += 1;
         if in_chunk >= chunk {
+            let reader = pending.reader();
             let generation = pending.commit()?;
             progress(generation.checkpoint());
-            pending = Pending::new(generation);
+            pending = Pending::new(generation, reader);
             in_chunk = 0;
         }
     }

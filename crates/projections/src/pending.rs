@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use domain::{
-    apply_block, Case, CaseId, Relationship, Directory, Event, FormId, FormStatus, Position, RecordedEvent, State,
+    apply_block, Case, CaseId, Directory, Event, FormId, FormStatus, Position, RecordedEvent,
+    Relationship, State,
 };
 
-use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, ProjectionError};
+use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, ProjectionError};
 
 struct Stored {
     owner: String,
@@ -23,7 +24,11 @@ struct Stored {
 fn stored_of(case: &Case) -> Stored {
     Stored {
         owner: case.owner_id.clone(),
-        targets: case.indices.values().map(|ix| ix.case_id.0.clone()).collect(),
+        targets: case
+            .indices
+            .values()
+            .map(|ix| ix.case_id.0.clone())
+            .collect(),
     }
 }
 
@@ -45,10 +50,11 @@ pub struct Pending {
     diagnostics: Vec<DiagnosticRow>,
     checkpoint: Position,
     error: RefCell<Option<ProjectionError>>,
+    reader: Option<LogReader>,
 }
 
 impl Pending {
-    pub(crate) fn new(generation: Arc<Generation>) -> Self {
+    pub(crate) fn new(generation: Arc<Generation>, reader: Option<LogReader>) -> Self {
         let directory = generation.directory();
         let checkpoint = generation.checkpoint();
         Pending {
@@ -61,6 +67,7 @@ impl Pending {
             diagnostics: Vec::new(),
             checkpoint,
             error: RefCell::new(None),
+            reader,
         }
     }
 
@@ -151,6 +158,8 @@ impl Pending {
                         xmlns: f.form.xmlns.clone(),
                         content_hash: f.form.content_hash,
                         position: ev.position,
+                        original: ev.position,
+                        archived: false,
                         app_id: f.form.app_id.clone(),
                         user_id: f.form.user_id.clone(),
                         error: None,
@@ -170,6 +179,8 @@ impl Pending {
                             xmlns: f.form.xmlns.clone(),
                             content_hash: f.form.content_hash,
                             position: ev.position,
+                            original: ev.position,
+                            archived: false,
                             app_id: f.form.app_id.clone(),
                             user_id: f.form.user_id.clone(),
                             error: Some(f.error.clone()),
@@ -183,6 +194,48 @@ impl Pending {
                 diagnostic: d.diagnostic.clone(),
             }),
             Event::FormDuplicateV1(_) => {}
+            Event::FormEditedV1(f) => {
+                let id = &f.form.form_id;
+                let old = self.form_entry(id)?;
+                let new_cases = domain::case_ids_of(&f.blocks);
+                let mut affected = old.as_ref().map(|e| e.case_ids.clone()).unwrap_or_default();
+                for c in &new_cases {
+                    if !affected.contains(c) {
+                        affected.push(c.clone());
+                    }
+                }
+                self.forms.insert(
+                    id.clone(),
+                    FormEntry {
+                        accepted: true,
+                        xmlns: f.form.xmlns.clone(),
+                        content_hash: f.form.content_hash,
+                        position: ev.position,
+                        original: old.as_ref().map_or(ev.position, |e| e.original),
+                        archived: old.as_ref().is_some_and(|e| e.archived),
+                        app_id: f.form.app_id.clone(),
+                        user_id: f.form.user_id.clone(),
+                        error: None,
+                        case_ids: new_cases,
+                    },
+                );
+                for c in &affected {
+                    self.history.push((c.clone(), ev.position));
+                    self.rebuild(c)?;
+                }
+            }
+            Event::FormArchivedV1(a) | Event::FormUnarchivedV1(a) => {
+                let archived = matches!(ev.event, Event::FormArchivedV1(_));
+                if let Some(mut entry) = self.form_entry(&a.form_id)? {
+                    entry.archived = archived;
+                    let affected = entry.case_ids.clone();
+                    self.forms.insert(a.form_id.clone(), entry);
+                    for c in &affected {
+                        self.history.push((c.clone(), ev.position));
+                        self.rebuild(c)?;
+                    }
+                }
+            }
             other => {
                 // Directory events: copy on write, they are rare next to forms.
                 Arc::make_mut(&mut self.directory).apply(other);
@@ -190,6 +243,69 @@ impl Pending {
             }
         }
         self.checkpoint = ev.position;
+        Ok(())
+    }
+
+    pub(crate) fn reader(&self) -> Option<LogReader> {
+        self.reader.clone()
+    }
+
+    fn read(&self, case: &CaseId, p: Position) -> Result<RecordedEvent, ProjectionError> {
+        let reader = self
+            .reader
+            .as_ref()
+            .ok_or_else(|| ProjectionError::Rebuild {
+                case: case.0.clone(),
+                reason: "no log reader configured".into(),
+            })?;
+        reader(p)?.ok_or_else(|| ProjectionError::Rebuild {
+            case: case.0.clone(),
+            reason: format!("event {p} is not in the log"),
+        })
+    }
+
+    /// R58: rebuilds a case from its live forms — each non-archived form that touched it, in the
+    /// received order of its first version, with the version in force. No live form: deleted.
+    fn rebuild(&mut self, id: &CaseId) -> Result<(), ProjectionError> {
+        let mut positions = self.generation.history(id)?;
+        positions.extend(
+            self.history
+                .iter()
+                .filter(|(c, _)| c == id)
+                .map(|(_, p)| *p),
+        );
+        positions.sort_unstable();
+        positions.dedup();
+        let mut forms: Vec<FormId> = Vec::new();
+        for p in positions {
+            let ev = self.read(id, p)?;
+            if let Some((form_id, _)) = ev.event.form_blocks() {
+                if !forms.contains(form_id) {
+                    forms.push(form_id.clone());
+                }
+            }
+        }
+        let mut live: Vec<FormEntry> = Vec::new();
+        for f in &forms {
+            if let Some(entry) = self.form_entry(f)? {
+                if entry.accepted && !entry.archived {
+                    live.push(entry);
+                }
+            }
+        }
+        live.sort_by_key(|e| e.original);
+        let mut case: Option<Case> = None;
+        for entry in &live {
+            let ev = self.read(id, entry.position)?;
+            if let Some((form_id, blocks)) = ev.event.form_blocks() {
+                for b in blocks.iter().filter(|b| b.case_id == *id) {
+                    case = Some(apply_block(case, b, form_id));
+                }
+            }
+        }
+        let slot = self.slot(id)?;
+        slot.current = case;
+        slot.dirty = true;
         Ok(())
     }
 
@@ -237,9 +353,7 @@ impl Pending {
                     // R54/R57: a case left with no live form is deleted; the tombstone makes a
                     // later block naming it an IllegalCaseId (R50).
                     batch.remove(keys::case(id.as_str()));
-                    if slot.stored.is_some() {
-                        batch.insert(keys::tombstone(id.as_str()), Vec::<u8>::new());
-                    }
+                    batch.insert(keys::tombstone(id.as_str()), Vec::<u8>::new());
                 }
             }
         }
@@ -286,6 +400,17 @@ impl State for Pending {
             xmlns: e.xmlns,
             content_hash: e.content_hash,
             position: e.position,
+            archived: e.archived,
+        })
+    }
+
+    fn is_deleted(&self, id: &CaseId) -> bool {
+        if let Some(slot) = self.cases.get(id) {
+            return slot.current.is_none() && (slot.stored.is_some() || slot.dirty);
+        }
+        self.generation.is_deleted(id).unwrap_or_else(|e| {
+            self.fail::<()>(e);
+            false
         })
     }
 }
