@@ -5,6 +5,7 @@
 
 mod cli;
 mod conformance;
+mod errors;
 mod replay;
 mod restore;
 mod stories;
