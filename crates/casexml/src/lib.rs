@@ -28,6 +28,7 @@ mod block;
 mod error;
 mod refs;
 mod scan;
+mod tag;
 mod walk;
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! conformance forms, the hostile corpus under `tests/data/hostile/`, generated giant inputs,
 //! and properties (no input panics; values round-trip).
 //!
-//! Still one file because every part shares the small form-building helpers at the top.
+//! One long file rather than several because every part builds forms with the same few helpers
+//! at the top, and a rule's tests are easiest to find by searching for its number here.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -129,6 +130,18 @@ fn r2_meta_must_be_a_root_child_in_the_jr_namespace() {
     // Default-namespace meta (unprefixed) counts.
     let xml = format!("<data><meta xmlns=\"{JR}\"><userID>u-y</userID></meta></data>");
     assert_eq!(ok(&xml).user_id.as_deref(), Some("u-y"));
+}
+
+#[test]
+fn r2_nested_collected_text_stays_apart() {
+    // Hostile nesting: a v1-looking `case` inside instanceID. Each keeps its own text.
+    let xml = format!(
+        "<data><n1:meta xmlns:n1=\"{JR}\"><n1:instanceID>a<case><case_id>c-x</case_id></case>b\
+         </n1:instanceID></n1:meta></data>"
+    );
+    let f = ok(&xml);
+    assert_eq!(f.instance_id.as_str(), "ab");
+    assert!(only_problem(&f, ErrorCode::UnsupportedCaseVersion).contains("\"c-x\""));
 }
 
 #[test]

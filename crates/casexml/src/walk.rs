@@ -7,27 +7,27 @@
 //! - every event either advances the walk or ends it with an [`XmlError`]; nothing panics;
 //! - work is linear in the input: namespace lookups are bounded by [`MAX_NAMESPACES_IN_SCOPE`]
 //!   and duplicate-attribute checks switch to hashing for elements with many attributes;
-//! - namespaces are resolved here rather than by quick-xml's `NsReader`: the walk reads every
-//!   element's attributes anyway (duplicates, references) and needs a namespace only for
+//! - namespaces are resolved by `tag.rs` rather than quick-xml's `NsReader`: the walk reads
+//!   every element's attributes anyway (duplicates, references) and needs a namespace only for
 //!   prefixed elements, the root, `meta` and `case`, so one pass over the attributes does both
 //!   (`NsReader` alone cost more than twice the plain `Reader` on a 3 KB form);
 //! - a `case` element without a `case_id` attribute may still turn out to be a v1 block when a
 //!   `case_id` child arrives (R7), so blocks found inside it are provisional until it closes.
 //!
-//! The meaning of a v2 block's content lives in `block.rs`; this file only routes to it.
+//! The meaning of a v2 block's content lives in `block.rs`, the reading of one tag in `tag.rs`;
+//! this file routes events between them. It stays one file past 600 lines because `start` and
+//! `end` are the two halves of one state machine over [`Frame`]s, best read side by side.
 
-use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use domain::{CaseBlock, ErrorCode, FormId, ParsedForm};
-use quick_xml::events::attributes::Attributes;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 use sha2::{Digest, Sha256};
 
 use crate::block::{ActionKind, BlockAttrs, BlockBuilder, CreateField, Field, Problems};
 use crate::refs::{self, RefError};
+use crate::tag::{self, Keep, Ns, Scope, TagError, MAX_NAMESPACES_IN_SCOPE};
 use crate::{scan, Limits, XmlError};
 
 /// R8: the only case namespace caseledger processes.
@@ -36,13 +36,6 @@ const CASE_V2: &str = "http://commcarehq.org/case/transaction/v2";
 const JR_XFORMS: &str = "http://openrosa.org/jr/xforms";
 /// R4: the root namespace of device logs.
 const DEVICE_REPORT: &str = "http://code.javarosa.org/devicereport";
-/// The namespace the `xml` prefix is bound to without a declaration (Namespaces in XML §3).
-const XML_NS: &str = "http://www.w3.org/XML/1998/namespace";
-/// Namespace declarations in scope at once. Lookups are linear, so an unbounded number would
-/// make a crafted 16 MiB document quadratic; real forms use under ten.
-pub(crate) const MAX_NAMESPACES_IN_SCOPE: usize = 256;
-/// Attributes on one element checked for duplicates by linear search before switching to a set.
-const LINEAR_DUPLICATE_CHECK: usize = 16;
 
 /// A `<meta>` child caseledger reads (R2, R78).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,17 +112,11 @@ struct Open {
     frame: Frame,
     /// `Walker::path` length before this element's `/qname` was appended.
     path_len: usize,
-    /// `Walker::bindings` length before this element's declarations.
+    /// `Walker::scope` length before this element's declarations.
     bindings_len: usize,
-}
-
-/// One `xmlns[:prefix]="uri"` declaration in scope.
-#[derive(Debug)]
-struct Binding<'i> {
-    /// Empty for the default namespace.
-    prefix: &'i str,
-    /// Empty for `xmlns=""` (no default namespace).
-    uri: Cow<'i, str>,
+    /// `Walker::text` length before this element; a collecting element's own text follows it
+    /// (collecting elements can nest in hostile input, e.g. a `case_id` inside `instanceID`).
+    text_len: usize,
 }
 
 /// Where the root element is.
@@ -138,34 +125,6 @@ enum RootState {
     Before,
     Open,
     After,
-}
-
-/// An element's namespace: none, the binding at an index of `Walker::bindings`, or `xml`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ns {
-    Unbound,
-    At(usize),
-    Xml,
-}
-
-/// The attributes of one element that the walk needs, unescaped.
-#[derive(Debug, Default)]
-struct Attrs {
-    block: BlockAttrs,
-    case_type: Option<String>,
-    relationship: Option<String>,
-    src: Option<String>,
-    from: Option<String>,
-    name: Option<String>,
-}
-
-/// Which attributes to keep for the element being read (values are validated either way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Keep {
-    Nothing,
-    Block,
-    Index,
-    Attachment,
 }
 
 struct Walker<'i, 'l> {
@@ -179,8 +138,8 @@ struct Walker<'i, 'l> {
     frames: Vec<Open>,
     /// `/root/child/…` of the open elements, as qualified names.
     path: String,
-    /// Namespace declarations in scope, outermost first.
-    bindings: Vec<Binding<'i>>,
+    /// Namespace declarations in scope.
+    scope: Scope<'i>,
     root: RootState,
     xmlns: String,
     device_report: bool,
@@ -224,7 +183,7 @@ pub(crate) fn parse(raw: &[u8], limits: &Limits) -> Result<ParsedForm, XmlError>
         limits,
         frames: Vec::new(),
         path: String::new(),
-        bindings: Vec::new(),
+        scope: Scope::default(),
         root: RootState::Before,
         xmlns: String::new(),
         device_report: false,
@@ -244,31 +203,6 @@ pub(crate) fn parse(raw: &[u8], limits: &Limits) -> Result<ParsedForm, XmlError>
 
 fn is_xml_space(s: &[u8]) -> bool {
     s.iter().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-}
-
-/// A loose check of the XML `QName` production: one optional prefix, each part non-empty, not
-/// starting with a digit, `-` or `.`, and made of letters, digits, `_`, `-`, `.` or non-ASCII.
-/// quick-xml splits names at whitespace, `/` and `>` but accepts anything else (`< a`, `<a&b>`).
-fn is_qname(name: &str) -> bool {
-    let mut colon = false;
-    let mut at_start = true;
-    for &b in name.as_bytes() {
-        if b == b':' {
-            if colon || at_start {
-                return false;
-            }
-            colon = true;
-            at_start = true;
-        } else if at_start {
-            if !(b.is_ascii_alphabetic() || b == b'_' || b >= 0x80) {
-                return false;
-            }
-            at_start = false;
-        } else if !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.') || b >= 0x80) {
-            return false;
-        }
-    }
-    !at_start
 }
 
 fn utf8(bytes: &[u8]) -> &str {
@@ -312,7 +246,8 @@ impl<'i> Walker<'i, '_> {
                 }
                 Event::GeneralRef(r) => {
                     if self.outside_root(b"x", "a reference", pos)? {
-                        let c = refs::resolve(utf8(&r)).map_err(|e| self.ref_error(e, pos))?;
+                        let c = refs::resolve(utf8(&r))
+                            .map_err(|e| self.ref_error(e, self.base + pos))?;
                         self.character_data(c.len_utf8(), pos)?;
                         if self.collecting() {
                             self.text.push(c);
@@ -426,23 +361,18 @@ impl<'i> Walker<'i, '_> {
 
     // ---- elements ---------------------------------------------------------------------------
 
-    /// The text of `part`, which must be a slice of the input (quick-xml's events borrow it),
-    /// with the input's lifetime, so names and values can be kept without copying.
     fn in_input(&self, part: &[u8], pos: u64) -> Result<&'i str, XmlError> {
-        let start = (part.as_ptr() as usize).wrapping_sub(self.input.as_ptr() as usize);
-        start
-            .checked_add(part.len())
-            .and_then(|end| self.input.get(start..end))
+        tag::in_input(self.input, part)
             .ok_or_else(|| self.malformed(pos, "reader returned text that is not in the input"))
     }
 
     fn start(&mut self, e: &BytesStart<'i>, pos: u64) -> Result<(), XmlError> {
         self.run_len = 0;
         let offset = self.base + pos;
-        let tag = self.in_input(e, pos)?;
+        let text = self.in_input(e, pos)?;
         let name_len = e.name().as_ref().len();
-        let qname = tag.get(..name_len).unwrap_or_default();
-        if !is_qname(qname) {
+        let qname = text.get(..name_len).unwrap_or_default();
+        if !tag::is_qname(qname) {
             return Err(self.malformed(pos, format_args!("{qname:?} is not an element name")));
         }
         if self.root == RootState::After {
@@ -451,10 +381,7 @@ impl<'i> Walker<'i, '_> {
                 found: "an element",
             });
         }
-        let (prefix, local) = match qname.bytes().position(|b| b == b':') {
-            Some(i) => (qname.get(..i), qname.get(i + 1..).unwrap_or_default()),
-            None => (None, qname),
-        };
+        let (prefix, local) = tag::split_qname(qname);
         let path_len = self.path.len();
         self.path.push('/');
         self.path.push_str(qname);
@@ -467,14 +394,23 @@ impl<'i> Walker<'i, '_> {
             });
         }
 
-        let bindings_len = self.bindings.len();
+        let bindings_len = self.scope.len();
         let keep = self.keep(local);
-        let attrs = self.attributes(tag, name_len, keep, offset)?;
+        let attrs = tag::read_attributes(
+            self.input,
+            text,
+            name_len,
+            keep,
+            self.limits.max_value_bytes,
+            &mut self.scope,
+        )
+        .map_err(|e| self.tag_error(e, offset))?;
         // Only prefixed elements (which may be undeclared), the root, `meta` and `case` need
         // their namespace; for every other element `ns` is never looked at.
         let ns = if prefix.is_some() || self.frames.is_empty() || local == "case" || local == "meta"
         {
-            self.resolve(prefix)
+            self.scope
+                .resolve(prefix)
                 .ok_or_else(|| XmlError::UndeclaredPrefix {
                     offset,
                     path: self.path.clone(),
@@ -492,13 +428,13 @@ impl<'i> Walker<'i, '_> {
         }
 
         let meta_field = MetaField::from_local(local);
-        let is_jr_meta = local == "meta" && self.uri(ns) == JR_XFORMS;
+        let is_jr_meta = local == "meta" && self.scope.uri(ns) == JR_XFORMS;
         let frame = match self.frames.last_mut().map(|o| &mut o.frame) {
             None => {
                 // R1: the root's namespace is the form's xmlns. R4: device logs get no case
                 // processing. The root itself is never a case block: HQ looks for blocks in
                 // the form's content, below the root.
-                self.xmlns = self.uri(ns).to_owned();
+                self.xmlns = self.scope.uri(ns).to_owned();
                 self.device_report = self.xmlns == DEVICE_REPORT;
                 self.root = RootState::Open;
                 Frame::Root
@@ -559,13 +495,11 @@ impl<'i> Walker<'i, '_> {
                 Frame::Root | Frame::Plain | Frame::Meta | Frame::Collect(_) | Frame::Candidate(_),
             ) => self.outside_block(local, qname, ns, attrs.block, offset)?,
         };
-        if matches!(frame, Frame::Collect(_) | Frame::Field { .. }) {
-            self.text.clear();
-        }
         self.frames.push(Open {
             frame,
             path_len,
             bindings_len,
+            text_len: self.text.len(),
         });
         Ok(())
     }
@@ -582,13 +516,13 @@ impl<'i> Walker<'i, '_> {
         if local != "case" || self.device_report {
             return Ok(Frame::Plain);
         }
-        let is_v2 = self.uri(ns) == CASE_V2;
+        let is_v2 = self.scope.uri(ns) == CASE_V2;
         if attrs.case_id.is_none() {
             // R7: no case_id attribute; a `case_id` child may still make it a block.
             return Ok(Frame::Candidate(Box::new(Candidate {
                 v1: false,
                 id: None,
-                namespace: self.uri(ns).to_owned(),
+                namespace: self.scope.uri(ns).to_owned(),
                 offset,
                 blocks_mark: self.blocks.len(),
                 problems_mark: self.problems.mark(),
@@ -606,7 +540,7 @@ impl<'i> Walker<'i, '_> {
         }
         // R8: any namespace but v2 is refused; the content is not interpreted.
         let id = attrs.case_id.as_deref().unwrap_or_default().trim();
-        let namespace = match self.uri(ns) {
+        let namespace = match self.scope.uri(ns) {
             "" => "no namespace".to_owned(),
             uri => format!("namespace {uri:?}"),
         };
@@ -637,21 +571,26 @@ impl<'i> Walker<'i, '_> {
             // quick-xml reports unmatched end tags itself; this is a second line of defence.
             return Err(self.malformed(self.reader.buffer_position(), "end tag without start tag"));
         };
-        self.bindings.truncate(open.bindings_len);
-        // Take the path out so `qname` can be borrowed while `self` is mutated.
+        self.scope.truncate(open.bindings_len);
+        // Take the path and text out so they can be borrowed while `self` is mutated.
         let path = std::mem::take(&mut self.path);
+        let text = std::mem::take(&mut self.text);
         let qname = path.get(open.path_len + 1..).unwrap_or_default();
-        let result = self.close(open.frame, qname);
+        let own_text = text.get(open.text_len..).unwrap_or_default();
+        let result = self.close(open.frame, qname, own_text);
         self.path = path;
         self.path.truncate(open.path_len);
+        self.text = text;
+        self.text.truncate(open.text_len);
         result
     }
 
-    fn close(&mut self, frame: Frame, qname: &str) -> Result<(), XmlError> {
+    /// An element has ended; `text` is its character data if it was a collecting element.
+    fn close(&mut self, frame: Frame, qname: &str, text: &str) -> Result<(), XmlError> {
         match frame {
             Frame::Root => self.root = RootState::After,
             Frame::Collect(Collect::Meta(field)) => {
-                let value = self.text.trim();
+                let value = text.trim();
                 // R2: empty meta values count as absent; the first non-empty value wins.
                 if !value.is_empty() {
                     let slot = match field {
@@ -671,7 +610,7 @@ impl<'i> Walker<'i, '_> {
                     ..
                 }) = self.frames.last_mut()
                 {
-                    c.id.get_or_insert_with(|| self.text.trim().to_owned());
+                    c.id.get_or_insert_with(|| text.trim().to_owned());
                 }
             }
             Frame::Candidate(c) => self.close_candidate(*c, qname)?,
@@ -685,7 +624,7 @@ impl<'i> Walker<'i, '_> {
                 has_children,
             } => {
                 if let Some(block) = self.block.as_mut() {
-                    block.finish_field(field, has_children, &self.text, qname, &mut self.problems);
+                    block.finish_field(field, has_children, text, qname, &mut self.problems);
                 }
             }
             Frame::Plain | Frame::Meta | Frame::ForeignBlock | Frame::Action(_) | Frame::Inner => {}
@@ -743,160 +682,6 @@ impl<'i> Walker<'i, '_> {
         }
     }
 
-    /// Validates every attribute of the tag (syntax, names, duplicates, prefixes, references,
-    /// size), puts its namespace declarations in scope and returns the attributes `keep` asks
-    /// for. Only unprefixed attributes are kept: CaseXML writes them so, and `n0:case_id` is a
-    /// different attribute by the Namespaces spec.
-    fn attributes(
-        &mut self,
-        tag: &'i str,
-        name_len: usize,
-        keep: Keep,
-        offset: u64,
-    ) -> Result<Attrs, XmlError> {
-        let mut out = Attrs::default();
-        let mut seen: [&str; LINEAR_DUPLICATE_CHECK] = [""; LINEAR_DUPLICATE_CHECK];
-        let mut seen_len = 0;
-        let mut seen_set: Option<HashSet<&str>> = None;
-        let mut prefixes: Vec<&str> = Vec::new();
-        for attr in Attributes::new(tag, name_len).with_checks(false) {
-            let attr = attr.map_err(|err| self.malformed(offset, err))?;
-            let key = self.in_input(attr.key.into_inner(), offset)?;
-            if !is_qname(key) {
-                return Err(
-                    self.malformed(offset, format_args!("{key:?} is not an attribute name"))
-                );
-            }
-            let duplicate = match seen_set.as_mut() {
-                Some(set) => !set.insert(key),
-                None => {
-                    let dup = seen.get(..seen_len).unwrap_or_default().contains(&key);
-                    match seen.get_mut(seen_len) {
-                        Some(slot) => {
-                            *slot = key;
-                            seen_len += 1;
-                        }
-                        None => {
-                            let mut set: HashSet<&str> = seen.iter().copied().collect();
-                            set.insert(key);
-                            seen_set = Some(set);
-                        }
-                    }
-                    dup
-                }
-            };
-            if duplicate {
-                return Err(XmlError::DuplicateAttribute {
-                    offset,
-                    path: self.path.clone(),
-                    name: key.to_owned(),
-                });
-            }
-            if attr.value.len() > self.limits.max_value_bytes {
-                return Err(XmlError::ValueTooLarge {
-                    offset,
-                    path: format!("{}/@{key}", self.path),
-                    max: self.limits.max_value_bytes,
-                });
-            }
-            let raw_value = self.in_input(&attr.value, offset)?;
-            let value =
-                refs::attribute_value(raw_value).map_err(|err| self.ref_error(err, offset))?;
-            let slot = match (keep, key) {
-                (_, "xmlns") => {
-                    self.bind("", value, offset)?;
-                    continue;
-                }
-                (_, k) if k.starts_with("xmlns:") => {
-                    self.bind(k.get(6..).unwrap_or_default(), value, offset)?;
-                    continue;
-                }
-                (_, k) if k.bytes().any(|b| b == b':') => {
-                    prefixes.push(k.split(':').next().unwrap_or_default());
-                    continue;
-                }
-                (Keep::Block, "case_id") => &mut out.block.case_id,
-                (Keep::Block, "date_modified") => &mut out.block.date_modified,
-                (Keep::Block, "user_id") => &mut out.block.user_id,
-                (Keep::Index, "case_type") => &mut out.case_type,
-                (Keep::Index, "relationship") => &mut out.relationship,
-                (Keep::Attachment, "src") => &mut out.src,
-                (Keep::Attachment, "from") => &mut out.from,
-                (Keep::Attachment, "name") => &mut out.name,
-                _ => continue,
-            };
-            *slot = Some(value.into_owned());
-        }
-        // Prefixes of attributes may be declared anywhere on the same tag, so they are checked
-        // once all its declarations are in scope.
-        for prefix in prefixes {
-            if self.resolve(Some(prefix)).is_none() {
-                return Err(XmlError::UndeclaredPrefix {
-                    offset,
-                    path: self.path.clone(),
-                    prefix: prefix.to_owned(),
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    /// Puts `xmlns[:prefix]="uri"` in scope, enforcing the reserved prefixes of Namespaces in
-    /// XML 1.0 and [`MAX_NAMESPACES_IN_SCOPE`].
-    fn bind(&mut self, prefix: &'i str, uri: Cow<'i, str>, offset: u64) -> Result<(), XmlError> {
-        let refused = match prefix {
-            "xmlns" => Some("the xmlns prefix cannot be declared"),
-            "xml" if uri != XML_NS => Some("the xml prefix cannot be bound to another namespace"),
-            p if !p.is_empty() && uri.is_empty() => {
-                Some("a prefix cannot be undeclared with an empty namespace in XML 1.0")
-            }
-            _ => None,
-        };
-        if let Some(detail) = refused {
-            return Err(XmlError::Malformed {
-                offset,
-                path: self.path.clone(),
-                detail: detail.into(),
-            });
-        }
-        if self.bindings.len() >= MAX_NAMESPACES_IN_SCOPE {
-            return Err(XmlError::TooManyNamespaces {
-                offset,
-                path: self.path.clone(),
-                max: MAX_NAMESPACES_IN_SCOPE,
-            });
-        }
-        self.bindings.push(Binding { prefix, uri });
-        Ok(())
-    }
-
-    /// The namespace of a name with this prefix, `None` when the prefix is undeclared.
-    fn resolve(&self, prefix: Option<&str>) -> Option<Ns> {
-        match prefix {
-            None => Some(
-                match self.bindings.iter().rposition(|b| b.prefix.is_empty()) {
-                    Some(i) if self.bindings.get(i).is_some_and(|b| !b.uri.is_empty()) => Ns::At(i),
-                    _ => Ns::Unbound,
-                },
-            ),
-            Some("xml") => Some(Ns::Xml),
-            Some(p) => self
-                .bindings
-                .iter()
-                .rposition(|b| b.prefix == p)
-                .map(Ns::At),
-        }
-    }
-
-    /// The namespace URI, empty for none.
-    fn uri(&self, ns: Ns) -> &str {
-        match ns {
-            Ns::Unbound => "",
-            Ns::At(i) => self.bindings.get(i).map_or("", |b| &b.uri),
-            Ns::Xml => XML_NS,
-        }
-    }
-
     // ---- errors -----------------------------------------------------------------------------
 
     fn where_(&self) -> String {
@@ -915,8 +700,7 @@ impl<'i> Walker<'i, '_> {
         }
     }
 
-    fn ref_error(&self, err: RefError, pos: u64) -> XmlError {
-        let offset = self.base + pos;
+    fn ref_error(&self, err: RefError, offset: u64) -> XmlError {
         let path = self.where_();
         match err {
             RefError::UnknownEntity(name) => XmlError::UnknownEntity { offset, path, name },
@@ -934,6 +718,44 @@ impl<'i> Walker<'i, '_> {
                 offset,
                 path,
                 detail: "`<` in an attribute value".into(),
+            },
+        }
+    }
+
+    fn tag_error(&self, e: TagError, offset: u64) -> XmlError {
+        let path = self.where_();
+        match e {
+            TagError::Syntax(detail) => XmlError::Malformed {
+                offset,
+                path,
+                detail,
+            },
+            TagError::BadName(name) => XmlError::Malformed {
+                offset,
+                path,
+                detail: format!("{name:?} is not an attribute name"),
+            },
+            TagError::Duplicate(name) => XmlError::DuplicateAttribute { offset, path, name },
+            TagError::ValueTooLarge(name) => XmlError::ValueTooLarge {
+                offset,
+                path: format!("{path}/@{name}"),
+                max: self.limits.max_value_bytes,
+            },
+            TagError::Ref(err) => self.ref_error(err, offset),
+            TagError::UndeclaredPrefix(prefix) => XmlError::UndeclaredPrefix {
+                offset,
+                path,
+                prefix,
+            },
+            TagError::ReservedPrefix(detail) => XmlError::Malformed {
+                offset,
+                path,
+                detail: detail.into(),
+            },
+            TagError::TooManyNamespaces => XmlError::TooManyNamespaces {
+                offset,
+                path,
+                max: MAX_NAMESPACES_IN_SCOPE,
             },
         }
     }
