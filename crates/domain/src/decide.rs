@@ -590,7 +590,7 @@ fn decide_submission(
             }
             seen.push(&b.case_id);
             if let Some(Some(case)) = touched.get(&b.case_id) {
-                if !app.case_types.iter().any(|t| *t == case.case_type) {
+                if !app.case_types.contains(&case.case_type) {
                     diags.push(diag(
                         DiagnosticCode::CaseTypeMismatch,
                         app_id.as_str(),

@@ -83,6 +83,9 @@ impl Request {
     }
 }
 
+/// One result per request of a group, in request order.
+pub type Outcomes = Vec<Result<Outcome, EngineError>>;
+
 /// Figures of a finished replay.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayStats {
@@ -135,7 +138,7 @@ impl Engine {
         domain: &DomainName,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
-        let log = SledLog::open(&db, domain, config.log.clone())?;
+        let log = SledLog::open(&db, domain, config.log)?;
         let projections = Projections::open(&db, domain)?;
         let reader_log = log.clone();
         projections.set_log_reader(std::sync::Arc::new(move |p: Position| {
@@ -283,7 +286,7 @@ impl Engine {
     pub async fn execute_many(
         &self,
         requests: Vec<Request>,
-    ) -> Result<Vec<Result<Outcome, EngineError>>, EngineError> {
+    ) -> Result<Outcomes, EngineError> {
         let (results, last) = self.decide_and_write(requests)?;
         if let Some(last) = last {
             self.log.wait_durable(last).await?;
@@ -294,7 +297,7 @@ impl Engine {
     fn decide_and_write(
         &self,
         requests: Vec<Request>,
-    ) -> Result<(Vec<Result<Outcome, EngineError>>, Option<Position>), EngineError> {
+    ) -> Result<(Outcomes, Option<Position>), EngineError> {
         let mut clock = self.lock();
         self.catch_up()?;
         let mut pending = self.projections.pending();
