@@ -19,6 +19,7 @@ mod keys;
 mod pending;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
 use std::collections::BTreeSet;
