@@ -1,1 +1,59 @@
-//! placeholder
+//! The durable, append-only event log of caseledger, on sled 0.34.7.
+//!
+//! - [`EventStore`] is the contract the engine and projections use: [`EventStore::append`]
+//!   (durable before it returns, I5), [`EventStore::read`], [`EventStore::head`] and
+//!   [`EventStore::subscribe`] (catch-up, then live, as a [`Subscription`]).
+//! - [`SledLog`] implements it for one project space in tree `log/<domain>` of a sled `Db` shared
+//!   with the projections. `append` is group-committed: a committer task writes queued appends
+//!   as one sled batch and flushes once per group. The synchronous half ([`SledLog::write`],
+//!   [`SledLog::write_group`], [`SledLog::flush_blocking`], [`SledLog::iter_from`]) serves the
+//!   engine, replay and tools, with [`SledLog::wait_durable`] as their group commit.
+//! - [`encode_envelope`] / [`decode_envelope`] are the stored form of one event.
+//!
+//! The log *is*: the single source of truth (I2), gapless positions from 1, one atomic sled batch
+//! per append (events plus idempotency entry), crc32 on every event, poisoned after a failed
+//! write or flush. It is *not*: a hash chain (yet), a place for snapshots or projection state, or
+//! proof against power loss on a disk with a volatile write cache (`docs/DURABILITY.md`).
+//!
+//! # Envelope format 1
+//!
+//! `[format u8 = 1][crc32 u32 LE of the rest][type name len u8][type name][type version u16 LE]
+//! [recorded_at i64 LE][bincode 2 standard(RecordedEvent)]`. The header lets an audit tool see
+//! type and version ([`decode_header`]) without decoding the body; a crc mismatch is
+//! [`LogError::Corrupt`] naming the position. The full table is in `envelope.rs`.
+//!
+//! # Example
+//!
+//! ```ignore
+//! let db = sled::open(path)?;
+//! let log = SledLog::open(&db, &DomainName::new("demo"), LogConfig::default())?;
+//! let outcome = log
+//!     .append(AppendRequest {
+//!         expected: Expected::Head(Position::ZERO),
+//!         idempotency_key: Some(command_id.to_string()),
+//!         command_id,
+//!         recorded_at,
+//!         events,
+//!     })
+//!     .await?; // durable here
+//! let mut sub = log.subscribe(Position(1)).await?;
+//! let first = sub.next().await?;
+//! ```
+
+mod commit;
+mod envelope;
+mod error;
+mod sled_log;
+mod store;
+mod subscription;
+
+#[cfg(test)]
+mod tests;
+
+pub use envelope::{
+    decode_envelope, decode_header, encode_envelope, EnvelopeHeader, ENVELOPE_FORMAT,
+};
+pub use error::LogError;
+pub use sled_log::{LogConfig, SledLog};
+pub use store::{AppendOutcome, AppendRequest, EventStore, Expected};
+pub use subscription::Subscription;

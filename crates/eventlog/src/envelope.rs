@@ -1,0 +1,180 @@
+//! The stored form of one event: a self-describing header, a crc32, and the bincode body.
+//!
+//! Layout of format 1 (all integers little-endian):
+//!
+//! | offset    | size | field                                                       |
+//! |-----------|------|-------------------------------------------------------------|
+//! | 0         | 1    | format version, `1`                                         |
+//! | 1         | 4    | crc32 (IEEE, `crc32fast`) of every byte from offset 5 on    |
+//! | 5         | 1    | `n`, length of the type name                                |
+//! | 6         | n    | type name, UTF-8 ([`domain::Event::type_name`])             |
+//! | 6+n       | 2    | type version ([`domain::Event::type_version`])              |
+//! | 8+n       | 8    | `recorded_at`, milliseconds since the Unix epoch (i64)      |
+//! | 16+n      | rest | `bincode` 2, `config::standard()`, serde, of `RecordedEvent` |
+//!
+//! What must hold: the header repeats what the body says (type, version, time), so an audit tool
+//! or [`crate::SledLog::first_at_or_after`] can read it without decoding the body, and a decoder
+//! checks that both agree. The body encodes `Event` by variant index, so the order of
+//! `domain::Event`'s variants is part of this format: new variants go at the end (I6).
+
+use domain::{CommandId, Event, Position, RecordedEvent, Timestamp};
+use serde::Serialize;
+
+use crate::LogError;
+
+/// The envelope format this build writes and reads.
+pub const ENVELOPE_FORMAT: u8 = 1;
+
+/// Bytes before the crc-covered part: the format byte and the crc itself.
+const CRC_END: usize = 5;
+
+/// The header of an envelope, readable without decoding the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeHeader<'a> {
+    /// Envelope format, always [`ENVELOPE_FORMAT`] for headers this build returns.
+    pub format: u8,
+    /// The event type's name, e.g. `FormAccepted`.
+    pub type_name: &'a str,
+    /// The event type's version.
+    pub type_version: u16,
+    /// When the command that produced the event was received.
+    pub recorded_at: Timestamp,
+    /// The bincode body.
+    pub body: &'a [u8],
+}
+
+/// Serialises exactly like [`RecordedEvent`] (same fields, same order, same types) without
+/// cloning the event, so `write` can encode straight from the request.
+#[derive(Serialize)]
+struct RecordedRef<'a> {
+    position: Position,
+    recorded_at: Timestamp,
+    command_id: &'a CommandId,
+    event: &'a Event,
+}
+
+/// Encodes one event into `buf` (cleared first), reusing its allocation.
+pub(crate) fn encode_into(
+    buf: &mut Vec<u8>,
+    position: Position,
+    recorded_at: Timestamp,
+    command_id: &CommandId,
+    event: &Event,
+) -> Result<(), LogError> {
+    let name = event.type_name();
+    let name_len = u8::try_from(name.len())
+        .map_err(|_| LogError::Encode(format!("type name {name:?} is over 255 bytes")))?;
+    buf.clear();
+    buf.push(ENVELOPE_FORMAT);
+    buf.extend_from_slice(&[0; 4]);
+    buf.push(name_len);
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(&event.type_version().to_le_bytes());
+    buf.extend_from_slice(&recorded_at.0.to_le_bytes());
+    let body = RecordedRef {
+        position,
+        recorded_at,
+        command_id,
+        event,
+    };
+    bincode::serde::encode_into_std_write(&body, buf, bincode::config::standard())
+        .map_err(|e| LogError::Encode(e.to_string()))?;
+    let crc = crc32fast::hash(&buf[CRC_END..]);
+    buf[1..CRC_END].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Encodes a recorded event as an envelope (see the module docs for the layout).
+///
+/// # Errors
+/// [`LogError::Encode`] if bincode fails or the type name is over 255 bytes.
+pub fn encode_envelope(e: &RecordedEvent) -> Result<Vec<u8>, LogError> {
+    let mut buf = Vec::new();
+    encode_into(&mut buf, e.position, e.recorded_at, &e.command_id, &e.event)?;
+    Ok(buf)
+}
+
+/// Reads and checks an envelope's header: format, crc32 over everything after it, and bounds.
+///
+/// # Errors
+/// [`LogError::UnsupportedEnvelope`] for an unknown format byte, [`LogError::Corrupt`] for a crc
+/// mismatch or a truncated header. Positions are [`Position::ZERO`]: the bytes alone do not say
+/// where they were stored.
+pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
+    let bad = |reason: &str| LogError::corrupt(Position::ZERO, reason);
+    let (&format, rest) = bytes.split_first().ok_or_else(|| bad("empty envelope"))?;
+    if format != ENVELOPE_FORMAT {
+        return Err(LogError::UnsupportedEnvelope {
+            position: Position::ZERO,
+            version: format,
+        });
+    }
+    let (crc, covered) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| bad("envelope shorter than its crc"))?;
+    let stored = u32::from_le_bytes(*crc);
+    let actual = crc32fast::hash(covered);
+    if stored != actual {
+        return Err(bad(&format!(
+            "crc32 mismatch: stored {stored:#010x}, computed {actual:#010x}"
+        )));
+    }
+    let (&name_len, rest) = covered
+        .split_first()
+        .ok_or_else(|| bad("header truncated before the type name"))?;
+    let (name, rest) = rest
+        .split_at_checked(usize::from(name_len))
+        .ok_or_else(|| bad("header truncated inside the type name"))?;
+    let type_name = std::str::from_utf8(name).map_err(|_| bad("type name is not UTF-8"))?;
+    let (version, rest) = rest
+        .split_first_chunk::<2>()
+        .ok_or_else(|| bad("header truncated before the type version"))?;
+    let (recorded_at, body) = rest
+        .split_first_chunk::<8>()
+        .ok_or_else(|| bad("header truncated before recorded_at"))?;
+    Ok(EnvelopeHeader {
+        format,
+        type_name,
+        type_version: u16::from_le_bytes(*version),
+        recorded_at: Timestamp(i64::from_le_bytes(*recorded_at)),
+        body,
+    })
+}
+
+/// Decodes and verifies an envelope: header checks of [`decode_header`], then the body, then that
+/// header and body agree.
+///
+/// # Errors
+/// As [`decode_header`], plus [`LogError::Corrupt`] when the body does not decode, has trailing
+/// bytes, or disagrees with the header. Positions are [`Position::ZERO`] (not known here).
+pub fn decode_envelope(bytes: &[u8]) -> Result<RecordedEvent, LogError> {
+    let header = decode_header(bytes)?;
+    let bad = |reason: String| LogError::corrupt(Position::ZERO, reason);
+    let (event, used): (RecordedEvent, usize) =
+        bincode::serde::decode_from_slice(header.body, bincode::config::standard())
+            .map_err(|e| bad(format!("body does not decode: {e}")))?;
+    if used != header.body.len() {
+        return Err(bad(format!(
+            "{} trailing bytes after the body",
+            header.body.len() - used
+        )));
+    }
+    if header.type_name != event.event.type_name()
+        || header.type_version != event.event.type_version()
+    {
+        return Err(bad(format!(
+            "header says {} v{}, body holds {} v{}",
+            header.type_name,
+            header.type_version,
+            event.event.type_name(),
+            event.event.type_version()
+        )));
+    }
+    if header.recorded_at != event.recorded_at {
+        return Err(bad(format!(
+            "header recorded_at {} differs from the body's {}",
+            header.recorded_at.0, event.recorded_at.0
+        )));
+    }
+    Ok(event)
+}

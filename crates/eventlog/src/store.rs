@@ -1,0 +1,85 @@
+//! The storage-neutral log contract: [`EventStore`] and the request/outcome types of an append.
+//!
+//! What must hold for every implementation (sled now, JetStream later): positions are gapless
+//! from 1, an acknowledged append is durable, reads and subscriptions return only durable events
+//! in position order, and an idempotency key is honoured forever.
+
+use domain::{CommandId, Event, Position, RecordedEvent, Timestamp};
+
+use crate::{LogError, Subscription};
+
+/// Optimistic concurrency for an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// Append wherever the head is.
+    Any,
+    /// Append only if the head (last written position) equals this position; otherwise
+    /// [`LogError::WrongExpectedPosition`] and nothing is written.
+    Head(Position),
+}
+
+/// One atomic append: all of `events` get consecutive positions, or none do.
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    /// The concurrency check, evaluated after the idempotency check.
+    pub expected: Expected,
+    /// If set and already used by an earlier append, the append is a no-op that returns
+    /// [`AppendOutcome::AlreadyAppended`] with the original positions.
+    pub idempotency_key: Option<String>,
+    /// The command that produced the events; stored with each event.
+    pub command_id: CommandId,
+    /// Server received time of the command; stored with each event. Keep it non-decreasing
+    /// along the log if you want [`crate::SledLog::first_at_or_after`] to be exact.
+    pub recorded_at: Timestamp,
+    /// The events, in order.
+    pub events: Vec<Event>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The events now sit at `first..=last`. For an empty `events`, `first = head + 1` and
+    /// `last = head` (an empty range).
+    Appended {
+        /// Position of the first event.
+        first: Position,
+        /// Position of the last event.
+        last: Position,
+    },
+    /// The idempotency key was used before; these are the positions that append got.
+    AlreadyAppended {
+        /// Position of the first event of the original append.
+        first: Position,
+        /// Position of the last event of the original append.
+        last: Position,
+    },
+}
+
+impl AppendOutcome {
+    /// The last position of the append (original or new), what a caller waits on.
+    pub fn last(&self) -> Position {
+        match *self {
+            AppendOutcome::Appended { last, .. } | AppendOutcome::AlreadyAppended { last, .. } => {
+                last
+            }
+        }
+    }
+}
+
+/// The append-only event log of one project space.
+#[async_trait::async_trait]
+pub trait EventStore: Send + Sync {
+    /// Appends atomically and returns once the events are durable (I5).
+    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, LogError>;
+
+    /// Durable events with position `>= from` (0 and 1 both mean "from the start"), at most
+    /// `limit` of them, in position order.
+    async fn read(&self, from: Position, limit: usize) -> Result<Vec<RecordedEvent>, LogError>;
+
+    /// The last durable position ([`Position::ZERO`] for an empty log).
+    async fn head(&self) -> Result<Position, LogError>;
+
+    /// Durable events from `from` on: first those already in the log, then new ones as they
+    /// become durable.
+    async fn subscribe(&self, from: Position) -> Result<Subscription, LogError>;
+}
