@@ -6,6 +6,8 @@
 //! it into `domain` types and [`Problem`]s. Problems never stop the parse: the form is still
 //! returned and `domain::decide` picks the one that wins by R52 precedence.
 
+use std::borrow::Cow;
+
 use domain::{
     Actions, AttachmentChange, CaseBlock, CaseId, Create, ErrorCode, IndexChange, Problem,
     Relationship, Timestamp, MAX_VALUE_LEN,
@@ -142,6 +144,8 @@ struct CreateBuilder {
 #[derive(Debug)]
 pub(crate) struct BlockBuilder {
     case_id: String,
+    /// `case_id` quoted and shortened for messages.
+    label: String,
     date_modified: Option<Timestamp>,
     user_id: Option<String>,
     actions: Actions,
@@ -149,12 +153,22 @@ pub(crate) struct BlockBuilder {
     referral_reported: bool,
 }
 
-/// Shortens a value for a message: a 50 MB property must not become a 50 MB problem.
-fn preview(value: &str) -> String {
+/// A value quoted for a message and shortened: a 1 MB property (or case id, repeated in every
+/// message about its block) must not make the problem list huge.
+pub(crate) fn preview(value: &str) -> String {
     const MAX: usize = 80;
     match value.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{:?}…", value.get(..cut).unwrap_or("")),
         None => format!("{value:?}"),
+    }
+}
+
+/// An element name or path shortened for a message, for the same reason as [`preview`].
+pub(crate) fn clip(name: &str) -> Cow<'_, str> {
+    const MAX: usize = 160;
+    match name.char_indices().nth(MAX) {
+        Some((cut, _)) => Cow::Owned(format!("{}…", name.get(..cut).unwrap_or(""))),
+        None => Cow::Borrowed(name),
     }
 }
 
@@ -212,8 +226,9 @@ impl BlockBuilder {
                     problems.push(
                         ErrorCode::PhoneDateValueError,
                         format!(
-                            "case {case_id:?}: date_modified {} on <{qname}> is not an ISO 8601 \
+                            "case {}: date_modified {} on <{qname}> is not an ISO 8601 \
                              datetime",
+                            preview(&case_id),
                             preview(&text)
                         ),
                     );
@@ -222,6 +237,7 @@ impl BlockBuilder {
             },
         };
         BlockBuilder {
+            label: preview(&case_id),
             case_id,
             date_modified,
             // R9: an empty user_id falls back to meta/userID later.
@@ -250,12 +266,13 @@ impl BlockBuilder {
     pub(crate) fn referral(&mut self, path: &str, problems: &mut Problems) {
         if !self.referral_reported {
             self.referral_reported = true;
-            let qname = path.rsplit('/').next().unwrap_or_default();
+            let qname = clip(path.rsplit('/').next().unwrap_or_default());
             problems.push(
                 ErrorCode::UsesReferrals,
                 format!(
-                    "case {:?}: <{qname}> (at {path}) is a referral; referrals are not supported",
-                    self.case_id
+                    "case {}: <{qname}> (at {}) is a referral; referrals are not supported",
+                    self.label,
+                    clip(path)
                 ),
             );
         }
@@ -285,8 +302,8 @@ impl BlockBuilder {
             problems.push(
                 ErrorCode::CaseValueError,
                 format!(
-                    "case {:?}: <{qname}> is {n} characters long (max {MAX_VALUE_LEN})",
-                    self.case_id
+                    "case {}: <{qname}> is {n} characters long (max {MAX_VALUE_LEN})",
+                    self.label
                 ),
             );
         }
@@ -304,8 +321,8 @@ impl BlockBuilder {
                 problems.push(
                     ErrorCode::CaseValueError,
                     format!(
-                        "case {:?}: <{qname}> {} is not an ISO 8601 date or datetime",
-                        self.case_id,
+                        "case {}: <{qname}> {} is not an ISO 8601 date or datetime",
+                        self.label,
                         preview(value)
                     ),
                 );
@@ -405,12 +422,12 @@ impl BlockBuilder {
         qname: &str,
         problems: &mut Problems,
     ) {
-        let id = &self.case_id;
+        let id = &self.label;
         if has_children {
             problems.push(
                 ErrorCode::InvalidCaseIndex,
                 format!(
-                    "case {id:?}: index <{qname}> contains elements; its value must be a case id"
+                    "case {id}: index <{qname}> contains elements; its value must be a case id"
                 ),
             );
         }
@@ -419,7 +436,7 @@ impl BlockBuilder {
         if case_type.is_none() {
             problems.push(
                 ErrorCode::InvalidCaseIndex,
-                format!("case {id:?}: index <{qname}> has no case_type attribute"),
+                format!("case {id}: index <{qname}> has no case_type attribute"),
             );
         }
         // R27: absent or empty relationship is child; only child/extension are known.
@@ -430,7 +447,7 @@ impl BlockBuilder {
                 problems.push(
                     ErrorCode::InvalidCaseIndex,
                     format!(
-                        "case {id:?}: index <{qname}> has relationship {}; expected \"child\" or \
+                        "case {id}: index <{qname}> has relationship {}; expected \"child\" or \
                          \"extension\"",
                         preview(other)
                     ),
@@ -450,8 +467,8 @@ impl BlockBuilder {
         problems.push(
             ErrorCode::CaseValueError,
             format!(
-                "case {:?}: <{qname}> contains elements; a case value must be text",
-                self.case_id
+                "case {}: <{qname}> contains elements; a case value must be text",
+                self.label
             ),
         );
     }
@@ -460,6 +477,7 @@ impl BlockBuilder {
     pub(crate) fn finish(self, problems: &mut Problems) -> CaseBlock {
         let BlockBuilder {
             case_id,
+            label,
             date_modified,
             user_id,
             mut actions,
@@ -479,10 +497,7 @@ impl BlockBuilder {
             if !missing.is_empty() {
                 problems.push(
                     ErrorCode::CaseValueError,
-                    format!(
-                        "case {case_id:?}: <create> has no <{}>",
-                        missing.join("> or <")
-                    ),
+                    format!("case {label}: <create> has no <{}>", missing.join("> or <")),
                 );
             }
             actions.create = Some(Create {

@@ -839,7 +839,7 @@ fn problems_are_capped_per_code() {
 }
 
 #[test]
-fn problem_messages_shorten_huge_values() {
+fn problem_messages_shorten_huge_values_ids_and_names() {
     let f = ok(&form(&block_with(
         &format!("case_id=\"c-1\" date_modified=\"{}\"", "9".repeat(100_000)),
         "",
@@ -849,6 +849,29 @@ fn problem_messages_shorten_huge_values() {
         "{}",
         f.problems[0].message
     );
+    // A huge case id is repeated in every message about its block: shortened each time.
+    let long_id = "i".repeat(500_000);
+    let long_name = "p".repeat(500_000);
+    let props: String = (0..40)
+        .map(|i| format!("<n0:q{i}><x/></n0:q{i}>"))
+        .collect();
+    let f = ok(&form(&block(
+        &long_id,
+        &format!(
+            "<n0:update>{props}<n0:{long_name}><x/></n0:{long_name}></n0:update>\
+             <n0:{long_name}><n0:referral/></n0:{long_name}>"
+        ),
+    )));
+    let total: usize = f.problems.iter().map(|p| p.message.len()).sum();
+    assert!(
+        total < 32 * 1024,
+        "{} problems, {total} bytes",
+        f.problems.len()
+    );
+    let f = ok(&form(&format!(
+        "<c:case xmlns:c=\"urn:{long_name}\" case_id=\"{long_id}\"/>"
+    )));
+    assert!(only_problem(&f, ErrorCode::UnsupportedCaseVersion).len() < 1024);
 }
 
 // ---- real forms ------------------------------------------------------------------------------
@@ -1020,6 +1043,11 @@ fn r50_not_well_formed() {
         err(format!("{good}<![CDATA[x]]>")),
         XmlError::ContentOutsideRoot { .. }
     ));
+    assert!(matches!(
+        err("<data>a ]]> b</data>"),
+        XmlError::Malformed { .. }
+    ));
+    ok("<data>a ]] > b &gt; ]]&gt;</data>");
     // Whitespace, comments and processing instructions around the root are fine.
     ok(&format!("{good}\n<!-- trailer -->\n<?pi x?>\n"));
 }

@@ -25,7 +25,9 @@ use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 use sha2::{Digest, Sha256};
 
-use crate::block::{ActionKind, BlockAttrs, BlockBuilder, CreateField, Field, Problems};
+use crate::block::{
+    clip, preview, ActionKind, BlockAttrs, BlockBuilder, CreateField, Field, Problems,
+};
 use crate::refs::{self, RefError};
 use crate::tag::{self, Keep, Ns, Scope, TagError, MAX_NAMESPACES_IN_SCOPE};
 use crate::{scan, Limits, XmlError};
@@ -227,7 +229,12 @@ impl<'i> Walker<'i, '_> {
                 }
                 Event::End(_) => self.end()?,
                 Event::Text(t) => {
-                    if self.outside_root(&t[..], "text", pos)? {
+                    if self.inside_root(is_xml_space(&t), "text", pos)? {
+                        // XML 1.0 §2.4: `]]>` may not appear in content (lxml, and so HQ,
+                        // refuses it too). `>` is rare in text, so look for it first.
+                        if t.contains(&b'>') && t.windows(3).any(|w| w == b"]]>") {
+                            return Err(self.malformed(pos, "`]]>` in text"));
+                        }
                         self.character_data(t.len(), pos)?;
                         if self.collecting() {
                             let s = t.xml10_content().map_err(|e| self.malformed(pos, e))?;
@@ -236,7 +243,7 @@ impl<'i> Walker<'i, '_> {
                     }
                 }
                 Event::CData(t) => {
-                    if self.outside_root(b"x", "a CDATA section", pos)? {
+                    if self.inside_root(false, "a CDATA section", pos)? {
                         self.character_data(t.len(), pos)?;
                         if self.collecting() {
                             let s = t.xml10_content().map_err(|e| self.malformed(pos, e))?;
@@ -245,7 +252,7 @@ impl<'i> Walker<'i, '_> {
                     }
                 }
                 Event::GeneralRef(r) => {
-                    if self.outside_root(b"x", "a reference", pos)? {
+                    if self.inside_root(false, "a reference", pos)? {
                         let c = refs::resolve(utf8(&r))
                             .map_err(|e| self.ref_error(e, self.base + pos))?;
                         self.character_data(c.len_utf8(), pos)?;
@@ -319,18 +326,18 @@ impl<'i> Walker<'i, '_> {
 
     // ---- character data -------------------------------------------------------------------
 
-    /// Handles content outside the root: whitespace is fine, anything else is an error.
-    /// Returns true when the content is inside the root and should be processed.
-    fn outside_root(
+    /// Where character data is allowed: inside the root anything, outside it only whitespace
+    /// (which is then skipped). Returns true when the content is inside the root.
+    fn inside_root(
         &self,
-        content: &[u8],
+        whitespace: bool,
         found: &'static str,
         pos: u64,
     ) -> Result<bool, XmlError> {
         if self.root == RootState::Open {
             return Ok(true);
         }
-        if is_xml_space(content) {
+        if whitespace {
             return Ok(false);
         }
         Err(XmlError::ContentOutsideRoot {
@@ -532,23 +539,24 @@ impl<'i> Walker<'i, '_> {
         if is_v2 {
             self.block = Some(BlockBuilder::start(
                 attrs,
-                qname,
+                &clip(qname),
                 offset,
                 &mut self.problems,
             ));
             return Ok(Frame::Block);
         }
         // R8: any namespace but v2 is refused; the content is not interpreted.
-        let id = attrs.case_id.as_deref().unwrap_or_default().trim();
+        let id = preview(attrs.case_id.as_deref().unwrap_or_default().trim());
         let namespace = match self.scope.uri(ns) {
             "" => "no namespace".to_owned(),
-            uri => format!("namespace {uri:?}"),
+            uri => format!("namespace {}", preview(uri)),
         };
         self.problems.push(
             ErrorCode::UnsupportedCaseVersion,
             format!(
-                "case {id:?}: <{qname}> at byte {offset} is in {namespace}; only CaseXML v2 \
-                 ({CASE_V2}) is supported"
+                "case {id}: <{}> at byte {offset} is in {namespace}; only CaseXML v2 \
+                 ({CASE_V2}) is supported",
+                clip(qname)
             ),
         );
         Ok(Frame::ForeignBlock)
@@ -577,7 +585,7 @@ impl<'i> Walker<'i, '_> {
         let text = std::mem::take(&mut self.text);
         let qname = path.get(open.path_len + 1..).unwrap_or_default();
         let own_text = text.get(open.text_len..).unwrap_or_default();
-        let result = self.close(open.frame, qname, own_text);
+        let result = self.close(open.frame, &clip(qname), own_text);
         self.path = path;
         self.path.truncate(open.path_len);
         self.text = text;
@@ -643,26 +651,26 @@ impl<'i> Walker<'i, '_> {
         self.count_block(c.offset)?;
         self.blocks.truncate(c.blocks_mark);
         self.problems.truncate(c.problems_mark);
-        let id = c.id.unwrap_or_default();
+        let id = preview(&c.id.unwrap_or_default());
         let offset = c.offset;
         if c.namespace == CASE_V2 {
             self.problems.push(
                 ErrorCode::IllegalCaseId,
                 format!(
                     "case block <{qname}> at byte {offset} has no case_id attribute (its \
-                     <case_id> child {id:?} is CaseXML v1 syntax)"
+                     <case_id> child {id} is CaseXML v1 syntax)"
                 ),
             );
         } else {
             let namespace = if c.namespace.is_empty() {
                 "no namespace".to_owned()
             } else {
-                format!("namespace {:?}", c.namespace)
+                format!("namespace {}", preview(&c.namespace))
             };
             self.problems.push(
                 ErrorCode::UnsupportedCaseVersion,
                 format!(
-                    "case {id:?}: <{qname}> at byte {offset} is a CaseXML v1 block in \
+                    "case {id}: <{qname}> at byte {offset} is a CaseXML v1 block in \
                      {namespace}; only CaseXML v2 ({CASE_V2}) is supported"
                 ),
             );
