@@ -6,6 +6,9 @@
 //! - after catch-up, the projections equal a full replay (I3).
 //!
 //! `harness = false`: the binary is both parent and child (env `CASELEDGER_CRASH_CHILD`).
+//! The child reports on stdout, which is its protocol, hence `print_stdout` is allowed here.
+
+#![allow(clippy::print_stdout)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -147,8 +150,7 @@ fn parent() -> Result<(), String> {
                     "round {round}: acknowledged {max_acked} but log head is {head}"
                 ));
             }
-            let mut expected = 1;
-            for ev in log.iter_from(Position(1)) {
+            for (expected, ev) in (1u64..).zip(log.iter_from(Position(1))) {
                 let ev = ev.map_err(|e| format!("round {round}: {e}"))?;
                 if ev.position.0 != expected {
                     return Err(format!(
@@ -156,7 +158,6 @@ fn parent() -> Result<(), String> {
                         ev.position
                     ));
                 }
-                expected += 1;
             }
             eprintln!(
                 "round {round}: {} acknowledged (max {max_acked}), log head {head}, checkpoint {}",
