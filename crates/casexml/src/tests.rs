@@ -1001,6 +1001,38 @@ fn conformance_forms_parse() {
     assert!(seen >= 77, "only {seen} conformance forms found");
 }
 
+/// The forms here are a copy; the workspace's `tests/data/conformance` (itself kept in sync with
+/// the shared suite) is the reference. Every form here must be byte-identical to its original.
+#[test]
+fn conformance_copy_matches_the_workspace_suite() {
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/conformance");
+    if !reference.is_dir() {
+        eprintln!("SKIP: {} not present", reference.display());
+        return;
+    }
+    let root = data_dir("conformance");
+    let mut compared = 0;
+    for dir in std::fs::read_dir(&root).unwrap() {
+        let dir = dir.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&dir).unwrap() {
+            let file = file.unwrap().path();
+            let rel = file.strip_prefix(&root).unwrap();
+            let original = std::fs::read(reference.join(rel))
+                .unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+            assert!(
+                std::fs::read(&file).unwrap() == original,
+                "{} differs",
+                rel.display()
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 77, "{compared}");
+}
+
 // ---- R50: not a readable form ----------------------------------------------------------------
 
 #[test]
