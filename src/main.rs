@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use caseledger::domain::{AppId, CaseId, Command, FormId, GroupId, Position, Timestamp, UserId};
+use caseledger::domain::{
+    AppId, AttachmentFile, CaseId, Command, FormId, GroupId, Position, Timestamp, UserId,
+};
 use caseledger::{view, Engine, EngineConfig, EngineError, Request, SubmitOutcome, SubmitStatus};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -73,6 +75,10 @@ enum Cmd {
         /// Server received time (RFC 3339) instead of now.
         #[arg(long)]
         received_at: Option<String>,
+        /// A file sent with the form, as a phone's multipart upload would (repeatable; one FILE
+        /// only). Kept verbatim under its file name, which `<attachment src=…>` refers to (R31).
+        #[arg(long = "attachment")]
+        attachments: Vec<PathBuf>,
     },
     /// Cases.
     #[command(subcommand)]
@@ -342,7 +348,18 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             files,
             app,
             received_at,
-        } => submit(engine, cli, files, app.as_deref(), received_at.as_deref()).await,
+            attachments,
+        } => {
+            submit(
+                engine,
+                cli,
+                files,
+                attachments,
+                app.as_deref(),
+                received_at.as_deref(),
+            )
+            .await
+        }
         Cmd::Case(CaseCmd::Show { case_id }) => {
             match engine.projections().case(&CaseId::new(case_id.as_str()))? {
                 Some(case) => {
@@ -506,9 +523,22 @@ async fn submit(
     engine: &Engine,
     cli: &Cli,
     files: &[PathBuf],
+    attachments: &[PathBuf],
     app: Option<&str>,
     received_at: Option<&str>,
 ) -> Result<u8> {
+    if !attachments.is_empty() && files.len() != 1 {
+        anyhow::bail!("--attachment goes with exactly one form FILE");
+    }
+    let mut files_sent = Vec::with_capacity(attachments.len());
+    for a in attachments {
+        let name = a
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .with_context(|| format!("{} has no file name", a.display()))?;
+        let bytes = std::fs::read(a).with_context(|| format!("reading {}", a.display()))?;
+        files_sent.push(AttachmentFile { name, bytes });
+    }
     let received_at = received_at
         .map(|t| Timestamp::parse_rfc3339(t).context("--received-at"))
         .transpose()?;
@@ -526,7 +556,8 @@ async fn submit(
     let requests = bodies
         .into_iter()
         .map(|raw| {
-            let sub = engine.prepare_submission(raw, app.clone());
+            let sub =
+                engine.prepare_submission_with(raw, app.clone(), std::mem::take(&mut files_sent));
             let mut r = Request::new(Command::SubmitForm(Box::new(sub)));
             r.received_at = received_at;
             r

@@ -137,6 +137,15 @@ pub fn log_entry(ev: &RecordedEvent) -> LogEntry {
             e.form.raw.len()
         ),
         Event::FormArchivedV1(e) => format!("form {} archived", e.form_id),
+        Event::FormAttachmentsV1(e) => format!(
+            "form {} attachments: {}",
+            e.form_id,
+            e.files
+                .iter()
+                .map(|f| format!("{} ({} bytes)", f.name, f.bytes.len()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Event::FormUnarchivedV1(e) => format!("form {} unarchived", e.form_id),
         Event::DiagnosticRaisedV1(e) => format!(
             "{} {}: {}",

@@ -272,3 +272,79 @@ fn demo_runs_the_seed_stories() {
     assert!(text.contains("u-ana      sees (nothing)"), "{text}");
     assert!(text.contains("closed=true"), "{text}");
 }
+
+#[test]
+fn r31_attachment_bytes_sent_with_a_form_are_kept_in_the_log() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    let photo = data.join("1741330001001.jpg");
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    std::fs::write(&photo, &bytes).expect("write photo");
+    let form = support::conformance_dir().join("29-attachments/01-register-photo.xml");
+    let out = run(
+        data,
+        &[
+            "submit",
+            form.to_str().unwrap_or_default(),
+            "--app",
+            "app-anc",
+            "--attachment",
+            photo.to_str().unwrap_or_default(),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let case = ok(
+        data,
+        &["case", "show", "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10"],
+    );
+    assert_eq!(
+        case["attachments"]["mother_photo"]["src"], "1741330001001.jpg",
+        "R31 metadata"
+    );
+    let log = ok(data, &["log", "--limit", "1000"]);
+    let entry = log
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["type"] == "FormAttachments"))
+        .expect("a FormAttachments event");
+    assert!(
+        entry["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("1741330001001.jpg (70000 bytes)")),
+        "{entry}"
+    );
+
+    // The bytes themselves, read back through the library.
+    let engine = caseledger::Engine::open(data, &"demo".into(), Default::default()).expect("open");
+    let position = entry["position"].as_u64().expect("position");
+    let ev = engine
+        .log()
+        .iter_from(caseledger::domain::Position(position))
+        .next()
+        .expect("event")
+        .expect("decodes");
+    match ev.event {
+        caseledger::domain::Event::FormAttachmentsV1(a) => assert_eq!(a.files[0].bytes, bytes),
+        other => panic!("expected FormAttachments, got {other:?}"),
+    }
+    let two = run(
+        data,
+        &[
+            "submit",
+            form.to_str().unwrap_or_default(),
+            form.to_str().unwrap_or_default(),
+            "--attachment",
+            photo.to_str().unwrap_or_default(),
+        ],
+    );
+    assert_eq!(
+        two.status.code(),
+        Some(1),
+        "attachments go with exactly one form"
+    );
+}

@@ -1,6 +1,6 @@
 //! Commands: what a caller asks for. Deciding one yields events or a [`CommandError`].
 
-use crate::{AppId, FormId, GroupId, ParsedForm, UserId};
+use crate::{AppId, AttachmentFile, FormId, GroupId, ParsedForm, UserId};
 
 /// A form submission as handed to `decide`: the verbatim bytes, the parse result and the app.
 #[derive(Debug, Clone)]
@@ -13,6 +13,8 @@ pub struct Submission {
     pub parsed: Result<ParsedForm, String>,
     /// The app it was submitted through (R6).
     pub app: Option<AppId>,
+    /// Files sent with the form (multipart), kept whatever the outcome.
+    pub attachments: Vec<AttachmentFile>,
 }
 
 /// Everything caseledger can be asked to do to a project space.

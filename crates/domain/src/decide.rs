@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use crate::{
     apply_block, AppCaseSharingSetV1, AppCreatedV1, BlockApplied, Case, CaseId, Command,
     CommandError, Diagnostic, DiagnosticCode, DiagnosticRaisedV1, Directory, ErrorCode, Event,
-    FormAcceptedV1, FormArchiveV1, FormDuplicateV1, FormEditedV1, FormId, FormRecord,
-    FormRejectedV1, GroupCaseSharingSetV1, GroupCreatedV1, MembershipV1, ParsedForm, Position,
-    Rejection, Submission, Timestamp, UserCreatedV1, MAX_VALUE_LEN,
+    FormAcceptedV1, FormArchiveV1, FormAttachmentsV1, FormDuplicateV1, FormEditedV1, FormId,
+    FormRecord, FormRejectedV1, GroupCaseSharingSetV1, GroupCreatedV1, MembershipV1, ParsedForm,
+    Position, Rejection, Submission, Timestamp, UserCreatedV1, MAX_VALUE_LEN,
 };
 
 /// What `decide` knows about a form id that was seen before.
@@ -140,7 +140,22 @@ pub fn decide(
             });
             Ok(with_directory_diagnostics(dir, event))
         }
-        Command::SubmitForm(sub) => decide_submission(state, sub, received_at),
+        Command::SubmitForm(sub) => {
+            let mut events = decide_submission(state, sub, received_at)?;
+            if !sub.attachments.is_empty() {
+                // I7: the files are kept whatever the outcome, right after the form's event.
+                if let Some(form_id) = events.first().and_then(filed_under) {
+                    events.insert(
+                        1,
+                        Event::FormAttachmentsV1(FormAttachmentsV1 {
+                            form_id,
+                            files: sub.attachments.clone(),
+                        }),
+                    );
+                }
+            }
+            Ok(events)
+        }
         Command::ArchiveForm { form } | Command::UnarchiveForm { form } => {
             let archive = matches!(command, Command::ArchiveForm { .. });
             let status = state
@@ -165,6 +180,17 @@ pub fn decide(
                 Event::FormUnarchivedV1(e)
             }])
         }
+    }
+}
+
+/// The form id a submission's first event filed it under.
+fn filed_under(event: &Event) -> Option<FormId> {
+    match event {
+        Event::FormAcceptedV1(f) => Some(f.form.form_id.clone()),
+        Event::FormEditedV1(f) => Some(f.form.form_id.clone()),
+        Event::FormRejectedV1(f) => Some(f.form.form_id.clone()),
+        Event::FormDuplicateV1(f) => Some(f.form.form_id.clone()),
+        _ => None,
     }
 }
 

@@ -354,6 +354,36 @@ pub struct FormArchiveV1 {
     pub form_id: FormId,
 }
 
+/// A file sent with a submission (multipart part other than the form), kept verbatim.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentFile {
+    /// The part's file name, which a case block's `<attachment src=…>` refers to (R31).
+    pub name: String,
+    /// The bytes exactly as received.
+    #[serde(with = "serde_bytes_compat")]
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for AttachmentFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "AttachmentFile({:?}, {} bytes)",
+            self.name,
+            self.bytes.len()
+        )
+    }
+}
+
+/// `FormAttachments` v1: the files sent with a submission, whatever its outcome (I7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormAttachmentsV1 {
+    /// The form id the submission was filed under.
+    pub form_id: FormId,
+    /// The files.
+    pub files: Vec<AttachmentFile>,
+}
+
 /// `DiagnosticRaised` v1 (§9).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiagnosticRaisedV1 {
@@ -393,6 +423,8 @@ pub enum Event {
     FormArchivedV1(FormArchiveV1),
     /// An archived form counts again.
     FormUnarchivedV1(FormArchiveV1),
+    /// Files sent with a submission.
+    FormAttachmentsV1(FormAttachmentsV1),
 }
 
 impl Event {
@@ -413,6 +445,7 @@ impl Event {
             Event::FormEditedV1(_) => "FormEdited",
             Event::FormArchivedV1(_) => "FormArchived",
             Event::FormUnarchivedV1(_) => "FormUnarchived",
+            Event::FormAttachmentsV1(_) => "FormAttachments",
         }
     }
 
@@ -432,7 +465,8 @@ impl Event {
             | Event::DiagnosticRaisedV1(_)
             | Event::FormEditedV1(_)
             | Event::FormArchivedV1(_)
-            | Event::FormUnarchivedV1(_) => 1,
+            | Event::FormUnarchivedV1(_)
+            | Event::FormAttachmentsV1(_) => 1,
         }
     }
 }

@@ -178,6 +178,7 @@ fn submit_with(
             problems,
         }),
         app: Some(AppId::new(app)),
+        attachments: Vec::new(),
     }))
 }
 

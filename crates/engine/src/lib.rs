@@ -28,8 +28,8 @@ use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use domain::{
-    AppId, Command, CommandError, CommandId, DomainName, Event, FormId, Position, RecordedEvent,
-    Submission, Timestamp,
+    AppId, AttachmentFile, Command, CommandError, CommandId, DomainName, Event, FormId, Position,
+    RecordedEvent, Submission, Timestamp,
 };
 use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
 use projections::Projections;
@@ -213,6 +213,16 @@ impl Engine {
 
     /// Parses submission bytes into a [`Submission`] (no lock; pure CPU).
     pub fn prepare_submission(&self, raw: Vec<u8>, app: Option<AppId>) -> Submission {
+        self.prepare_submission_with(raw, app, Vec::new())
+    }
+
+    /// Like [`Engine::prepare_submission`], with files sent alongside the form (multipart).
+    pub fn prepare_submission_with(
+        &self,
+        raw: Vec<u8>,
+        app: Option<AppId>,
+        attachments: Vec<AttachmentFile>,
+    ) -> Submission {
         let content_hash = casexml::content_hash(&raw);
         let parsed = casexml::parse(&raw, &self.config.limits).map_err(|e| e.to_string());
         Submission {
@@ -220,6 +230,7 @@ impl Engine {
             content_hash,
             parsed,
             app,
+            attachments,
         }
     }
 
@@ -283,10 +294,7 @@ impl Engine {
     /// Executes a group of commands in order: decided one after the other (each sees the effects
     /// of the ones before), appended, projected in one batch, and acknowledged after one shared
     /// flush. Each command succeeds or fails on its own; a failed command appends nothing.
-    pub async fn execute_many(
-        &self,
-        requests: Vec<Request>,
-    ) -> Result<Outcomes, EngineError> {
+    pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
         let (results, last) = self.decide_and_write(requests)?;
         if let Some(last) = last {
             self.log.wait_durable(last).await?;

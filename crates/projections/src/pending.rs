@@ -193,7 +193,7 @@ impl Pending {
                 position: ev.position,
                 diagnostic: d.diagnostic.clone(),
             }),
-            Event::FormDuplicateV1(_) => {}
+            Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
             Event::FormEditedV1(f) => {
                 let id = &f.form.form_id;
                 let old = self.form_entry(id)?;
