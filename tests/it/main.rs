@@ -6,6 +6,7 @@
 mod cli;
 mod conformance;
 mod errors;
+mod fixtures;
 mod replay;
 mod restore;
 mod stories;
