@@ -164,6 +164,17 @@ pub enum XmlError {
         max: usize,
     },
 
+    /// More elements inside case blocks than `Limits::max_block_elements`.
+    ///
+    /// Handling: store as `InvalidXml`; no real form comes near the limit.
+    #[error("more than {max} elements inside case blocks (at byte {offset})")]
+    TooManyBlockElements {
+        /// Offset of the first element over the limit.
+        offset: u64,
+        /// The limit.
+        max: usize,
+    },
+
     /// One text value (an element's character data, or an attribute value) longer than
     /// `Limits::max_value_bytes`.
     ///

@@ -44,9 +44,8 @@ use sha2::{Digest, Sha256};
 pub struct Limits {
     /// Largest body accepted, checked before any parsing. Default 16 MiB (R50). Real forms are
     /// a few KB. The output of [`parse`] is proportional to the input, so this also bounds
-    /// memory; the worst case is a crafted form of millions of empty properties (`<n0:a/>`),
-    /// where each 7 input bytes become one `(String, String)` pair: about 270 MB peak for a
-    /// 15 MB body.
+    /// memory, together with `max_block_elements` (without it, a crafted form of millions of
+    /// empty properties, `<n0:a/>`, turned 15 MB into a 270 MB peak).
     pub max_bytes: usize,
     /// Deepest element nesting accepted, the root being depth 1. Default 128 (R50). Also bounds
     /// the walker's stack.
@@ -58,6 +57,10 @@ pub struct Limits {
     /// one attribute value. Default 1 MiB; larger → [`XmlError::ValueTooLarge`] ("value too
     /// large"). Binary data belongs in multipart attachments, not in the XML.
     pub max_value_bytes: usize,
+    /// Most elements accepted inside case blocks, over the whole form (properties, indices,
+    /// attachments and the action elements themselves). Default 100 000: a real form has tens.
+    /// Larger → [`XmlError::TooManyBlockElements`].
+    pub max_block_elements: usize,
 }
 
 impl Default for Limits {
@@ -67,6 +70,7 @@ impl Default for Limits {
             max_depth: 128,
             max_blocks: 10_000,
             max_value_bytes: 1024 * 1024,
+            max_block_elements: 100_000,
         }
     }
 }

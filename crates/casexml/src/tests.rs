@@ -1392,9 +1392,36 @@ fn r50_limits_max_value_bytes() {
 fn limits_defaults_match_the_spec() {
     let l = Limits::default();
     assert_eq!(
-        (l.max_bytes, l.max_depth, l.max_blocks, l.max_value_bytes),
-        (16 << 20, 128, 10_000, 1 << 20)
+        (
+            l.max_bytes,
+            l.max_depth,
+            l.max_blocks,
+            l.max_value_bytes,
+            l.max_block_elements
+        ),
+        (16 << 20, 128, 10_000, 1 << 20, 100_000)
     );
+}
+
+#[test]
+fn r50_millions_of_empty_properties_hit_the_block_element_limit() {
+    let mut xml = String::from(
+        "<data xmlns=\"http://openrosa.org/formdesigner/X\"><n0:case xmlns:n0=\"http://commcarehq.org/case/transaction/v2\" case_id=\"c\"><n0:update>",
+    );
+    for _ in 0..2_000_000 {
+        xml.push_str("<n0:a/>");
+    }
+    xml.push_str("</n0:update></n0:case></data>");
+    let started = std::time::Instant::now();
+    let err = parse(xml.as_bytes(), &Limits::default());
+    assert!(
+        matches!(
+            err,
+            Err(XmlError::TooManyBlockElements { max: 100_000, .. })
+        ),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
 #[test]
@@ -1636,7 +1663,16 @@ fn hostile_generated_many_properties() {
         .map(|i| format!("<n0:p{i}>v</n0:p{i}>"))
         .collect();
     let xml = form(&block("c-1", &format!("<n0:update>{props}</n0:update>")));
-    let f = timed("200k properties", xml.as_bytes(), &Limits::default()).unwrap();
+    assert!(matches!(
+        timed("200k properties", xml.as_bytes(), &Limits::default()),
+        Err(XmlError::TooManyBlockElements { max: 100_000, .. })
+    ));
+    // The limit is a setting: raised, the same form parses, in linear time.
+    let roomy = Limits {
+        max_block_elements: 300_000,
+        ..Limits::default()
+    };
+    let f = timed("200k properties, raised limit", xml.as_bytes(), &roomy).unwrap();
     assert_eq!(f.blocks[0].actions.update.len(), 200_000);
 }
 

@@ -152,6 +152,7 @@ struct Walker<'i, 'l> {
     block: Option<BlockBuilder>,
     blocks: Vec<CaseBlock>,
     blocks_seen: usize,
+    block_elements: usize,
     problems: Problems,
     /// Text of the `Collect` or `Field` leaf being read.
     text: String,
@@ -196,6 +197,7 @@ pub(crate) fn parse(raw: &[u8], limits: &Limits) -> Result<ParsedForm, XmlError>
         block: None,
         blocks: Vec::new(),
         blocks_seen: 0,
+        block_elements: 0,
         problems: Problems::default(),
         text: String::new(),
         run_len: 0,
@@ -401,6 +403,16 @@ impl<'i> Walker<'i, '_> {
             });
         }
 
+        if self.block.is_some() {
+            // Bounds memory: every element in a block may become a stored value.
+            self.block_elements += 1;
+            if self.block_elements > self.limits.max_block_elements {
+                return Err(XmlError::TooManyBlockElements {
+                    offset,
+                    max: self.limits.max_block_elements,
+                });
+            }
+        }
         let bindings_len = self.scope.len();
         let keep = self.keep(local);
         let attrs = tag::read_attributes(
