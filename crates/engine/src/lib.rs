@@ -83,6 +83,11 @@ impl Request {
     }
 }
 
+/// How long `Engine::open` waits for sled's file lock to be released by a store dropped in the
+/// same process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// One result per request of a group, in request order.
 pub type Outcomes = Vec<Result<Outcome, EngineError>>;
 
@@ -125,10 +130,27 @@ impl Engine {
         domain: &DomainName,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(dir)
-            .cache_capacity(config.cache_capacity)
-            .open()?;
+            .cache_capacity(config.cache_capacity);
+        // sled 0.34 writes IO buffers on its own thread pool, and those tasks keep the database
+        // file (and its exclusive lock) for a moment after the last `Db` handle is dropped
+        // (pagecache/iobuf.rs, `maybe_seal_and_write_iobuf`). Reopening in the same process
+        // right after a drop therefore waits briefly for the lock instead of failing; a lock held
+        // by another live process still fails after the wait.
+        let mut waited = std::time::Duration::ZERO;
+        let db = loop {
+            match sled_config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && waited < LOCK_WAIT =>
+                {
+                    std::thread::sleep(LOCK_POLL);
+                    waited += LOCK_POLL;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Self::with_db(db, domain, config)
     }
 
