@@ -20,10 +20,10 @@
 //! One file past 600 lines because footprint, token and writer serve one function; about a third
 //! is the XML writer and the unit tests, which would be the first to move out.
 
+use engine::now;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use domain::{Case, CaseId, Directory, Event, Position, Relationship, Timestamp, UserId};
 use engine::Engine;
@@ -542,14 +542,6 @@ fn case_element(x: &mut Xml, case: &Case) {
     }
     x.close("case");
     x.line();
-}
-
-fn now() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    Timestamp(ms)
 }
 
 /// `YYYY-MM-DD` in UTC, HQ's `date_to_xml_string`.

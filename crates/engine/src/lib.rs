@@ -115,7 +115,8 @@ struct Clock {
     last: Timestamp,
 }
 
-fn now() -> Timestamp {
+/// The server clock in milliseconds (received times, restore dates).
+pub fn now() -> Timestamp {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
