@@ -123,10 +123,10 @@ pub fn restore(engine: &Engine, user: &str, since: Option<&str>) -> Result<Resto
     let at = projections.checkpoint().min(engine.log().durable_head());
     let since = since.map(|t| parse_token(t, at)).transpose()?;
     let directory = projections.directory();
-    let username = directory
+    let (username, joined) = directory
         .users
         .get(&UserId::new(user))
-        .map(|u| u.username.clone())
+        .map(|u| (u.username.clone(), u.created_on))
         .ok_or_else(|| RestoreError::UnknownUser(user.to_owned()))?;
     let owner_ids: BTreeSet<String> = directory.owner_ids(user).into_iter().collect();
 
@@ -152,7 +152,7 @@ pub fn restore(engine: &Engine, user: &str, since: Option<&str>) -> Result<Resto
     x.leaf("restore_id", &[], &token);
     x.close("Sync");
     x.line();
-    registration(&mut x, user, &username);
+    registration(&mut x, user, &username, joined.unwrap_or_else(now));
     x.line();
     groups_fixture(&mut x, &directory, user);
     x.line();
@@ -421,14 +421,14 @@ impl<'p> Graph<'p> {
 }
 
 /// HQ `get_registration_element` (casexml/apps/phone/xml.py). HQ's `date` is the user's
-/// `date_joined` as a date; caseledger does not record when a user was created in the directory,
-/// so it is the restore's date. There is no password hash and no user data to send.
-fn registration(x: &mut Xml, user: &str, username: &str) {
+/// `date_joined` as a date: here, when the user was created. There is no password hash and no
+/// user data to send.
+fn registration(x: &mut Xml, user: &str, username: &str, joined: Timestamp) {
     x.open("Registration", &[("xmlns", REGISTRATION_XMLNS)]);
     x.leaf("username", &[], username);
     x.leaf("password", &[], "");
     x.leaf("uuid", &[], user);
-    x.leaf("date", &[], &date_only(now()));
+    x.leaf("date", &[], &date_only(joined));
     x.leaf("user_data", &[], "");
     x.close("Registration");
 }

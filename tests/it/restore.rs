@@ -700,3 +700,19 @@ fn r46_the_payload_escapes_markup_in_case_values() {
     assert!(xml.contains("<case_name>Akinyi \"Baby\" &lt;twin&gt; &amp; co</case_name>"));
     assert!(xml.contains("<village>Mathare 4A &amp; &lt;B&gt;</village>"));
 }
+
+#[test]
+fn r46_registration_date_is_when_the_user_was_created() {
+    let (_dir, engine) = support::engine();
+    let mut request = Request::new(Command::CreateUser {
+        id: UserId::new("u-new"),
+        username: "newbie".into(),
+    });
+    request.received_at =
+        Some(caseledger::domain::Timestamp::parse_rfc3339("2026-01-15T23:30:00Z").expect("time"));
+    support::rt()
+        .block_on(engine.execute(request))
+        .expect("create user");
+    let r = restore(&engine, "u-new", None).expect("restore");
+    assert!(r.xml.contains("<date>2026-01-15</date>"), "{}", r.xml);
+}

@@ -7,13 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AppId, Event, GroupId, UserId};
+use crate::{AppId, Event, GroupId, Timestamp, UserId};
 
 /// A mobile worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
     /// Login name.
     pub username: String,
+    /// When the user was created (server received time); restore sends it as `date_joined`.
+    pub created_on: Option<Timestamp>,
 }
 
 /// A group.
@@ -58,6 +60,7 @@ impl Directory {
                     e.user_id.clone(),
                     User {
                         username: e.username.clone(),
+                        created_on: None,
                     },
                 );
             }
@@ -102,6 +105,16 @@ impl Directory {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Folds a recorded event, keeping its received time where the directory records one.
+    pub fn apply_recorded(&mut self, recorded: &crate::RecordedEvent) {
+        self.apply(&recorded.event);
+        if let Event::UserCreatedV1(e) = &recorded.event {
+            if let Some(user) = self.users.get_mut(&e.user_id) {
+                user.created_on = Some(recorded.recorded_at);
+            }
         }
     }
 

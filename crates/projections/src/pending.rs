@@ -236,9 +236,9 @@ impl Pending {
                     }
                 }
             }
-            other => {
+            _ => {
                 // Directory events: copy on write, they are rare next to forms.
-                Arc::make_mut(&mut self.directory).apply(other);
+                Arc::make_mut(&mut self.directory).apply_recorded(ev);
                 self.directory_dirty = true;
             }
         }
