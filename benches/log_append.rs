@@ -16,8 +16,11 @@
 //! storage paths, not event construction.
 //!
 //! `cargo bench --bench log_append`; `CASELEDGER_BENCH_EVENTS=n` sets N (default 1 000 000);
-//! `CASELEDGER_BENCH_QUICK=1` (or `--quick`) runs N = 20 000 with B = 256 only. B = 1 runs on at
-//! most 5 000 events. The group-commit line is compared with bare sled batches of its average group.
+//! `CASELEDGER_BENCH_QUICK=1` (or `--quick`) runs N = 20 000 with B = 256 only;
+//! `CASELEDGER_BENCH_ONLY=batches|group` runs one half. B = 1 runs on at most 5 000 events, and
+//! contender 4 on at most 20 000 (one sled batch per command deadlocked sled 0.34.7 at scale).
+//! The group-commit line is compared with bare sled batches of its average group. A watchdog
+//! aborts the run if no event is built for 120 s.
 //! Note: sled's `Db::flush` uses `sync_file_range` on Linux, which is cheaper and weaker than the
 //! raw file's `sync_data` (docs/DURABILITY.md); the log/raw-file ratio is not like for like.
 
@@ -25,7 +28,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use domain::{
@@ -63,6 +66,8 @@ const REGISTER_FORM: &str = r#"<?xml version='1.0' ?><data xmlns:jrm="http://dev
 
 const BASE_TIME: i64 = 1_772_432_122_104;
 const TASKS: usize = 64;
+/// Most events for the one-batch-per-command contender (see `main`).
+const PER_COMMAND_MAX: u64 = 20_000;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -76,8 +81,14 @@ fn uuid_like(kind: u32, i: u64) -> String {
     )
 }
 
+/// Events built so far by any contender; the watchdog checks that it moves.
+static PROGRESS: AtomicU64 = AtomicU64::new(0);
+/// The contender running now, for the watchdog's message.
+static CURRENT: Mutex<&str> = Mutex::new("start");
+
 /// Event `i` of the workload (deterministic).
 fn event(i: u64) -> Event {
+    PROGRESS.fetch_add(1, Ordering::Relaxed);
     if i % 50 == 49 {
         let n = i / 50;
         return match n % 3 {
@@ -385,7 +396,14 @@ fn dir_size(path: &Path) -> u64 {
 }
 
 /// Runs one contender in a fresh directory, printing its line and the on-disk size.
-fn measure(out: &mut impl Write, f: impl FnOnce(&Path) -> BenchResult<Run>) -> BenchResult<Run> {
+fn measure(
+    out: &mut impl Write,
+    label: &'static str,
+    f: impl FnOnce(&Path) -> BenchResult<Run>,
+) -> BenchResult<Run> {
+    if let Ok(mut current) = CURRENT.lock() {
+        *current = label;
+    }
     let dir = tempfile::tempdir()?;
     let run = f(dir.path())?;
     run.print(out)?;
@@ -397,6 +415,30 @@ fn measure(out: &mut impl Write, f: impl FnOnce(&Path) -> BenchResult<Run>) -> B
     )?;
     out.flush()?;
     Ok(run)
+}
+
+/// Exits with a diagnostic when no event has been built for `STALL` (a sled 0.34.7 deadlock,
+/// spacejam/sled#1412, has hung this bench), instead of hanging the run forever.
+fn watchdog() {
+    const STALL: Duration = Duration::from_secs(120);
+    std::thread::spawn(|| {
+        let mut last = PROGRESS.load(Ordering::Relaxed);
+        loop {
+            std::thread::sleep(STALL);
+            let now = PROGRESS.load(Ordering::Relaxed);
+            if now == last {
+                let current = CURRENT.lock().map_or("?", |c| *c);
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "log_append: no progress for {} s in {current} after {now} events; \
+                     sled 0.34.7 deadlock (spacejam/sled#1412)? aborting",
+                    STALL.as_secs()
+                );
+                std::process::exit(2);
+            }
+            last = now;
+        }
+    });
 }
 
 fn machine() -> String {
@@ -427,6 +469,7 @@ fn main() -> BenchResult<()> {
         Err(_) => 1_000_000,
     };
     let batches: Vec<u64> = if quick { vec![256] } else { vec![256, 4096, 1] };
+    watchdog();
     let mut out = std::io::stdout().lock();
     let total_bytes = bytes_of(0, n)?;
     writeln!(out, "log_append: {}", machine())?;
@@ -437,7 +480,8 @@ fn main() -> BenchResult<()> {
         total_bytes as f64 / 1e6,
         total_bytes / n.max(1)
     )?;
-    for batch in batches {
+    let only = std::env::var("CASELEDGER_BENCH_ONLY").unwrap_or_default();
+    for batch in batches.into_iter().filter(|_| only != "group") {
         let n = if batch == 1 { n.min(5_000) } else { n };
         let bytes = if batch == 1 {
             bytes_of(0, n)?
@@ -445,17 +489,39 @@ fn main() -> BenchResult<()> {
             total_bytes
         };
         writeln!(out, "batch B = {batch} events per flush, N = {n}")?;
-        let raw = measure(&mut out, |dir| raw_file(dir, n, batch))?;
-        let bare_inserts = measure(&mut out, |dir| bare_sled(dir, n, batch))?;
-        let bare_batch = measure(&mut out, |dir| bare_sled_batch(dir, n, batch))?;
+        let raw = measure(&mut out, "raw file", |dir| raw_file(dir, n, batch))?;
+        let bare_inserts = measure(&mut out, "bare sled inserts", |dir| {
+            bare_sled(dir, n, batch)
+        })?;
+        let bare_batch = measure(&mut out, "bare sled batches", |dir| {
+            bare_sled_batch(dir, n, batch)
+        })?;
         // Compare against the faster way of using sled directly.
         let bare = if bare_batch.events_per_sec() > bare_inserts.events_per_sec() {
             bare_batch
         } else {
             bare_inserts
         };
-        let batched = measure(&mut out, |dir| sled_log_batched(dir, n, batch, bytes))?;
-        let per_command = measure(&mut out, |dir| sled_log_per_command(dir, n, batch, bytes))?;
+        let batched = measure(&mut out, "SledLog batched", |dir| {
+            sled_log_batched(dir, n, batch, bytes)
+        })?;
+        // One sled batch per command deadlocked sled 0.34.7 after ~36 000 commands in a 1M run
+        // (spacejam/sled#1412, docs/DURABILITY.md), so this contender stays small.
+        let n_cmd = n.min(PER_COMMAND_MAX);
+        if n_cmd < n {
+            writeln!(
+                out,
+                "  (next line capped at N = {n_cmd}: one sled batch per command can deadlock sled 0.34.7)"
+            )?;
+        }
+        let bytes_cmd = if n_cmd == n {
+            bytes
+        } else {
+            bytes_of(0, n_cmd)?
+        };
+        let per_command = measure(&mut out, "SledLog per command", |dir| {
+            sled_log_per_command(dir, n_cmd, batch, bytes_cmd)
+        })?;
         for run in [&batched, &per_command] {
             writeln!(
                 out,
@@ -467,11 +533,18 @@ fn main() -> BenchResult<()> {
             )?;
         }
     }
+    if only == "batches" {
+        return Ok(());
+    }
     writeln!(out, "group commit, N = {n}")?;
-    let group = measure(&mut out, |dir| sled_log_group_commit(dir, n, total_bytes))?;
+    let group = measure(&mut out, "SledLog group commit", |dir| {
+        sled_log_group_commit(dir, n, total_bytes)
+    })?;
     let per_flush = (group.events / group.flushes.max(1)).max(1);
     writeln!(out, "  {per_flush} events per flush on average")?;
-    let bare = measure(&mut out, |dir| bare_sled_batch(dir, n, per_flush))?;
+    let bare = measure(&mut out, "bare sled batches", |dir| {
+        bare_sled_batch(dir, n, per_flush)
+    })?;
     writeln!(
         out,
         "  ratio group commit / bare sled with the same events per flush {:.2}",
