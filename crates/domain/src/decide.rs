@@ -5,6 +5,9 @@
 //! (R12), a dry run of every block to find diagnostics (§9) and to check index targets after the
 //! whole form (R29). An accepted form is recorded with the blocks exactly as they will be applied,
 //! so projections never re-decide anything.
+//!
+//! One file past 600 lines because the submission path is one sequence whose order *is* the rule
+//! (R52's precedence): splitting it would hide that order across files.
 
 use std::collections::HashMap;
 
