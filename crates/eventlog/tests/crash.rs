@@ -1,5 +1,6 @@
-//! Crash test (I5): a child process appends durably and prints each acknowledged position; the
-//! parent SIGKILLs it mid-append, reopens the log and checks that nothing acknowledged is lost.
+//! Crash test (I5): a child process appends durably (through `append` and through `write` +
+//! `wait_durable`) and prints each acknowledged position; the parent SIGKILLs it mid-append,
+//! reopens the log and checks that nothing acknowledged is lost.
 //!
 //! `harness = false`: `main` is the parent unless `EVENTLOG_CRASH_CHILD_DIR` is set, in which case
 //! it is the child writing to that directory (the shape of sled's `test_crash_recovery.rs`).
@@ -92,16 +93,24 @@ fn child(dir: &Path) {
             tasks.push(tokio::spawn(async move {
                 for n in 0u64.. {
                     let events = (0..1 + n % 3).map(|i| form(writer, n * 3 + i)).collect();
-                    let outcome = log
-                        .append(AppendRequest {
-                            expected: Expected::Any,
-                            idempotency_key: Some(format!("{writer}-{n}-{}", std::process::id())),
-                            command_id: CommandId::new(format!("{writer}-{n}")),
-                            recorded_at: Timestamp(0),
-                            events,
-                        })
-                        .await
-                        .expect("child: append");
+                    let request = AppendRequest {
+                        expected: Expected::Any,
+                        idempotency_key: Some(format!("{writer}-{n}-{}", std::process::id())),
+                        command_id: CommandId::new(format!("{writer}-{n}")),
+                        recorded_at: Timestamp(0),
+                        events,
+                    };
+                    // Half the writers take the engine's path (sync write, then group-committed
+                    // wait), half the group-committed `append`.
+                    let outcome = if writer % 2 == 0 {
+                        let outcome = log.write(request).expect("child: write");
+                        log.wait_durable(outcome.last())
+                            .await
+                            .expect("child: wait_durable");
+                        outcome
+                    } else {
+                        log.append(request).await.expect("child: append")
+                    };
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "{}", outcome.last().0).expect("child: stdout");
                     out.flush().expect("child: stdout");
