@@ -23,6 +23,7 @@ mod outcome;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -87,6 +88,10 @@ impl Request {
 /// same process.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// A decided command waiting to be written: its slot among the group's results, the append,
+/// and its events with the positions the projections were folded with.
+type Decided = (usize, AppendRequest, Vec<RecordedEvent>);
 
 /// One result per request of a group, in request order.
 pub type Outcomes = Vec<Result<Outcome, EngineError>>;
@@ -332,9 +337,42 @@ impl Engine {
         let mut clock = self.lock();
         self.catch_up()?;
         let mut pending = self.projections.pending();
-        let mut results = Vec::with_capacity(requests.len());
+        let mut results: Vec<Option<Result<Outcome, EngineError>>> =
+            Vec::with_capacity(requests.len());
+        // Decided appends, written together below as one sled batch: sled 0.34.7 charges two IO
+        // buffer rolls per batch and can deadlock under a stream of small batches
+        // (spacejam/sled#1412), so a group costs one batch however many commands it holds.
+        let mut appends: Vec<Decided> = Vec::new();
+        let mut keys: HashMap<String, usize> = HashMap::new();
+        let mut head = self.log.written_head();
         let mut last = None;
         for request in requests {
+            let slot = results.len();
+            let key = request.command_id.0.clone();
+            // A retry (same command id) is answered with what the first attempt recorded.
+            if let Some((first, end)) = self.log.lookup_idempotency(&key)? {
+                let done: Result<Vec<_>, _> = self
+                    .log
+                    .iter_from(first)
+                    .take_while(|e| e.as_ref().map_or(true, |e| e.position <= end))
+                    .collect();
+                results.push(Some(Ok(Outcome { events: done? })));
+                // The first attempt may not be durable yet: wait for it too.
+                last_max(&mut last, Some(end));
+                continue;
+            }
+            if let Some(&earlier) = keys.get(&key) {
+                let again = match results.get(earlier) {
+                    Some(Some(Ok(o))) => o.events.clone(),
+                    _ => appends
+                        .iter()
+                        .find(|(s, _, _)| *s == earlier)
+                        .map(|(_, _, recorded)| recorded.clone())
+                        .unwrap_or_default(),
+                };
+                results.push(Some(Ok(Outcome { events: again })));
+                continue;
+            }
             let received_at = match request.received_at {
                 Some(t) => t,
                 None => {
@@ -347,7 +385,7 @@ impl Engine {
             let events = match domain::decide(&pending, &request.command, received_at) {
                 Ok(events) => events,
                 Err(e) => {
-                    results.push(Err(EngineError::Command(e)));
+                    results.push(Some(Err(EngineError::Command(e))));
                     continue;
                 }
             };
@@ -358,48 +396,103 @@ impl Engine {
                 ));
             }
             if events.is_empty() {
-                results.push(Ok(Outcome { events: Vec::new() }));
+                results.push(Some(Ok(Outcome { events: Vec::new() })));
                 continue;
             }
-            let head = self.log.written_head();
-            let appended = self.log.write(AppendRequest {
+            // Positions are assigned in order under the writer lock, so they are known now and
+            // the next command of the group can be decided against this one's effects.
+            let recorded: Vec<RecordedEvent> = events
+                .iter()
+                .cloned()
+                .zip(head.0 + 1..)
+                .map(|(event, p)| RecordedEvent {
+                    position: Position(p),
+                    recorded_at: received_at,
+                    command_id: request.command_id.clone(),
+                    event,
+                })
+                .collect();
+            // Rebuilding cases (R54, R57) reads the case's forms back from the log, this one
+            // included: write what is decided so far before folding such an event.
+            let rebuilds = events.iter().any(|e| {
+                matches!(
+                    e,
+                    Event::FormEditedV1(_) | Event::FormArchivedV1(_) | Event::FormUnarchivedV1(_)
+                )
+            });
+            let append = AppendRequest {
                 expected: Expected::Head(head),
-                idempotency_key: Some(request.command_id.0.clone()),
+                idempotency_key: Some(key.clone()),
                 command_id: request.command_id.clone(),
                 recorded_at: received_at,
-                events: events.clone(),
-            })?;
-            let recorded: Vec<RecordedEvent> = match appended {
-                AppendOutcome::Appended { first, .. } => events
-                    .into_iter()
-                    .zip(first.0..)
-                    .map(|(event, p)| RecordedEvent {
-                        position: Position(p),
-                        recorded_at: received_at,
-                        command_id: request.command_id.clone(),
-                        event,
-                    })
-                    .collect(),
-                AppendOutcome::AlreadyAppended { first, last: end } => {
-                    // A retry: answer with what the first attempt recorded.
-                    let done: Result<Vec<_>, _> = self
-                        .log
-                        .iter_from(first)
-                        .take_while(|e| e.as_ref().map_or(true, |e| e.position <= end))
-                        .collect();
-                    results.push(Ok(Outcome { events: done? }));
-                    last_max(&mut last, last_of(&results));
-                    continue;
+                events,
+            };
+            head = recorded.last().map_or(head, |e| e.position);
+            keys.insert(key, slot);
+            results.push(None);
+            if rebuilds {
+                appends.push((slot, append, Vec::new()));
+                self.write_appends(&mut appends, &mut results, &mut last)?;
+                if let Some(Some(Ok(o))) = results.get_mut(slot) {
+                    o.events.clone_from(&recorded);
+                }
+                for ev in &recorded {
+                    pending.apply(ev)?;
+                }
+            } else {
+                for ev in &recorded {
+                    pending.apply(ev)?;
+                }
+                appends.push((slot, append, recorded));
+            }
+        }
+        self.write_appends(&mut appends, &mut results, &mut last)?;
+        pending.commit()?;
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::Internal("no outcome".into()))))
+            .collect();
+        Ok((results, last))
+    }
+
+    /// Writes decided appends as one sled batch and files each outcome in its request's slot.
+    /// `recorded` may be empty for an append whose events the caller files itself.
+    fn write_appends(
+        &self,
+        appends: &mut Vec<Decided>,
+        results: &mut [Option<Result<Outcome, EngineError>>],
+        last: &mut Option<Position>,
+    ) -> Result<(), EngineError> {
+        if appends.is_empty() {
+            return Ok(());
+        }
+        let outcomes = self
+            .log
+            .write_group(appends.iter().map(|(_, a, _)| a.clone()))?;
+        for ((slot, append, recorded), outcome) in appends.drain(..).zip(outcomes) {
+            let (first, end) = match outcome? {
+                AppendOutcome::Appended { first, last } => (first, last),
+                other => {
+                    // The projections were folded with other positions: leave them
+                    // uncommitted; the next command catches them up from the log.
+                    return Err(EngineError::Internal(format!(
+                        "log answered {other:?} for a new command"
+                    )));
                 }
             };
-            for ev in &recorded {
-                pending.apply(ev)?;
+            if recorded.first().is_some_and(|e| e.position != first) {
+                return Err(EngineError::Internal(format!(
+                    "log wrote from {first}, projections folded from {:?}",
+                    recorded.first().map(|e| e.position)
+                )));
             }
-            last_max(&mut last, recorded.last().map(|e| e.position));
-            results.push(Ok(Outcome { events: recorded }));
+            debug_assert_eq!(append.events.len() as u64, end.0 + 1 - first.0);
+            last_max(last, Some(end));
+            if let Some(r) = results.get_mut(slot) {
+                *r = Some(Ok(Outcome { events: recorded }));
+            }
         }
-        pending.commit()?;
-        Ok((results, last))
+        Ok(())
     }
 
     /// Rebuilds every projection from position 1 into a fresh generation and swaps it in. Queries
@@ -443,13 +536,6 @@ impl Engine {
     pub fn flush(&self) -> Result<(), EngineError> {
         self.db.flush()?;
         Ok(())
-    }
-}
-
-fn last_of(results: &[Result<Outcome, EngineError>]) -> Option<Position> {
-    match results.last() {
-        Some(Ok(o)) => o.events.last().map(|e| e.position),
-        _ => None,
     }
 }
 

@@ -54,3 +54,80 @@ fn reopening_right_after_a_drop_waits_for_sleds_background_writes() {
         assert_eq!(engine.log().written_head(), Position(round + 1));
     }
 }
+
+#[test]
+fn a_retried_command_id_is_answered_with_the_first_attempts_events() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let engine = Engine::open(dir.path(), &"d".into(), EngineConfig::default()).expect("open");
+    let request = Request::new(Command::CreateUser {
+        id: "u1".into(),
+        username: "u1".into(),
+    });
+    let first = rt.block_on(engine.execute(request.clone())).expect("first");
+    // Same id again, alone and twice inside one group: no new event, same positions.
+    let again = rt.block_on(engine.execute(request.clone())).expect("retry");
+    assert_eq!(again.events, first.events);
+    let group = rt
+        .block_on(engine.execute_many(vec![
+            Request::new(Command::CreateUser {
+                id: "u2".into(),
+                username: "u2".into(),
+            }),
+            request,
+        ]))
+        .expect("group");
+    assert_eq!(group.len(), 2);
+    assert!(matches!(&group[1], Ok(o) if o.events == first.events));
+    assert_eq!(engine.log().written_head(), Position(2));
+}
+
+#[test]
+fn commands_of_one_group_see_each_other_and_share_one_flush() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let engine = Engine::open(dir.path(), &"d".into(), EngineConfig::default()).expect("open");
+    let flushes = engine.log().flush_count();
+    let results = rt
+        .block_on(engine.execute_many(vec![
+            Request::new(Command::CreateUser {
+                id: "u1".into(),
+                username: "u1".into(),
+            }),
+            Request::new(Command::CreateGroup {
+                id: "g1".into(),
+                name: "g".into(),
+                case_sharing: true,
+            }),
+            // Sees the user and the group decided just before it, in the same group.
+            Request::new(Command::AddMember {
+                group: "g1".into(),
+                user: "u1".into(),
+            }),
+            // Refused on its own; the others still go through.
+            Request::new(Command::AddMember {
+                group: "g-nope".into(),
+                user: "u1".into(),
+            }),
+        ]))
+        .expect("group");
+    assert!(results[..3].iter().all(Result::is_ok));
+    assert!(matches!(
+        results[3],
+        Err(EngineError::Command(CommandError::UnknownGroup(_)))
+    ));
+    assert_eq!(engine.log().written_head(), Position(3));
+    assert_eq!(engine.log().durable_head(), Position(3));
+    assert_eq!(
+        engine.log().flush_count(),
+        flushes + 1,
+        "one flush for the group"
+    );
+    assert_eq!(engine.projections().groups(Some("u1")).len(), 1);
+}

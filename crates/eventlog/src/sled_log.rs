@@ -334,6 +334,15 @@ impl SledLog {
         self.inner.poisoned.load(Ordering::Acquire)
     }
 
+    /// The positions an idempotency key was appended at, if it was (written, maybe not durable).
+    /// Lets a caller that decides before it writes answer a retry without deciding again.
+    pub fn lookup_idempotency(&self, key: &str) -> Result<Option<(Position, Position)>, LogError> {
+        match self.inner.tree.get(idempotency_key(key))? {
+            Some(value) => decode_idempotency(&value).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The last position applied to sled (visible to `iter_from`, maybe not durable).
     pub fn written_head(&self) -> Position {
         Position(self.inner.written.load(Ordering::Acquire))
