@@ -49,6 +49,9 @@ pub struct EngineConfig {
     pub replay_chunk: usize,
     /// sled page cache size in bytes.
     pub cache_capacity: u64,
+    /// End every group commit with `fdatasync` of sled's data file, so acknowledgements survive
+    /// power loss, not only a process crash (`docs/DURABILITY.md`). On by default.
+    pub fsync: bool,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +61,7 @@ impl Default for EngineConfig {
             log: LogConfig::default(),
             replay_chunk: 8192,
             cache_capacity: 64 * 1024 * 1024,
+            fsync: true,
         }
     }
 }
@@ -157,7 +161,12 @@ impl Engine {
                 Err(e) => return Err(e.into()),
             }
         };
-        Self::with_db(db, domain, config)
+        let fsync = config.fsync;
+        let engine = Self::with_db(db, domain, config)?;
+        if fsync {
+            engine.log.sync_data_file(dir)?;
+        }
+        Ok(engine)
     }
 
     /// Builds an engine over an open sled database (shared by several project spaces).

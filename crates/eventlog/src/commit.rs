@@ -237,7 +237,17 @@ impl SledLog {
     /// `Db::flush`, then the durable head moves to `target` (read before the flush started).
     fn flush_to(&self, target: Position) -> Result<(), sled::Error> {
         let inner = &*self.inner;
-        match inner.db.flush() {
+        let flushed = inner.db.flush().and_then(|bytes| {
+            // The real sync that sled's flush does not do on Linux (sled#1452).
+            let file = inner.data_file.lock().map_err(|_| {
+                sled::Error::Io(std::io::Error::other("data file handle lock poisoned"))
+            })?;
+            if let Some(file) = file.as_ref() {
+                file.sync_data().map_err(sled::Error::Io)?;
+            }
+            Ok(bytes)
+        });
+        match flushed {
             Ok(bytes) => {
                 inner.flushes.fetch_add(1, Ordering::Relaxed);
                 inner.durable.fetch_max(target.0, Ordering::AcqRel);
