@@ -3,13 +3,12 @@
 //!
 //! | prefix | key rest | value |
 //! | --- | --- | --- |
-//! | `c` | case id | bincode [`domain::Case`] |
+//! | `c` | case id | bincode [`domain::Case`], then its history: positions BE (`codec`) |
 //! | `o` | u32 BE owner length, owner id, case id | one byte: 1 = closed |
 //! | `f` | form id | bincode `FormEntry` |
-//! | `h` | u32 BE case id length, case id, position BE | empty (case history) |
 //! | `d` | position BE, u32 BE index | bincode diagnostic row |
 //! | `r` | u32 BE target length, target case id, case id | 1 = extension, 0 = child |
-//! | `x` | case id | empty (tombstone of a deleted case) |
+//! | `x` | case id | history of a deleted case: positions BE (its tombstone) |
 //! | `D` | — | bincode [`domain::Directory`] |
 //! | `K` | — | checkpoint position BE |
 //!
@@ -18,7 +17,6 @@
 pub const CASE: u8 = b'c';
 pub const OWNER: u8 = b'o';
 pub const FORM: u8 = b'f';
-pub const HISTORY: u8 = b'h';
 pub const DIAGNOSTIC: u8 = b'd';
 pub const REVERSE: u8 = b'r';
 pub const TOMBSTONE: u8 = b'x';
@@ -54,16 +52,6 @@ pub fn form(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + id.len());
     k.push(FORM);
     k.extend_from_slice(id.as_bytes());
-    k
-}
-
-pub fn history_prefix(case: &str) -> Vec<u8> {
-    len_prefixed(HISTORY, case)
-}
-
-pub fn history(case: &str, position: u64) -> Vec<u8> {
-    let mut k = history_prefix(case);
-    k.extend_from_slice(&position.to_be_bytes());
     k
 }
 

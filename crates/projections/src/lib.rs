@@ -138,21 +138,30 @@ impl Generation {
     fn load_case(&self, id: &CaseId) -> Result<Option<Case>, ProjectionError> {
         let key = keys::case(id.as_str());
         match self.tree.get(&key)? {
-            Some(bytes) => codec::decode(&key, &bytes).map(Some),
+            Some(bytes) => codec::decode_case(&key, &bytes).map(Some),
             None => Ok(None),
         }
     }
 
-    fn history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
-        let prefix = keys::history_prefix(id.as_str());
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix(&prefix) {
-            let (key, _) = item?;
-            if let Some(p) = keys::trailing_u64(&key) {
-                out.push(Position(p));
-            }
+    /// The case (if not deleted) and its history, which a deleted case keeps in its tombstone.
+    fn load_case_with_history(
+        &self,
+        id: &CaseId,
+    ) -> Result<(Option<Case>, Vec<Position>), ProjectionError> {
+        let key = keys::case(id.as_str());
+        if let Some(bytes) = self.tree.get(&key)? {
+            let (case, history) = codec::decode_case_with_history(&key, &bytes)?;
+            return Ok((Some(case), history));
         }
-        Ok(out)
+        let key = keys::tombstone(id.as_str());
+        match self.tree.get(&key)? {
+            Some(bytes) => Ok((None, codec::decode_history(&key, &bytes)?)),
+            None => Ok((None, Vec::new())),
+        }
+    }
+
+    fn history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
+        self.load_case_with_history(id).map(|(_, history)| history)
     }
 
     fn is_deleted(&self, id: &CaseId) -> Result<bool, ProjectionError> {

@@ -6,7 +6,7 @@
 //! written.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use domain::{
@@ -16,26 +16,37 @@ use domain::{
 
 use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, ProjectionError};
 
+/// A case's index entries: its owner entry and its reverse-index entries.
 struct Stored {
     owner: String,
-    targets: Vec<String>,
+    closed: bool,
+    /// Target case id → extension; the last index naming a target wins, as in `commit`.
+    targets: BTreeMap<String, bool>,
 }
 
 fn stored_of(case: &Case) -> Stored {
     Stored {
         owner: case.owner_id.clone(),
+        closed: case.closed,
         targets: case
             .indices
             .values()
-            .map(|ix| ix.case_id.0.clone())
+            .map(|ix| {
+                (
+                    ix.case_id.0.clone(),
+                    ix.relationship == Relationship::Extension,
+                )
+            })
             .collect(),
     }
 }
 
 struct CaseSlot {
-    /// What is stored before this batch, to move index entries: owner and index targets.
+    /// The index entries stored before this batch, to move or skip them on commit.
     stored: Option<Stored>,
     current: Option<Case>,
+    /// Positions of the events that touched the case, stored ones included, ascending.
+    history: Vec<Position>,
     dirty: bool,
 }
 
@@ -46,7 +57,6 @@ pub struct Pending {
     directory_dirty: bool,
     cases: HashMap<CaseId, CaseSlot>,
     forms: HashMap<FormId, FormEntry>,
-    history: Vec<(CaseId, Position)>,
     diagnostics: Vec<DiagnosticRow>,
     checkpoint: Position,
     error: RefCell<Option<ProjectionError>>,
@@ -63,7 +73,6 @@ impl Pending {
             directory_dirty: false,
             cases: HashMap::new(),
             forms: HashMap::new(),
-            history: Vec::new(),
             diagnostics: Vec::new(),
             checkpoint,
             error: RefCell::new(None),
@@ -88,9 +97,9 @@ impl Pending {
         self.checkpoint
     }
 
-    /// Number of cases held in memory (replay uses it to bound memory).
+    /// Number of cases and forms held in memory (replay uses it to bound memory).
     pub fn len(&self) -> usize {
-        self.cases.len() + self.forms.len() + self.history.len()
+        self.cases.len() + self.forms.len()
     }
 
     /// True when nothing was folded.
@@ -100,13 +109,14 @@ impl Pending {
 
     fn slot(&mut self, id: &CaseId) -> Result<&mut CaseSlot, ProjectionError> {
         if !self.cases.contains_key(id) {
-            let current = self.generation.load_case(id)?;
+            let (current, history) = self.generation.load_case_with_history(id)?;
             let stored = current.as_ref().map(stored_of);
             self.cases.insert(
                 id.clone(),
                 CaseSlot {
                     stored,
                     current,
+                    history,
                     dirty: false,
                 },
             );
@@ -145,11 +155,9 @@ impl Pending {
                     slot.current = Some(case);
                     slot.dirty = true;
                     if !cases.contains(&block.case_id) {
+                        slot.history.push(ev.position);
                         cases.push(block.case_id.clone());
                     }
-                }
-                for c in &cases {
-                    self.history.push((c.clone(), ev.position));
                 }
                 self.forms.insert(
                     form_id.clone(),
@@ -220,7 +228,7 @@ impl Pending {
                     },
                 );
                 for c in &affected {
-                    self.history.push((c.clone(), ev.position));
+                    self.slot(c)?.history.push(ev.position);
                     self.rebuild(c)?;
                 }
             }
@@ -231,7 +239,7 @@ impl Pending {
                     let affected = entry.case_ids.clone();
                     self.forms.insert(a.form_id.clone(), entry);
                     for c in &affected {
-                        self.history.push((c.clone(), ev.position));
+                        self.slot(c)?.history.push(ev.position);
                         self.rebuild(c)?;
                     }
                 }
@@ -267,13 +275,7 @@ impl Pending {
     /// R58: rebuilds a case from its live forms — each non-archived form that touched it, in the
     /// received order of its first version, with the version in force. No live form: deleted.
     fn rebuild(&mut self, id: &CaseId) -> Result<(), ProjectionError> {
-        let mut positions = self.generation.history(id)?;
-        positions.extend(
-            self.history
-                .iter()
-                .filter(|(c, _)| c == id)
-                .map(|(_, p)| *p),
-        );
+        let mut positions = self.slot(id)?.history.clone();
         positions.sort_unstable();
         positions.dedup();
         let mut forms: Vec<FormId> = Vec::new();
@@ -325,43 +327,52 @@ impl Pending {
                 if new.as_ref().is_none_or(|n| n.owner != old.owner) {
                     batch.remove(keys::owner(&old.owner, id.as_str()));
                 }
-                for t in &old.targets {
-                    if new.as_ref().is_none_or(|n| !n.targets.contains(t)) {
+                for t in old.targets.keys() {
+                    if new.as_ref().is_none_or(|n| !n.targets.contains_key(t)) {
                         batch.remove(keys::reverse(t, id.as_str()));
                     }
                 }
             }
-            match &slot.current {
-                Some(case) => {
+            match (&slot.current, new) {
+                (Some(case), Some(new)) => {
                     if slot.stored.is_none() {
                         // Revived by an unarchive (R57), or new: no tombstone any more.
                         batch.remove(keys::tombstone(id.as_str()));
                     }
-                    batch.insert(keys::case(id.as_str()), codec::encode(case));
                     batch.insert(
-                        keys::owner(&case.owner_id, id.as_str()),
-                        vec![u8::from(case.closed)],
+                        keys::case(id.as_str()),
+                        codec::encode_case(case, &slot.history),
                     );
-                    for ix in case.indices.values() {
+                    // Most visits change neither owner, closed flag nor indices; rewriting their
+                    // entries anyway costs sled a tree descent each.
+                    let old = slot.stored.as_ref();
+                    if old.is_none_or(|o| o.owner != new.owner || o.closed != new.closed) {
                         batch.insert(
-                            keys::reverse(ix.case_id.as_str(), id.as_str()),
-                            vec![u8::from(ix.relationship == Relationship::Extension)],
+                            keys::owner(&new.owner, id.as_str()),
+                            vec![u8::from(new.closed)],
                         );
                     }
+                    for (target, extension) in &new.targets {
+                        if old.is_none_or(|o| o.targets.get(target) != Some(extension)) {
+                            batch.insert(
+                                keys::reverse(target, id.as_str()),
+                                vec![u8::from(*extension)],
+                            );
+                        }
+                    }
                 }
-                None => {
+                _ => {
                     // R54/R57: a case left with no live form is deleted; the tombstone makes a
-                    // later block naming it an IllegalCaseId (R50).
+                    // later block naming it an IllegalCaseId (R50) and keeps its history.
                     batch.remove(keys::case(id.as_str()));
-                    batch.insert(keys::tombstone(id.as_str()), Vec::<u8>::new());
+                    let mut history = Vec::with_capacity(8 * slot.history.len());
+                    codec::encode_history_into(&mut history, &slot.history);
+                    batch.insert(keys::tombstone(id.as_str()), history);
                 }
             }
         }
         for (id, form) in &self.forms {
             batch.insert(keys::form(id.as_str()), codec::encode(form));
-        }
-        for (case, pos) in &self.history {
-            batch.insert(keys::history(case.as_str(), pos.0), Vec::<u8>::new());
         }
         for row in &self.diagnostics {
             let n = diag_seq.entry(row.position).or_insert(0);
