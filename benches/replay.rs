@@ -1,1 +1,846 @@
-fn main(){}
+//! Replay throughput and memory of every projection against a raw read + decode + fold baseline
+//! measured in the same run, over the same log.
+//!
+//! 1. Generate: a directory (200 users, 40 case-sharing groups, one membership per user, 2 apps),
+//!    then `FormAccepted` commands carrying a real CommCare form (`demo::form` plus question
+//!    data, about 1.3 KB) with one or two `BlockApplied` over a pool of cases (N / 5, at most
+//!    200 000): creates owned by the submitter's group, updates, some closes, a
+//!    `DiagnosticRaised` when a closed case is updated, and a `FormRejected` plus its diagnostic
+//!    every 997th form. Ids are random-looking UUIDs, as CommCare's are. Each command is one
+//!    append with its idempotency key, as the engine writes it, handed to sled 64 at a time
+//!    through `SledLog::write_group`; `flush_blocking` every 4096 events. Not timed.
+//! 2. Replay (`Engine::replay`): every projection into a fresh generation, then the swap. Peak
+//!    RSS is the `VmHWM` of this phase alone (reset through `/proc/self/clear_refs` first), so
+//!    it includes what generation left resident (printed as "RSS before").
+//! 3. Raw baseline: `SledLog::iter_from` (read, crc, decode) folded into `HashMap`s with
+//!    `domain::apply_block` and `Directory::apply`; nothing written.
+//! 4. Check, untimed: case lists, open cases, diagnostics and users agree, and 2000 sampled
+//!    cases are equal whole, with one history entry per form, between replay and the raw fold.
+//!
+//! Replay runs before the baseline so that memory the baseline's maps leave with the allocator
+//! cannot count against replay's peak. Both read a log that was just written, so both read
+//! through the OS page cache. A phase that stops progressing ends the run (see `watchdog`).
+//!
+//! `cargo bench --bench replay`; `CASELEDGER_BENCH_EVENTS=n` sets N (default 1 000 000),
+//! `CASELEDGER_BENCH_REPLAY_CHUNK` and `CASELEDGER_BENCH_CACHE_MB` the engine knobs.
+//! Targets: replay/raw >= 0.25, replay peak RSS <= 256 MB.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use caseledger::demo::{form, Block};
+use caseledger::domain::{
+    apply_block, Actions, AppCreatedV1, AppId, BlockApplied, Case, CaseId, CommandId, Create,
+    Diagnostic, DiagnosticCode, DiagnosticRaisedV1, Directory, DomainName, ErrorCode, Event,
+    FormAcceptedV1, FormId, FormRecord, FormRejectedV1, GroupCreatedV1, GroupId, MembershipV1,
+    Position, RecordedEvent, Rejection, Timestamp, UserCreatedV1, UserId,
+};
+use caseledger::eventlog::{encode_envelope, AppendRequest, Expected, SledLog};
+use caseledger::{Engine, EngineConfig};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+const USERS: u64 = 200;
+const GROUPS: u64 = 40;
+const MAX_CASES: u64 = 200_000;
+const FLUSH_EVERY: u64 = 4096;
+/// Cases the check compares whole between the raw fold and replay.
+const SAMPLE: usize = 2000;
+/// Commands per `write_group` while generating.
+const GROUP: usize = 64;
+/// A phase that makes no progress for this long is reported as stalled and the run ends.
+const STALL: Duration = Duration::from_secs(180);
+const XMLNS: &str = "http://openrosa.org/formdesigner/DEMO-FORM";
+/// 2026-03-02T06:15:22.104Z.
+const BASE_TIME: i64 = 1_772_432_122_104;
+
+/// The engine knobs replay runs with unless `CASELEDGER_BENCH_REPLAY_CHUNK` (events) or
+/// `CASELEDGER_BENCH_CACHE_MB` say otherwise; the output reports what was used. sled keeps every
+/// node version an atomic batch replaces until the batch ends, so replay memory grows with the
+/// chunk: the engine's default of 8192 peaks near 340 MB at 200 000 events, 1024 near 225 MB at
+/// 1 000 000 (docs/PERFORMANCE.md). The cache is the engine's default.
+const REPLAY_CHUNK: usize = 1024;
+const CACHE_MB: u64 = 64;
+
+/// splitmix64: a deterministic workload without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(1);
+        mix(self.0)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The splitmix64 finaliser: a bijection on u64, so distinct `i` give distinct ids.
+fn mix(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A UUID-shaped id, random-looking like CommCare's v4 ids (so keys land all over the trees).
+fn uuid_like(kind: u32, i: u64) -> String {
+    let i = mix(i ^ u64::from(kind));
+    format!(
+        "{kind:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (i >> 48) & 0xffff,
+        (i >> 36) & 0xfff,
+        (i >> 24) & 0xfff,
+        i & 0xffff_ffff_ffff
+    )
+}
+
+fn case_id(k: u64) -> String {
+    uuid_like(0x3f9b_6a52, k)
+}
+
+fn user(u: u64) -> String {
+    format!("u-{u:03}")
+}
+
+fn group(u: u64) -> String {
+    format!("g-{:02}", u % GROUPS)
+}
+
+/// Question data outside the case blocks, about 450 bytes, as a real ANC visit form has.
+fn questions(i: u64) -> String {
+    format!(
+        "  <visit_type>anc</visit_type><visit_number>{}</visit_number>\n  \
+         <vitals><hb_level>11.{}</hb_level><bp_systolic>1{:02}</bp_systolic><bp_diastolic>{}</bp_diastolic><weight_kg>6{}.5</weight_kg></vitals>\n  \
+         <danger_signs>none</danger_signs><counselling><nutrition>yes</nutrition><birth_plan>yes</birth_plan><hiv_test>declined</hiv_test></counselling>\n  \
+         <next_visit>2026-04-{:02}</next_visit><gps>-1.3133 36.7892 1650.0 12.0</gps>\n  \
+         <chw_notes>Client reports feeling well; reminded about the clinic visit and iron tablets.</chw_notes>\n",
+        1 + i % 8,
+        i % 10,
+        i % 40,
+        70 + i % 20,
+        i % 10,
+        1 + i % 28
+    )
+}
+
+/// `demo::form` with question data after the root element.
+fn raw_form(i: u64, instance_id: &str, submitter: &str, blocks: &[Block<'_>]) -> Vec<u8> {
+    let mut raw = form(instance_id, submitter, blocks);
+    let at = raw.iter().position(|b| *b == b'\n').map_or(0, |p| p + 1);
+    raw.splice(at..at, questions(i).into_bytes());
+    raw
+}
+
+/// One generated block: what the XML says and what the recorded event says.
+struct Planned {
+    case: u64,
+    create: bool,
+    close: bool,
+    updates: Vec<(String, String)>,
+}
+
+fn updates(rng: &mut Rng, create: bool) -> Vec<(String, String)> {
+    let mut u = vec![
+        ("anc_visits".to_owned(), (1 + rng.below(8)).to_string()),
+        ("last_visit_hb".to_owned(), format!("11.{}", rng.below(10))),
+        ("danger_signs".to_owned(), "none".to_owned()),
+        (
+            "next_visit".to_owned(),
+            format!("2026-04-{:02}", 1 + rng.below(28)),
+        ),
+    ];
+    if create {
+        u.push(("edd".to_owned(), "2026-09-01".to_owned()));
+        u.push(("lmp".to_owned(), "2025-11-25".to_owned()));
+        u.push(("village".to_owned(), format!("Kibera {}", rng.below(12))));
+    }
+    u
+}
+
+/// Builds the events of form command `i` and advances the workload state.
+struct Workload {
+    rng: Rng,
+    cases: u64,
+    created: u64,
+    closed: Vec<bool>,
+}
+
+impl Workload {
+    fn new(n: u64) -> Self {
+        let cases = (n / 5).clamp(1, MAX_CASES);
+        Workload {
+            rng: Rng(0x5eed),
+            cases,
+            created: 0,
+            closed: vec![false; usize::try_from(cases).unwrap_or(0)],
+        }
+    }
+
+    fn is_closed(&self, k: u64) -> bool {
+        usize::try_from(k)
+            .ok()
+            .and_then(|k| self.closed.get(k))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    fn set_closed(&mut self, k: u64) {
+        if let Some(c) = usize::try_from(k).ok().and_then(|k| self.closed.get_mut(k)) {
+            *c = true;
+        }
+    }
+
+    /// Workers mostly visit open cases; a few tries, then whatever came up (R63 diagnostics).
+    fn pick_open(&mut self) -> u64 {
+        let mut k = self.rng.below(self.created);
+        for _ in 0..3 {
+            if !self.is_closed(k) {
+                break;
+            }
+            k = self.rng.below(self.created);
+        }
+        k
+    }
+
+    fn plan(&mut self, i: u64) -> Vec<Planned> {
+        let create = self.created == 0 || (i % 5 == 0 && self.created < self.cases);
+        let first = if create {
+            self.created += 1;
+            self.created - 1
+        } else {
+            self.pick_open()
+        };
+        let close = !create && self.rng.below(100) < 4;
+        let mut out = vec![Planned {
+            case: first,
+            create,
+            close,
+            updates: updates(&mut self.rng, create),
+        }];
+        if self.rng.below(100) < 30 && self.created > 1 {
+            let mut second = self.pick_open();
+            if second == first {
+                second = (second + 1) % self.created;
+            }
+            out.push(Planned {
+                case: second,
+                create: false,
+                close: false,
+                updates: updates(&mut self.rng, false),
+            });
+        }
+        out
+    }
+
+    fn form_events(&mut self, i: u64, recorded_at: Timestamp) -> Vec<Event> {
+        let instance_id = uuid_like(0x3d30_7d25, i);
+        let u = self.rng.below(USERS);
+        let (submitter, owner) = (user(u), group(u));
+        let phone = Timestamp(recorded_at.0 - 3_600_000);
+        let phone_text = phone.to_string();
+        if i % 997 == 996 {
+            // An unknown user: stored whole with its typed error, plus its diagnostic.
+            let raw = raw_form(i, &instance_id, "u-ghost", &[]);
+            let form_id = FormId::new(instance_id);
+            return vec![
+                Event::FormRejectedV1(FormRejectedV1 {
+                    form: FormRecord {
+                        form_id: form_id.clone(),
+                        xmlns: XMLNS.into(),
+                        app_id: Some(AppId::new("app-anc")),
+                        user_id: Some("u-ghost".into()),
+                        content_hash: caseledger::casexml::content_hash(&raw),
+                        raw,
+                    },
+                    error: Rejection {
+                        code: ErrorCode::UnknownUser,
+                        message: "meta/userID \"u-ghost\" is not a user of this project space"
+                            .into(),
+                    },
+                }),
+                Event::DiagnosticRaisedV1(DiagnosticRaisedV1 {
+                    diagnostic: Diagnostic {
+                        code: DiagnosticCode::RejectedSubmission,
+                        subject: form_id.0,
+                        detail: "UnknownUser: meta/userID \"u-ghost\" is not a user".into(),
+                    },
+                }),
+            ];
+        }
+        let planned = self.plan(i);
+        let ids: Vec<String> = planned.iter().map(|p| case_id(p.case)).collect();
+        let names: Vec<String> = planned
+            .iter()
+            .map(|p| format!("Client {}", p.case))
+            .collect();
+        let update_refs: Vec<Vec<(&str, &str)>> = planned
+            .iter()
+            .map(|p| {
+                p.updates
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect()
+            })
+            .collect();
+        let blocks: Vec<Block<'_>> = planned
+            .iter()
+            .zip(&ids)
+            .zip(&names)
+            .zip(&update_refs)
+            .map(|(((p, id), name), update)| Block {
+                case_id: id,
+                user: &submitter,
+                date: &phone_text,
+                create: p.create.then_some(("pregnancy", name.as_str(), None)),
+                update,
+                close: p.close,
+            })
+            .collect();
+        let raw = raw_form(i, &instance_id, &submitter, &blocks);
+        let mut diagnostics = Vec::new();
+        let applied = planned
+            .iter()
+            .zip(&ids)
+            .zip(&names)
+            .map(|((p, id), name)| {
+                if self.is_closed(p.case) {
+                    diagnostics.push(Event::DiagnosticRaisedV1(DiagnosticRaisedV1 {
+                        diagnostic: Diagnostic {
+                            code: DiagnosticCode::ClosedCaseUpdated,
+                            subject: id.clone(),
+                            detail: format!(
+                                "form {instance_id} changed the case after it was closed"
+                            ),
+                        },
+                    }));
+                }
+                BlockApplied {
+                    case_id: CaseId::new(id.as_str()),
+                    date: phone,
+                    user: submitter.clone(),
+                    actions: Actions {
+                        create: p.create.then(|| Create {
+                            case_type: "pregnancy".into(),
+                            case_name: name.clone(),
+                            owner_id: Some(owner.clone()),
+                            external_id: None,
+                            date_opened: None,
+                        }),
+                        update: p.updates.clone(),
+                        close: p.close,
+                        ..Actions::default()
+                    },
+                }
+            })
+            .collect();
+        for p in &planned {
+            if p.close {
+                self.set_closed(p.case);
+            }
+        }
+        let mut events = vec![Event::FormAcceptedV1(FormAcceptedV1 {
+            form: FormRecord {
+                form_id: FormId::new(instance_id),
+                xmlns: XMLNS.into(),
+                app_id: Some(AppId::new(if u % 4 == 0 {
+                    "app-clinic"
+                } else {
+                    "app-anc"
+                })),
+                user_id: Some(submitter.clone()),
+                content_hash: caseledger::casexml::content_hash(&raw),
+                raw,
+            },
+            blocks: applied,
+        })];
+        events.extend(diagnostics);
+        events
+    }
+}
+
+fn directory_events() -> Vec<Event> {
+    let mut out = Vec::new();
+    for u in 0..USERS {
+        out.push(Event::UserCreatedV1(UserCreatedV1 {
+            user_id: UserId::new(user(u)),
+            username: format!("worker{u}"),
+        }));
+    }
+    for g in 0..GROUPS {
+        out.push(Event::GroupCreatedV1(GroupCreatedV1 {
+            group_id: GroupId::new(group(g)),
+            name: format!("CHW team {g}"),
+            case_sharing: true,
+        }));
+    }
+    for u in 0..USERS {
+        out.push(Event::MemberAddedV1(MembershipV1 {
+            group_id: GroupId::new(group(u)),
+            user_id: UserId::new(user(u)),
+        }));
+    }
+    for (id, types) in [
+        (
+            "app-anc",
+            vec!["pregnancy".to_owned(), "referral".to_owned()],
+        ),
+        ("app-clinic", vec!["pregnancy".to_owned()]),
+    ] {
+        out.push(Event::AppCreatedV1(AppCreatedV1 {
+            app_id: AppId::new(id),
+            name: id.into(),
+            case_sharing: true,
+            case_types: types,
+        }));
+    }
+    out
+}
+
+/// What generation wrote.
+struct Generated {
+    events: u64,
+    forms: u64,
+    envelope_bytes: u64,
+    raw_form_bytes: u64,
+    cases: u64,
+    seconds: f64,
+}
+
+/// Appends commands the way the engine does, one append per command with its idempotency key,
+/// handing them to sled `GROUP` at a time through `write_group` (one sled batch per group).
+struct Writer<'l> {
+    log: &'l SledLog,
+    command: u64,
+    events: u64,
+    envelope_bytes: u64,
+    since_flush: u64,
+    staged: Vec<AppendRequest>,
+    progress: &'l AtomicU64,
+}
+
+impl Writer<'_> {
+    fn write(&mut self, recorded_at: Timestamp, batch: Vec<Event>) -> BenchResult<()> {
+        let command_id = CommandId::new(uuid_like(0xc0de_0000, self.command));
+        for (k, event) in (1u64..).zip(&batch) {
+            self.envelope_bytes += encode_envelope(&RecordedEvent {
+                position: Position(self.events + k),
+                recorded_at,
+                command_id: command_id.clone(),
+                event: event.clone(),
+            })?
+            .len() as u64;
+        }
+        self.command += 1;
+        self.events += batch.len() as u64;
+        self.since_flush += batch.len() as u64;
+        self.staged.push(AppendRequest {
+            expected: Expected::Any,
+            idempotency_key: Some(command_id.0.clone()),
+            command_id,
+            recorded_at,
+            events: batch,
+        });
+        if self.staged.len() >= GROUP {
+            self.drain()?;
+        }
+        if self.since_flush >= FLUSH_EVERY {
+            self.drain()?;
+            self.log.flush_blocking()?;
+            self.since_flush = 0;
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> BenchResult<()> {
+        for outcome in self.log.write_group(self.staged.drain(..))? {
+            outcome?;
+        }
+        self.progress.store(self.events, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Writes about `n` events (a command is never split, so a few more at most).
+fn generate(log: &SledLog, n: u64, progress: &AtomicU64) -> BenchResult<Generated> {
+    let started = Instant::now();
+    let mut workload = Workload::new(n);
+    let mut w = Writer {
+        log,
+        command: 0,
+        events: 0,
+        envelope_bytes: 0,
+        since_flush: 0,
+        staged: Vec::with_capacity(GROUP),
+        progress,
+    };
+    let (mut forms, mut raw_form_bytes) = (0u64, 0u64);
+    for event in directory_events() {
+        w.write(Timestamp(BASE_TIME), vec![event])?;
+    }
+    let mut i = 0u64;
+    while w.events < n {
+        let recorded_at = Timestamp(BASE_TIME + 1000 * i64::try_from(i)?);
+        let batch = workload.form_events(i, recorded_at);
+        for e in &batch {
+            if let Event::FormAcceptedV1(FormAcceptedV1 { form, .. })
+            | Event::FormRejectedV1(FormRejectedV1 { form, .. }) = e
+            {
+                forms += 1;
+                raw_form_bytes += form.raw.len() as u64;
+            }
+        }
+        w.write(recorded_at, batch)?;
+        i += 1;
+    }
+    w.drain()?;
+    log.flush_blocking()?;
+    Ok(Generated {
+        events: w.events,
+        forms,
+        envelope_bytes: w.envelope_bytes,
+        raw_form_bytes,
+        cases: workload.created,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What the raw fold ends with; checked against replay's answers.
+struct RawFold {
+    events: u64,
+    seconds: f64,
+    cases: usize,
+    open_cases: usize,
+    forms: usize,
+    history: u64,
+    diagnostics: usize,
+    users: usize,
+    /// Some folded cases, compared whole with what replay stored.
+    sample: Vec<Case>,
+}
+
+/// Reads, verifies, decodes and folds every event into memory; writes nothing.
+fn raw_fold(log: &SledLog, progress: &AtomicU64) -> BenchResult<RawFold> {
+    let started = Instant::now();
+    let mut cases: HashMap<CaseId, Case> = HashMap::new();
+    let mut forms: HashMap<FormId, Position> = HashMap::new();
+    let mut directory = Directory::default();
+    let mut diagnostics = Vec::new();
+    let (mut events, mut history) = (0u64, 0u64);
+    for ev in log.iter_from(Position(1)) {
+        let ev = ev?;
+        events += 1;
+        if events % 4096 == 0 {
+            progress.store(events, Ordering::Relaxed);
+        }
+        match &ev.event {
+            Event::FormAcceptedV1(f) => {
+                let mut touched: Vec<&CaseId> = Vec::new();
+                for b in &f.blocks {
+                    let case = apply_block(cases.remove(&b.case_id), b, &f.form.form_id);
+                    cases.insert(b.case_id.clone(), case);
+                    if !touched.contains(&&b.case_id) {
+                        touched.push(&b.case_id);
+                    }
+                }
+                history += touched.len() as u64;
+                forms.insert(f.form.form_id.clone(), ev.position);
+            }
+            Event::FormRejectedV1(f) => {
+                forms.entry(f.form.form_id.clone()).or_insert(ev.position);
+            }
+            Event::DiagnosticRaisedV1(d) => diagnostics.push((ev.position, d.diagnostic.clone())),
+            other => directory.apply(other),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(RawFold {
+        events,
+        seconds,
+        cases: cases.len(),
+        open_cases: cases.values().filter(|c| !c.closed).count(),
+        forms: forms.len(),
+        history,
+        diagnostics: diagnostics.len(),
+        users: directory.users.len(),
+        sample: cases.into_values().take(SAMPLE).collect(),
+    })
+}
+
+/// Progress of the running phase, for the watchdog.
+struct Watch {
+    phase: Mutex<&'static str>,
+    progress: AtomicU64,
+}
+
+impl Watch {
+    fn enter(&self, phase: &'static str) {
+        match self.phase.lock() {
+            Ok(mut p) => *p = phase,
+            Err(poisoned) => *poisoned.into_inner() = phase,
+        }
+        self.progress.store(0, Ordering::Relaxed);
+    }
+
+    fn phase(&self) -> &'static str {
+        match self.phase.lock() {
+            Ok(p) => *p,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+}
+
+/// Ends the process when a phase stops making progress, instead of hanging the bench forever.
+/// sled 0.34.7 can deadlock under sustained writes: `SegmentAccountant::bump_tip` waits, holding
+/// the segment accountant's mutex, for a file truncation queued on sled's thread pool, whose
+/// threads are all blocked on that mutex (seen here; see docs/PERFORMANCE.md).
+fn watchdog(watch: Arc<Watch>) {
+    std::thread::spawn(move || {
+        let mut last = (watch.phase(), u64::MAX);
+        let mut since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = (watch.phase(), watch.progress.load(Ordering::Relaxed));
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= STALL {
+                eprintln!(
+                    "replay bench: no progress for {} s in phase {:?} at {} events; sled 0.34.7 \
+                     deadlocks like this (bump_tip waiting on a truncation its blocked thread \
+                     pool never runs). Giving up; rerun.",
+                    STALL.as_secs(),
+                    now.0,
+                    now.1
+                );
+                std::process::exit(3);
+            }
+        }
+    });
+}
+
+/// `VmRSS` and `VmHWM` of this process in kB.
+fn memory_kb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// CPU seconds (user + system) of the calling thread, from `/proc/thread-self/stat`.
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    // USER_HZ is 100 on every Linux configuration the bench runs on.
+    ticks as f64 / 100.0
+}
+
+/// Resets `VmHWM` to the current RSS (Linux 4.0+); false when the kernel refuses.
+fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let version = std::fs::read_to_string("/proc/version").unwrap_or_default();
+    let kernel = version.split_whitespace().nth(2).unwrap_or("?").to_owned();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    format!(
+        "nproc {cpus} ({model}), {:.1} GB RAM, Linux {kernel}, tempdir {}",
+        mem as f64 / 1e6,
+        std::env::temp_dir().display()
+    )
+}
+
+fn main() -> BenchResult<()> {
+    let n: u64 = match std::env::var("CASELEDGER_BENCH_EVENTS") {
+        Ok(v) => v.parse()?,
+        Err(_) => 1_000_000,
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "replay: {}", machine())?;
+    let dir = tempfile::tempdir()?;
+    let replay_chunk: usize = match std::env::var("CASELEDGER_BENCH_REPLAY_CHUNK") {
+        Ok(v) => v.parse()?,
+        Err(_) => REPLAY_CHUNK,
+    };
+    let cache_mb: u64 = match std::env::var("CASELEDGER_BENCH_CACHE_MB") {
+        Ok(v) => v.parse()?,
+        Err(_) => CACHE_MB,
+    };
+    let config = EngineConfig {
+        replay_chunk,
+        cache_capacity: cache_mb << 20,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(dir.path(), &DomainName::new("bench"), config)?;
+
+    let watch = Arc::new(Watch {
+        phase: Mutex::new("generate"),
+        progress: AtomicU64::new(0),
+    });
+    watchdog(Arc::clone(&watch));
+    let generated = generate(engine.log(), n, &watch.progress)?;
+    writeln!(
+        out,
+        "log: N = {} events ({} forms, avg raw form {} B, {} cases, {} users, {} groups), \
+         envelopes {:.1} MB (avg {} B/event), on disk {:.1} MB, generated in {:.1} s",
+        generated.events,
+        generated.forms,
+        generated.raw_form_bytes / generated.forms.max(1),
+        generated.cases,
+        USERS,
+        GROUPS,
+        generated.envelope_bytes as f64 / 1e6,
+        generated.envelope_bytes / generated.events.max(1),
+        dir_size(dir.path()) as f64 / 1e6,
+        generated.seconds
+    )?;
+    writeln!(
+        out,
+        "replay config: replay_chunk = {replay_chunk} events, cache_capacity = {cache_mb} MB"
+    )?;
+    out.flush()?;
+
+    let (rss_before, _) = memory_kb();
+    let reset = reset_peak();
+    watch.enter("replay");
+    let cpu_before = thread_cpu_seconds();
+    let stats = engine.replay(&mut |done, _| watch.progress.store(done.0, Ordering::Relaxed))?;
+    let replay_cpu = thread_cpu_seconds() - cpu_before;
+    let (rss_after, peak) = memory_kb();
+    let replay_rate = stats.events as f64 / stats.seconds;
+    writeln!(
+        out,
+        "  {:<44} {:>9} ev {:>9.0} ev/s {:>8.2} s (replay thread on CPU {:.2} s)",
+        "Engine::replay (all projections + swap)",
+        stats.events,
+        replay_rate,
+        stats.seconds,
+        replay_cpu
+    )?;
+    writeln!(
+        out,
+        "  {:<44} RSS before {:.1} MB, after {:.1} MB, peak (VmHWM{}) {:.1} MB",
+        "",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        if reset { ", reset" } else { ", NOT reset" },
+        peak as f64 / 1024.0
+    )?;
+    out.flush()?;
+
+    watch.enter("raw fold");
+    let raw = raw_fold(engine.log(), &watch.progress)?;
+    let raw_rate = raw.events as f64 / raw.seconds;
+    writeln!(
+        out,
+        "  {:<44} {:>9} ev {:>9.0} ev/s {:>8.2} s",
+        "raw: iter_from + decode + fold in HashMaps", raw.events, raw_rate, raw.seconds
+    )?;
+
+    // Replay must agree with the raw fold, or its speed means nothing.
+    let p = engine.projections();
+    let open_in_lists: usize = (0..GROUPS)
+        .map(|g| p.cases_by_owner(&group(g), false).map(|c| c.len()))
+        .sum::<Result<usize, _>>()?;
+    let all_in_lists: usize = (0..GROUPS)
+        .map(|g| p.cases_by_owner(&group(g), true).map(|c| c.len()))
+        .sum::<Result<usize, _>>()?;
+    let diagnostics = p.diagnostics()?.len();
+    // No edits or archives in this log: a case's history is one event per form that touched it.
+    let mut sample_agrees = 0;
+    for case in &raw.sample {
+        let history = p.history(&case.case_id)?;
+        let ascending = history.windows(2).all(|w| w[0] < w[1]);
+        if p.case(&case.case_id)?.as_ref() == Some(case)
+            && history.len() == case.xform_ids.len()
+            && ascending
+        {
+            sample_agrees += 1;
+        }
+    }
+    let agree = stats.events == raw.events
+        && all_in_lists == raw.cases
+        && open_in_lists == raw.open_cases
+        && diagnostics == raw.diagnostics
+        && p.directory().users.len() == raw.users
+        && sample_agrees == raw.sample.len();
+    writeln!(
+        out,
+        "  check: cases {} (open {}) raw {} (open {}), forms {}, history rows {}, diagnostics {} raw {}, \
+         sampled cases equal with their history {}/{}: {}",
+        all_in_lists,
+        open_in_lists,
+        raw.cases,
+        raw.open_cases,
+        raw.forms,
+        raw.history,
+        diagnostics,
+        raw.diagnostics,
+        sample_agrees,
+        raw.sample.len(),
+        if agree { "agree" } else { "DISAGREE" }
+    )?;
+    let ratio = replay_rate / raw_rate;
+    let peak_mb = peak as f64 / 1024.0;
+    writeln!(
+        out,
+        "ratio replay/raw {ratio:.2} (target >= 0.25: {}); replay peak RSS {peak_mb:.1} MB (target <= 256 MB: {})",
+        if ratio >= 0.25 { "met" } else { "MISSED" },
+        if peak_mb <= 256.0 { "met" } else { "MISSED" }
+    )?;
+    if !agree {
+        return Err("replay and the raw fold disagree".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! Form throughput (issue 4): parse + decide + durable append + project of a typical ~3 KB
+//! CommCare form with two case blocks, against the raw parse cost measured in the same run.
+//!
+//! Workload: 200 users in 40 case-sharing groups, a case-sharing app; form `i` is an ANC visit
+//! (`demo::form` plus question data) by a random user with two case blocks: the pregnancy case
+//! (a create without `owner_id` in one form of four, so the server resolves the owner to the
+//! user's group (R38); otherwise an update of a case registered at least 4096 forms earlier, read
+//! back from the projections) and a new visit case. Forms are built before any timing.
+//!
+//! 1. Raw parse: `casexml::parse` of every form, on one thread and on every CPU.
+//! 2. Durable: `TASKS` tokio tasks on a multi-thread runtime with one worker per CPU; each takes
+//!    the next `BATCH` forms, runs `Engine::prepare_submission` on each (hash + parse, counted),
+//!    and hands the batch to `Engine::execute_many`, which decides, appends, projects and
+//!    returns once the log is durable (group commit). Timed from the first batch to the last
+//!    acknowledgement. Run in four rounds, each with its own `VmHWM` window, to show memory stays
+//!    bounded as the store grows.
+//!
+//! `cargo bench --bench forms`; `CASELEDGER_BENCH_FORMS=n` sets the form count (default 100 000),
+//! `CASELEDGER_BENCH_TASKS` and `CASELEDGER_BENCH_BATCH` the concurrency (default 4 x 256).
+//! Target: durable >= 20 000 forms/s on a 2-core machine.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use caseledger::demo::{form, Block};
+use caseledger::domain::{AppId, Command, DomainName, GroupId, Timestamp, UserId};
+use caseledger::{Engine, EngineConfig, Request, SubmitOutcome, SubmitStatus};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+const USERS: u64 = 200;
+const GROUPS: u64 = 40;
+const APP: &str = "app-anc";
+/// Updates pick cases registered at least this many forms earlier, so they are committed.
+const UPDATE_LAG: u64 = 4096;
+/// The durable phase runs in this many rounds, each with its own memory window.
+const ROUNDS: usize = 4;
+/// 2026-03-02T06:15:22.104Z.
+const BASE_TIME: i64 = 1_772_432_122_104;
+
+/// The splitmix64 finaliser: a bijection on u64, so distinct inputs give distinct ids.
+fn mix(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A UUID-shaped id, random-looking like CommCare's v4 ids.
+fn uuid_like(kind: u32, i: u64) -> String {
+    let i = mix(i ^ u64::from(kind));
+    format!(
+        "{kind:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (i >> 48) & 0xffff,
+        (i >> 36) & 0xfff,
+        (i >> 24) & 0xfff,
+        i & 0xffff_ffff_ffff
+    )
+}
+
+fn user(u: u64) -> String {
+    format!("u-{u:03}")
+}
+
+fn group(u: u64) -> String {
+    format!("g-{:02}", u % GROUPS)
+}
+
+/// Question data outside the case blocks, about 1.7 KB, as a real ANC visit form carries.
+fn questions(i: u64) -> String {
+    format!(
+        "  <visit_type>anc</visit_type><visit_number>{}</visit_number><visit_date>2026-03-{:02}</visit_date>\n  \
+         <vitals><hb_level>11.{}</hb_level><bp_systolic>1{:02}</bp_systolic><bp_diastolic>{}</bp_diastolic><weight_kg>6{}.5</weight_kg><muac_cm>2{}.0</muac_cm><temperature>36.{}</temperature></vitals>\n  \
+         <danger_signs><bleeding>no</bleeding><headache>no</headache><blurred_vision>no</blurred_vision><fever>no</fever><swelling>no</swelling><reduced_movement>no</reduced_movement></danger_signs>\n  \
+         <counselling><nutrition>yes</nutrition><birth_plan>yes</birth_plan><hiv_test>declined</hiv_test><itn_use>yes</itn_use><breastfeeding>yes</breastfeeding><family_planning>discussed</family_planning></counselling>\n  \
+         <supplements><iron_folate>given</iron_folate><calcium>given</calcium><deworming>not_due</deworming><ipt_dose>{}</ipt_dose></supplements>\n  \
+         <next_visit>2026-04-{:02}</next_visit><referral_needed>no</referral_needed><gps>-1.3133 36.7892 1650.0 12.0</gps>\n  \
+         <obstetric_history><gravida>2</gravida><parity>1</parity><previous_csection>no</previous_csection><previous_stillbirth>no</previous_stillbirth><previous_preterm>no</previous_preterm></obstetric_history>\n  \
+         <household><members>{}</members><water_source>piped</water_source><latrine>shared</latrine><distance_to_facility_km>3.5</distance_to_facility_km><transport_plan>boda_boda</transport_plan></household>\n  \
+         <chw_notes>Client reports feeling well; reminded about the clinic visit, iron tablets and the birth plan. Husband present; both agreed to deliver at the facility.</chw_notes>\n",
+        1 + i % 8,
+        1 + i % 28,
+        i % 10,
+        i % 40,
+        70 + i % 20,
+        i % 10,
+        3 + i % 5,
+        i % 10,
+        1 + i % 3,
+        1 + i % 28,
+        2 + i % 6
+    )
+}
+
+/// Form `i` of the workload, as the bytes a phone would send.
+fn raw_form(i: u64) -> Vec<u8> {
+    let u = mix(i) % USERS;
+    let submitter = user(u);
+    let date = Timestamp(BASE_TIME + 1000 * i64::try_from(i).unwrap_or(0)).to_string();
+    let register = i % 4 == 0 || i < UPDATE_LAG;
+    // Form `k` registers case `k` when it registers; every `k % 4 == 0` does.
+    let pregnancy = if register {
+        uuid_like(0x3f9b_6a52, i)
+    } else {
+        let registered = ((i - UPDATE_LAG) / 4).max(1);
+        uuid_like(0x3f9b_6a52, mix(i ^ 0xabc) % registered * 4)
+    };
+    let name = format!("Client {}", i / 4);
+    let visit = uuid_like(0x5a11_0000, i);
+    let hb = format!("11.{}", i % 10);
+    let next = format!("2026-04-{:02}", 1 + i % 28);
+    let visits = (1 + i % 8).to_string();
+    let pregnancy_update: &[(&str, &str)] = &[
+        ("anc_visits", &visits),
+        ("last_visit_hb", &hb),
+        ("danger_signs", "none"),
+        ("next_visit", &next),
+        ("birth_plan", "facility"),
+        ("edd", "2026-09-01"),
+        ("lmp", "2025-11-25"),
+        ("gravida", "2"),
+    ];
+    let visit_update: &[(&str, &str)] = &[
+        ("visit_type", "anc"),
+        ("hb_level", &hb),
+        ("bp", "120/80"),
+        ("weight_kg", "64.5"),
+        ("iron_folate", "given"),
+        ("counselled", "yes"),
+    ];
+    let blocks = [
+        Block {
+            case_id: &pregnancy,
+            user: &submitter,
+            date: &date,
+            create: register.then_some(("pregnancy", name.as_str(), None)),
+            update: pregnancy_update,
+            close: false,
+        },
+        Block {
+            case_id: &visit,
+            user: &submitter,
+            date: &date,
+            create: Some(("visit", "ANC visit", None)),
+            update: visit_update,
+            close: false,
+        },
+    ];
+    let mut raw = form(&uuid_like(0x3d30_7d25, i), &submitter, &blocks);
+    let at = raw.iter().position(|b| *b == b'\n').map_or(0, |p| p + 1);
+    raw.splice(at..at, questions(i).into_bytes());
+    raw
+}
+
+fn directory() -> Vec<Request> {
+    let mut out = Vec::new();
+    for u in 0..USERS {
+        out.push(Command::CreateUser {
+            id: UserId::new(user(u)),
+            username: format!("worker{u}"),
+        });
+    }
+    for g in 0..GROUPS {
+        out.push(Command::CreateGroup {
+            id: GroupId::new(group(g)),
+            name: format!("CHW team {g}"),
+            case_sharing: true,
+        });
+    }
+    for u in 0..USERS {
+        out.push(Command::AddMember {
+            group: GroupId::new(group(u)),
+            user: UserId::new(user(u)),
+        });
+    }
+    out.push(Command::CreateApp {
+        id: AppId::new(APP),
+        name: "ANC".into(),
+        case_sharing: true,
+        case_types: vec!["pregnancy".into(), "visit".into()],
+    });
+    out.into_iter().map(Request::new).collect()
+}
+
+/// `VmRSS` and `VmHWM` of this process in kB.
+fn memory_kb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets `VmHWM` to the current RSS (Linux 4.0+); false when the kernel refuses.
+fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let version = std::fs::read_to_string("/proc/version").unwrap_or_default();
+    let kernel = version.split_whitespace().nth(2).unwrap_or("?").to_owned();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!(
+        "nproc {cpus} ({model}), Linux {kernel}, tempdir {}",
+        std::env::temp_dir().display()
+    )
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> BenchResult<T>
+where
+    T::Err: std::error::Error + 'static,
+{
+    match std::env::var(name) {
+        Ok(v) => Ok(v.parse()?),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Parses every form on `threads` threads; returns forms per second.
+fn raw_parse(forms: &[Vec<u8>], threads: usize) -> BenchResult<f64> {
+    let limits = caseledger::casexml::Limits::default();
+    let per = forms.len().div_ceil(threads.max(1)).max(1);
+    let started = Instant::now();
+    let parsed: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = forms
+            .chunks(per)
+            .map(|part| {
+                let limits = &limits;
+                s.spawn(move || {
+                    part.iter()
+                        .filter(|raw| caseledger::casexml::parse(raw, limits).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    if parsed != forms.len() {
+        return Err(format!(
+            "{} of {} forms did not parse",
+            forms.len() - parsed,
+            forms.len()
+        )
+        .into());
+    }
+    Ok(forms.len() as f64 / seconds)
+}
+
+/// Tallies of a durable round.
+#[derive(Default)]
+struct Tally {
+    accepted: usize,
+    other: usize,
+    failed: usize,
+}
+
+/// Runs `batches` through the engine from `tasks` concurrent tasks; returns the tally and seconds.
+fn durable_round(
+    runtime: &tokio::runtime::Runtime,
+    engine: &Arc<Engine>,
+    batches: Vec<Vec<Vec<u8>>>,
+    tasks: usize,
+) -> BenchResult<(Tally, f64)> {
+    let queue: Arc<Vec<Mutex<Vec<Vec<u8>>>>> =
+        Arc::new(batches.into_iter().map(Mutex::new).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tally = runtime.block_on(async {
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            let (engine, queue, next) = (Arc::clone(engine), Arc::clone(&queue), Arc::clone(&next));
+            handles.push(tokio::spawn(async move {
+                let mut tally = Tally::default();
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(slot) = queue.get(k) else {
+                        return Ok::<_, caseledger::EngineError>(tally);
+                    };
+                    let raws = match slot.lock() {
+                        Ok(mut b) => std::mem::take(&mut *b),
+                        Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+                    };
+                    let requests = raws
+                        .into_iter()
+                        .map(|raw| {
+                            let sub = engine.prepare_submission(raw, Some(AppId::new(APP)));
+                            Request::new(Command::SubmitForm(Box::new(sub)))
+                        })
+                        .collect();
+                    for outcome in engine.execute_many(requests).await? {
+                        match outcome.and_then(|o| SubmitOutcome::from_events(&o.events)) {
+                            Ok(o) if o.outcome == SubmitStatus::Accepted => tally.accepted += 1,
+                            Ok(_) => tally.other += 1,
+                            Err(_) => tally.failed += 1,
+                        }
+                    }
+                }
+            }));
+        }
+        let mut total = Tally::default();
+        for h in handles {
+            let t = h.await??;
+            total.accepted += t.accepted;
+            total.other += t.other;
+            total.failed += t.failed;
+        }
+        Ok::<_, Box<dyn std::error::Error>>(total)
+    })?;
+    Ok((tally, started.elapsed().as_secs_f64()))
+}
+
+fn main() -> BenchResult<()> {
+    let n: usize = env_or("CASELEDGER_BENCH_FORMS", 100_000)?;
+    let tasks: usize = env_or("CASELEDGER_BENCH_TASKS", 4)?;
+    let batch: usize = env_or("CASELEDGER_BENCH_BATCH", 256)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "forms: {}", machine())?;
+
+    let forms: Vec<Vec<u8>> = (0..n as u64).map(raw_form).collect();
+    let bytes: usize = forms.iter().map(Vec::len).sum();
+    let blocks = caseledger::casexml::parse(
+        forms.first().map_or(&[][..], Vec::as_slice),
+        &Default::default(),
+    )
+    .map(|f| f.blocks.len())
+    .unwrap_or(0);
+    writeln!(
+        out,
+        "workload: {n} forms, avg {} B, {blocks} case blocks each, {USERS} users in {GROUPS} case-sharing groups",
+        bytes / n.max(1)
+    )?;
+
+    let parse_1 = raw_parse(&forms, 1)?;
+    let parse_all = raw_parse(&forms, cpus)?;
+    writeln!(
+        out,
+        "  {:<58} {:>9.0} forms/s",
+        "raw casexml::parse, 1 thread", parse_1
+    )?;
+    writeln!(
+        out,
+        "  {:<58} {:>9.0} forms/s",
+        format!("raw casexml::parse, {cpus} threads"),
+        parse_all
+    )?;
+    out.flush()?;
+
+    let dir = tempfile::tempdir()?;
+    let engine = Arc::new(Engine::open(
+        dir.path(),
+        &DomainName::new("bench"),
+        EngineConfig::default(),
+    )?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus)
+        .enable_all()
+        .build()?;
+    for outcome in runtime.block_on(engine.execute_many(directory()))? {
+        outcome?;
+    }
+
+    // Several rounds, each with its own VmHWM window: memory that stays put while the store grows
+    // is bounded; memory that grows round after round is not.
+    let mut batches: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut rest = forms.into_iter().peekable();
+    while rest.peek().is_some() {
+        batches.push(rest.by_ref().take(batch.max(1)).collect());
+    }
+    let per_round = batches.len().div_ceil(ROUNDS).max(1);
+    let mut rounds: Vec<Vec<Vec<Vec<u8>>>> = Vec::new();
+    let mut batches = batches.into_iter().peekable();
+    while batches.peek().is_some() {
+        rounds.push(batches.by_ref().take(per_round).collect());
+    }
+    let flushes_before = engine.log().flush_count();
+    let mut total = Tally::default();
+    let mut seconds = 0.0;
+    writeln!(
+        out,
+        "durable: {tasks} tasks x execute_many of {batch} forms (prepare_submission counted), {cpus} runtime workers, default EngineConfig"
+    )?;
+    for (round, batches) in (1..).zip(rounds) {
+        let forms_in: usize = batches.iter().map(Vec::len).sum();
+        let (rss_before, _) = memory_kb();
+        let reset = reset_peak();
+        let (tally, secs) = durable_round(&runtime, &engine, batches, tasks)?;
+        let (_, peak) = memory_kb();
+        let delta = peak.saturating_sub(rss_before);
+        writeln!(
+            out,
+            "  {:<58} {:>9.0} forms/s {:>7.2} s; VmHWM{} {:.1} MB over RSS {:.1} MB: +{:.1} MB, {} B per form in flight",
+            format!("round {round}/{ROUNDS}: parse+decide+append+project, durable"),
+            forms_in as f64 / secs,
+            secs,
+            if reset { "" } else { " (NOT reset)" },
+            peak as f64 / 1024.0,
+            rss_before as f64 / 1024.0,
+            delta as f64 / 1024.0,
+            delta * 1024 / (tasks * batch).max(1) as u64
+        )?;
+        out.flush()?;
+        total.accepted += tally.accepted;
+        total.other += tally.other;
+        total.failed += tally.failed;
+        seconds += secs;
+    }
+    let durable = n as f64 / seconds;
+    let flushes = engine.log().flush_count() - flushes_before;
+    writeln!(
+        out,
+        "  {:<58} {:>9.0} forms/s {:>7.2} s; {} accepted, {} other, {} failed; {} flushes ({} forms/flush); log head {}",
+        "all: parse+decide+append+project, durable",
+        durable,
+        seconds,
+        total.accepted,
+        total.other,
+        total.failed,
+        flushes,
+        n as u64 / flushes.max(1),
+        engine.log().written_head()
+    )?;
+    writeln!(
+        out,
+        "ratio durable/raw parse: {:.2} (1 thread), {:.2} ({cpus} threads); durable {durable:.0} forms/s (target >= 20000: {})",
+        durable / parse_1,
+        durable / parse_all,
+        if durable >= 20_000.0 { "met" } else { "MISSED" }
+    )?;
+    if total.accepted != n {
+        return Err(format!("{} of {n} forms were not accepted", n - total.accepted).into());
+    }
+    Ok(())
+}
