@@ -16,8 +16,14 @@
 //!    bounded as the store grows.
 //!
 //! `cargo bench --bench forms`; `CASELEDGER_BENCH_FORMS=n` sets the form count (default 100 000),
-//! `CASELEDGER_BENCH_TASKS` and `CASELEDGER_BENCH_BATCH` the concurrency (default 4 x 256).
+//! `CASELEDGER_BENCH_TASKS` and `CASELEDGER_BENCH_BATCH` the concurrency (default 4 x 256),
+//! `CASELEDGER_BENCH_FSYNC=0` turns off the data-file fdatasync (`EngineConfig::fsync`).
 //! Target: durable >= 20 000 forms/s on a 2-core machine.
+
+// The binary's allocator, so the figures are the ones `caseledger` gets (glibc malloc's
+// arena locks were the top cost of replay in a profile).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -367,7 +373,10 @@ fn main() -> BenchResult<()> {
     let engine = Arc::new(Engine::open(
         dir.path(),
         &DomainName::new("bench"),
-        EngineConfig::default(),
+        EngineConfig {
+            fsync: env_or("CASELEDGER_BENCH_FSYNC", 1)? == 1,
+            ..EngineConfig::default()
+        },
     )?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cpus)
@@ -395,7 +404,8 @@ fn main() -> BenchResult<()> {
     let mut seconds = 0.0;
     writeln!(
         out,
-        "durable: {tasks} tasks x execute_many of {batch} forms (prepare_submission counted), {cpus} runtime workers, default EngineConfig"
+        "durable: {tasks} tasks x execute_many of {batch} forms (prepare_submission counted), {cpus} runtime workers, EngineConfig fsync = {}",
+        env_or("CASELEDGER_BENCH_FSYNC", 1)? == 1
     )?;
     for (round, batches) in (1..).zip(rounds) {
         let forms_in: usize = batches.iter().map(Vec::len).sum();

@@ -24,6 +24,11 @@
 //! Note: sled's `Db::flush` uses `sync_file_range` on Linux, which is cheaper and weaker than the
 //! raw file's `sync_data` (docs/DURABILITY.md); the log/raw-file ratio is not like for like.
 
+// The binary's allocator, so the figures are the ones `caseledger` gets (glibc malloc's
+// arena locks were the top cost of replay in a profile).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;

@@ -59,7 +59,7 @@ impl Default for EngineConfig {
         EngineConfig {
             limits: casexml::Limits::default(),
             log: LogConfig::default(),
-            replay_chunk: 8192,
+            replay_chunk: 1024,
             cache_capacity: 64 * 1024 * 1024,
             fsync: true,
         }
