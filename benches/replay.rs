@@ -872,6 +872,10 @@ fn main() -> BenchResult<()> {
         )
         .into());
     };
+    let child_err = String::from_utf8_lossy(&child.stderr);
+    if let Some(line) = child_err.lines().find(|l| l.starts_with("rss trace")) {
+        writeln!(out, "  {:<44} {line}", "")?;
+    }
     if let Some(line) = report.lines().find(|l| l.starts_with("opened:")) {
         writeln!(
             out,
@@ -911,10 +915,40 @@ fn replay_child(dir: &str) -> BenchResult<()> {
     };
     let engine = Engine::open(Path::new(dir), &DomainName::new("bench"), config)?;
     let (open_rss, open_peak) = memory_kb();
-    let stats = engine.replay(&mut |_, _| {})?;
+    // Where in the replay memory peaks: sample RSS against the replay's progress.
+    let done = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, finished) = (Arc::clone(&done), Arc::clone(&finished));
+        std::thread::spawn(move || {
+            let mut worst = (0u64, 0u64);
+            let mut trace = Vec::new();
+            let mut tick = 0u32;
+            while !finished.load(Ordering::Relaxed) {
+                let (rss, _) = memory_kb();
+                let at = done.load(Ordering::Relaxed);
+                if rss > worst.0 {
+                    worst = (rss, at);
+                }
+                if tick % 20 == 0 {
+                    trace.push(format!("{at}:{}", rss / 1024));
+                }
+                tick += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            eprintln!("rss trace (event:MB): {}", trace.join(" "));
+            worst
+        })
+    };
+    let stats = engine.replay(&mut |p, _| done.store(p.0, Ordering::Relaxed))?;
+    finished.store(true, Ordering::Relaxed);
+    let (worst_rss, worst_at) = sampler.join().unwrap_or_default();
     let (_, peak) = memory_kb();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "opened: RSS {open_rss} kB, peak {open_peak} kB")?;
+    writeln!(
+        out,
+        "opened: RSS {open_rss} kB, peak {open_peak} kB; highest sampled RSS {worst_rss} kB at event {worst_at}"
+    )?;
     writeln!(out, "child {} {} {}", stats.events, stats.seconds, peak)?;
     Ok(())
 }

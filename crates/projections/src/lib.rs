@@ -209,7 +209,7 @@ impl Projections {
         for name in db.tree_names() {
             if let Some(rest) = name.strip_prefix(prefix.as_bytes()) {
                 if rest != active.to_string().as_bytes() {
-                    db.drop_tree(&name)?;
+                    reclaim_tree(db, &name)?;
                 }
             }
         }
@@ -376,7 +376,7 @@ impl Projections {
     pub fn begin_rebuild(&self) -> Result<Rebuild<'_>, ProjectionError> {
         let next = self.current().id + 1;
         // A tree of that number can only be a leftover of a crashed replay.
-        self.db.drop_tree(tree_name(&self.domain, next))?;
+        reclaim_tree(&self.db, tree_name(&self.domain, next).as_bytes())?;
         let generation = Arc::new(Generation::open(&self.db, &self.domain, next)?);
         Ok(Rebuild {
             owner: self,
@@ -416,6 +416,7 @@ impl Rebuild<'_> {
     pub fn install(self) -> Result<(), ProjectionError> {
         let owner = self.owner;
         let old = owner.current();
+        let old_id = old.id;
         owner
             .meta
             .insert(ACTIVE, self.generation.id.to_be_bytes().to_vec())?;
@@ -424,9 +425,34 @@ impl Rebuild<'_> {
             Ok(mut g) => *g = Arc::clone(&self.generation),
             Err(poisoned) => *poisoned.into_inner() = Arc::clone(&self.generation),
         }
-        owner.db.drop_tree(tree_name(&owner.domain, old.id))?;
+        drop(old);
+        reclaim_tree(&owner.db, tree_name(&owner.domain, old_id).as_bytes())?;
         Ok(())
     }
+}
+
+/// Deletes a whole tree with bounded memory. sled 0.34.7's `drop_tree` walks every page of the
+/// tree under one epoch guard, so nothing it frees is released before the end: dropping a
+/// generation of a 1M-event replay took the process from about 250 MB to 870 MB. Removing the
+/// keys in batches first lets each batch's pages go, then the empty tree is dropped.
+fn reclaim_tree(db: &sled::Db, name: &[u8]) -> Result<(), ProjectionError> {
+    const BATCH: usize = 4096;
+    let tree = db.open_tree(name)?;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for key in tree.iter().keys().take(BATCH) {
+            batch.remove(key?);
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        tree.apply_batch(batch)?;
+    }
+    drop(tree);
+    db.drop_tree(name)?;
+    Ok(())
 }
 
 fn fold_into<I>(
