@@ -25,6 +25,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod common;
+
+use common::{env_or, machine, memory_kb, mix, reset_peak, uuid_like, BenchResult};
+
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,8 +37,6 @@ use std::time::Instant;
 use caseledger::demo::{form, Block};
 use caseledger::domain::{AppId, Command, DomainName, GroupId, Timestamp, UserId};
 use caseledger::{Engine, EngineConfig, Request, SubmitOutcome, SubmitStatus};
-
-type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 const USERS: u64 = 200;
 const GROUPS: u64 = 40;
@@ -45,26 +47,6 @@ const UPDATE_LAG: u64 = 4096;
 const ROUNDS: usize = 4;
 /// 2026-03-02T06:15:22.104Z.
 const BASE_TIME: i64 = 1_772_432_122_104;
-
-/// The splitmix64 finaliser: a bijection on u64, so distinct inputs give distinct ids.
-fn mix(i: u64) -> u64 {
-    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// A UUID-shaped id, random-looking like CommCare's v4 ids.
-fn uuid_like(kind: u32, i: u64) -> String {
-    let i = mix(i ^ u64::from(kind));
-    format!(
-        "{kind:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        (i >> 48) & 0xffff,
-        (i >> 36) & 0xfff,
-        (i >> 24) & 0xfff,
-        i & 0xffff_ffff_ffff
-    )
-}
 
 fn user(u: u64) -> String {
     format!("u-{u:03}")
@@ -188,54 +170,6 @@ fn directory() -> Vec<Request> {
         case_types: vec!["pregnancy".into(), "visit".into()],
     });
     out.into_iter().map(Request::new).collect()
-}
-
-/// `VmRSS` and `VmHWM` of this process in kB.
-fn memory_kb() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Resets `VmHWM` to the current RSS (Linux 4.0+); false when the kernel refuses.
-fn reset_peak() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let version = std::fs::read_to_string("/proc/version").unwrap_or_default();
-    let kernel = version.split_whitespace().nth(2).unwrap_or("?").to_owned();
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_default();
-    format!(
-        "nproc {cpus} ({model}), Linux {kernel}, tempdir {}",
-        std::env::temp_dir().display()
-    )
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> BenchResult<T>
-where
-    T::Err: std::error::Error + 'static,
-{
-    match std::env::var(name) {
-        Ok(v) => Ok(v.parse()?),
-        Err(_) => Ok(default),
-    }
 }
 
 /// Parses every form on `threads` threads; returns forms per second.

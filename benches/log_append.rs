@@ -29,6 +29,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod common;
+
+use common::{dir_size, machine, uuid_like, BenchResult};
+
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -73,18 +77,6 @@ const BASE_TIME: i64 = 1_772_432_122_104;
 const TASKS: usize = 64;
 /// Most events for the one-batch-per-command contender (see `main`).
 const PER_COMMAND_MAX: u64 = 20_000;
-
-type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn uuid_like(kind: u32, i: u64) -> String {
-    format!(
-        "{kind:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        (i >> 48) & 0xffff,
-        (i >> 36) & 0xfff,
-        (i >> 24) & 0xfff,
-        i & 0xffff_ffff_ffff
-    )
-}
 
 /// Events built so far by any contender; the watchdog checks that it moves.
 static PROGRESS: AtomicU64 = AtomicU64::new(0);
@@ -386,20 +378,6 @@ fn sled_log_group_commit(dir: &Path, n: u64, bytes: u64) -> BenchResult<Run> {
     })
 }
 
-fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
-            Ok(meta) => meta.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 /// Runs one contender in a fresh directory, printing its line and the on-disk size.
 fn measure(
     out: &mut impl Write,
@@ -444,25 +422,6 @@ fn watchdog() {
             last = now;
         }
     });
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_default();
-    format!(
-        "{cpus} cpus ({model}), Linux {}, tempdir {}",
-        kernel.trim(),
-        std::env::temp_dir().display()
-    )
 }
 
 fn main() -> BenchResult<()> {

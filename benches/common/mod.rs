@@ -1,0 +1,102 @@
+//! Helpers shared by the benches: ids, machine description, memory readings.
+//!
+//! Each bench includes this module with `mod common;` and uses a subset of it.
+
+#![allow(dead_code)] // Every bench uses only some of these helpers.
+
+use std::path::Path;
+
+/// The benches' error type.
+pub type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// The splitmix64 finaliser: a bijection on u64, so distinct `i` give distinct ids.
+pub fn mix(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A UUID-shaped id, random-looking like CommCare's v4 ids (so keys land all over the trees).
+pub fn uuid_like(kind: u32, i: u64) -> String {
+    let i = mix(i ^ u64::from(kind));
+    format!(
+        "{kind:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (i >> 48) & 0xffff,
+        (i >> 36) & 0xfff,
+        (i >> 24) & 0xfff,
+        i & 0xffff_ffff_ffff
+    )
+}
+
+/// `VmRSS` and `VmHWM` of this process in kB.
+pub fn memory_kb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets `VmHWM` to the current RSS (Linux 4.0+); false when the kernel refuses.
+pub fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+pub fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let version = std::fs::read_to_string("/proc/version").unwrap_or_default();
+    let kernel = version.split_whitespace().nth(2).unwrap_or("?").to_owned();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    format!(
+        "nproc {cpus} ({model}), {:.1} GB RAM, Linux {kernel}, tempdir {}",
+        mem as f64 / 1e6,
+        std::env::temp_dir().display()
+    )
+}
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> BenchResult<T>
+where
+    T::Err: std::error::Error + 'static,
+{
+    match std::env::var(name) {
+        Ok(v) => Ok(v.parse()?),
+        Err(_) => Ok(default),
+    }
+}
