@@ -71,10 +71,15 @@ impl Default for EngineConfig {
 pub struct Request {
     /// What to do.
     pub command: Command,
-    /// Idempotency key: a retried request with the same id is not applied twice.
+    /// The command's id, recorded in every event it produces.
     pub command_id: CommandId,
     /// Server received time; `None` = now.
     pub received_at: Option<Timestamp>,
+    /// True when the caller may retry with the same `command_id` (an HTTP client's
+    /// idempotency key): the log then records the id as an idempotency key, and a retry is
+    /// answered with the first attempt's events instead of being applied twice. A fresh id
+    /// nobody can repeat needs no such entry, which saves a sled insert per command.
+    pub idempotent: bool,
 }
 
 impl Request {
@@ -84,6 +89,17 @@ impl Request {
             command,
             command_id: CommandId(uuid::Uuid::new_v4().to_string()),
             received_at: None,
+            idempotent: false,
+        }
+    }
+
+    /// A request the caller identifies, and may retry, with `command_id`.
+    pub fn idempotent(command: Command, command_id: CommandId) -> Self {
+        Request {
+            command,
+            command_id,
+            received_at: None,
+            idempotent: true,
         }
     }
 }
@@ -357,9 +373,13 @@ impl Engine {
         let mut last = None;
         for request in requests {
             let slot = results.len();
-            let key = request.command_id.0.clone();
+            let key = request.idempotent.then(|| request.command_id.0.clone());
             // A retry (same command id) is answered with what the first attempt recorded.
-            if let Some((first, end)) = self.log.lookup_idempotency(&key)? {
+            let done_before = match &key {
+                Some(k) => self.log.lookup_idempotency(k)?,
+                None => None,
+            };
+            if let Some((first, end)) = done_before {
                 let done: Result<Vec<_>, _> = self
                     .log
                     .iter_from(first)
@@ -370,7 +390,7 @@ impl Engine {
                 last_max(&mut last, Some(end));
                 continue;
             }
-            if let Some(&earlier) = keys.get(&key) {
+            if let Some(&earlier) = key.as_ref().and_then(|k| keys.get(k)) {
                 let again = match results.get(earlier) {
                     Some(Some(Ok(o))) => o.events.clone(),
                     _ => appends
@@ -431,13 +451,15 @@ impl Engine {
             });
             let append = AppendRequest {
                 expected: Expected::Head(head),
-                idempotency_key: Some(key.clone()),
+                idempotency_key: key.clone(),
                 command_id: request.command_id.clone(),
                 recorded_at: received_at,
                 events,
             };
             head = recorded.last().map_or(head, |e| e.position);
-            keys.insert(key, slot);
+            if let Some(k) = key {
+                keys.insert(k, slot);
+            }
             results.push(None);
             if rebuilds {
                 appends.push((slot, append, Vec::new()));

@@ -63,10 +63,13 @@ fn a_retried_command_id_is_answered_with_the_first_attempts_events() {
         .build()
         .expect("rt");
     let engine = Engine::open(dir.path(), &"d".into(), EngineConfig::default()).expect("open");
-    let request = Request::new(Command::CreateUser {
-        id: "u1".into(),
-        username: "u1".into(),
-    });
+    let request = Request::idempotent(
+        Command::CreateUser {
+            id: "u1".into(),
+            username: "u1".into(),
+        },
+        CommandId::new("client-key-1"),
+    );
     let first = rt.block_on(engine.execute(request.clone())).expect("first");
     // Same id again, alone and twice inside one group: no new event, same positions.
     let again = rt.block_on(engine.execute(request.clone())).expect("retry");
@@ -83,6 +86,20 @@ fn a_retried_command_id_is_answered_with_the_first_attempts_events() {
     assert_eq!(group.len(), 2);
     assert!(matches!(&group[1], Ok(o) if o.events == first.events));
     assert_eq!(engine.log().written_head(), Position(2));
+    // Without the idempotent flag the same id is a new command (refused: the user exists).
+    let mut plain = Request::new(Command::CreateUser {
+        id: "u1".into(),
+        username: "u1".into(),
+    });
+    plain.command_id = CommandId::new("client-key-1");
+    assert!(rt.block_on(engine.execute(plain)).is_err());
+    // Without the idempotent flag the same id is a new command (refused: the user exists).
+    let mut plain = Request::new(Command::CreateUser {
+        id: "u1".into(),
+        username: "u1".into(),
+    });
+    plain.command_id = CommandId::new("client-key-1");
+    assert!(rt.block_on(engine.execute(plain)).is_err());
 }
 
 #[test]
