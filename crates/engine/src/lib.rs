@@ -497,9 +497,7 @@ impl Engine {
         if appends.is_empty() {
             return Ok(());
         }
-        let outcomes = self
-            .log
-            .write_group(appends.iter().map(|(_, a, _)| a.clone()))?;
+        let outcomes = self.log.write_group(appends.iter().map(|(_, a, _)| a))?;
         for ((slot, append, recorded), outcome) in appends.drain(..).zip(outcomes) {
             let (first, end) = match outcome? {
                 AppendOutcome::Appended { first, last } => (first, last),

@@ -219,9 +219,9 @@ impl SledLog {
     /// # Errors
     /// The outer `Err` is [`LogError::Poisoned`]: nothing was tried. Inner errors are per append;
     /// a sled failure turns every staged append into [`LogError::Storage`] and poisons the log.
-    pub fn write_group(
+    pub fn write_group<R: std::borrow::Borrow<AppendRequest>>(
         &self,
-        requests: impl IntoIterator<Item = AppendRequest>,
+        requests: impl IntoIterator<Item = R>,
     ) -> Result<Vec<Result<AppendOutcome, LogError>>, LogError> {
         let inner = &*self.inner;
         self.check_poison()?;
@@ -233,7 +233,7 @@ impl SledLog {
         writer.staged.clear();
         let outcomes: Vec<_> = requests
             .into_iter()
-            .map(|req| self.stage(writer, &mut head, &mut keys_in_group, req))
+            .map(|req| self.stage(writer, &mut head, &mut keys_in_group, req.borrow()))
             .collect();
         let applied = match writer.staged.len() {
             0 => Ok(()),
@@ -277,7 +277,7 @@ impl SledLog {
         writer: &mut Writer,
         head: &mut Position,
         keys_in_group: &mut HashMap<String, (Position, Position)>,
-        req: AppendRequest,
+        req: &AppendRequest,
     ) -> Result<AppendOutcome, LogError> {
         if let Some(key) = &req.idempotency_key {
             let earlier = match keys_in_group.get(key) {
@@ -328,14 +328,14 @@ impl SledLog {
             ));
             position = position.next();
         }
-        if let Some(key) = req.idempotency_key {
+        if let Some(key) = &req.idempotency_key {
             let mut value = [0u8; 16];
             value[..8].copy_from_slice(&first.to_be_bytes());
             value[8..].copy_from_slice(&last.to_be_bytes());
             writer
                 .staged
-                .push((IVec::from(idempotency_key(&key)), IVec::from(&value[..])));
-            keys_in_group.insert(key, (first, last));
+                .push((IVec::from(idempotency_key(key)), IVec::from(&value[..])));
+            keys_in_group.insert(key.clone(), (first, last));
         }
         *head = last;
         Ok(AppendOutcome::Appended { first, last })
