@@ -107,6 +107,22 @@ fn matches(path: &str, expected: &Value, actual: Option<&Value>, errors: &mut Ve
     }
 }
 
+/// The rules a scenario cites (`"rules"` in its scenario.json), for the report.
+fn rules_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("scenario.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| {
+            v.get("rules").and_then(Value::as_array).map(|r| {
+                r.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// Runs one scenario folder; `Err` lists every mismatch.
 pub fn run_scenario(dir: &Path) -> Result<(), Vec<String>> {
     let text =
@@ -248,16 +264,17 @@ fn conformance_suite() {
             .unwrap_or_default()
             .to_owned();
         let pending = PENDING.contains(&name.as_str());
+        let rules = rules_of(dir);
         match run_scenario(dir) {
             Ok(()) => {
-                report.push_str(&format!("PASS {name}\n"));
+                report.push_str(&format!("PASS {name} [{rules}]\n"));
                 if pending {
                     failed.push(format!("{name}: passes but is still listed as PENDING"));
                 }
             }
             Err(errors) => {
                 report.push_str(&format!(
-                    "{} {name}\n    {}\n",
+                    "{} {name} [{rules}]\n    {}\n",
                     if pending { "PENDING" } else { "FAIL" },
                     errors.join("\n    ")
                 ));
