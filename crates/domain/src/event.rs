@@ -5,6 +5,10 @@
 //! [`Event::type_version`] give the pair that the log writes into each envelope's header.
 //! Projections fold only these recorded facts, so a replay gives the same answer even after the
 //! rules in `decide` change.
+//!
+//! The order of [`Event`]'s variants is part of the on-disk format: bincode stores the variant
+//! index. New variants go at the end; none is ever removed or reordered
+//! (`tests/data/fixtures/events-v1.bin` would stop decoding).
 
 use std::fmt;
 
