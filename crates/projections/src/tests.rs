@@ -182,3 +182,53 @@ fn a_rebuild_answers_from_the_old_generation_until_installed() {
         Position(1)
     );
 }
+
+#[test]
+fn r57_archive_deletes_a_case_keeping_its_history_and_unarchive_revives_it() {
+    let (_d, db) = db();
+    let p = Projections::open(&db, &"d".into()).expect("open");
+    let events = vec![
+        rec(1, accepted("f1", "c1", Some("u1"), &[("a", "1")], false)),
+        rec(
+            2,
+            Event::FormArchivedV1(domain::FormArchiveV1 {
+                form_id: "f1".into(),
+            }),
+        ),
+        rec(
+            3,
+            Event::FormUnarchivedV1(domain::FormArchiveV1 {
+                form_id: "f1".into(),
+            }),
+        ),
+    ];
+    let log = events.clone();
+    p.set_log_reader(std::sync::Arc::new(move |pos: Position| {
+        Ok(log.iter().find(|e| e.position == pos).cloned())
+    }));
+    p.catch_up(events[..2].iter().cloned().map(Ok), 10)
+        .expect("archive");
+    assert!(
+        p.case(&"c1".into()).expect("read").is_none(),
+        "R57: no live form left"
+    );
+    assert!(p.is_deleted(&"c1".into()).expect("tombstone"));
+    assert!(ids(p.cases_by_owner("u1", true).expect("owner")).is_empty());
+    assert_eq!(
+        p.history(&"c1".into()).expect("history"),
+        vec![Position(1), Position(2)]
+    );
+    p.catch_up(events[2..].iter().cloned().map(Ok), 10)
+        .expect("unarchive");
+    let c = p.case(&"c1".into()).expect("read").expect("revived");
+    assert_eq!(c.properties["a"], "1");
+    assert!(!p.is_deleted(&"c1".into()).expect("tombstone"));
+    assert_eq!(
+        ids(p.cases_by_owner("u1", false).expect("owner")),
+        vec!["c1"]
+    );
+    assert_eq!(
+        p.history(&"c1".into()).expect("history"),
+        vec![Position(1), Position(2), Position(3)]
+    );
+}
