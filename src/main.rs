@@ -527,6 +527,9 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
     }
 }
 
+/// Bodies up to this many times `Limits::max_bytes` are stored even when rejected as too large.
+const TRANSPORT_FACTOR: u64 = 4;
+
 async fn submit(
     engine: &Engine,
     cli: &Cli,
@@ -556,9 +559,22 @@ async fn submit(
             anyhow::bail!("unknown app {a}");
         }
     }
-    // Read every file first: an unreadable file means nothing is appended.
+    // Read every file first: an unreadable file means nothing is appended. A body over the
+    // parser's size limit is still stored (rejected as InvalidXml, R50) up to a transport cap,
+    // beyond which it is refused unread, as an HTTP server answers 413: storing gigabytes
+    // because someone sent them is not "keeping the submission", it is a denial of service.
+    let cap = (engine.limits().max_bytes as u64).saturating_mul(TRANSPORT_FACTOR);
     let mut bodies = Vec::with_capacity(files.len());
     for f in files {
+        let size = std::fs::metadata(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .len();
+        if size > cap {
+            anyhow::bail!(
+                "{} is {size} bytes, over the {cap}-byte transport limit ({TRANSPORT_FACTOR} x max_bytes); nothing was stored",
+                f.display()
+            );
+        }
         bodies.push(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
     }
     let requests = bodies

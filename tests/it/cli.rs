@@ -348,3 +348,48 @@ fn r31_attachment_bytes_sent_with_a_form_are_kept_in_the_log() {
         "attachments go with exactly one form"
     );
 }
+
+#[test]
+fn r50_an_oversized_body_is_stored_as_invalid_xml_and_a_hostile_one_is_refused_unread() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    // 17 MiB: over the parser's 16 MiB limit, under the transport cap: stored, rejected.
+    let big = data.join("big.xml");
+    let mut body = b"<data>".to_vec();
+    body.resize(17 << 20, b'a');
+    std::fs::write(&big, &body).expect("write");
+    let out = run(
+        data,
+        &[
+            "submit",
+            big.to_str().unwrap_or_default(),
+            "--app",
+            "app-anc",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("InvalidXml"));
+    // 65 MiB: over the 64 MiB transport cap: refused, nothing appended.
+    let before = head(data);
+    let hostile = data.join("hostile.xml");
+    let file = std::fs::File::create(&hostile).expect("create");
+    file.set_len(65 << 20).expect("sparse file");
+    let out = run(
+        data,
+        &[
+            "submit",
+            hostile.to_str().unwrap_or_default(),
+            "--app",
+            "app-anc",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("transport limit"));
+    assert_eq!(head(data), before);
+}
