@@ -1854,10 +1854,10 @@ fn speed_form() -> String {
     ))
 }
 
-/// Prints µs per form (run with `--release -- --nocapture parse_speed`); the assertion only
+/// Prints µs per form (run with `--release -- --nocapture pathological`); the assertion only
 /// guards against pathological slowness in an unoptimised build.
 #[test]
-fn parse_speed_on_a_3kb_form() {
+fn a_3kb_form_parses_without_pathological_slowness() {
     let xml = speed_form();
     assert!((2500..3600).contains(&xml.len()), "{}", xml.len());
     let limits = Limits::default();
