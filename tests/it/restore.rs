@@ -10,12 +10,12 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use caseledger::demo::{form, Block};
-use caseledger::domain::{AppId, CaseId, Command, GroupId, UserId};
+use caseledger::domain::{AppId, CaseId, Command, UserId};
 use caseledger::restore::{restore, Restore, RestoreError};
-use caseledger::{Engine, Request, SubmitStatus};
+use caseledger::{Request, SubmitStatus};
 use serde_json::Value;
 
-use crate::support;
+use crate::support::{self, World};
 
 fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/restore")
@@ -74,22 +74,7 @@ fn check(name: &str, restore: &Restore) {
     }
 }
 
-struct World {
-    _dir: tempfile::TempDir,
-    engine: Engine,
-    rt: tokio::runtime::Runtime,
-}
-
 impl World {
-    fn empty() -> Self {
-        let (dir, engine) = support::engine();
-        World {
-            _dir: dir,
-            engine,
-            rt: support::rt(),
-        }
-    }
-
     /// The seed page's people: a Kibera team sharing cases, a Mathare team, a supervisor in both.
     fn seed() -> Self {
         let w = World::empty();
@@ -116,52 +101,19 @@ impl World {
         w
     }
 
-    fn cmd(&self, c: Command) {
-        self.rt
-            .block_on(self.engine.execute(Request::new(c)))
-            .expect("command");
-    }
-
-    fn user(&self, id: &str, username: &str) {
-        self.cmd(Command::CreateUser {
-            id: UserId::new(id),
-            username: username.into(),
-        });
-    }
-
-    fn group(&self, id: &str, name: &str, members: &[&str]) {
-        self.cmd(Command::CreateGroup {
-            id: GroupId::new(id),
-            name: name.into(),
-            case_sharing: true,
-        });
-        for m in members {
-            self.add(id, m);
-        }
-    }
-
-    fn add(&self, group: &str, user: &str) {
-        self.cmd(Command::AddMember {
-            group: GroupId::new(group),
-            user: UserId::new(user),
-        });
-    }
-
-    fn submit(&self, app: Option<&str>, xml: Vec<u8>) {
-        let o = self
-            .rt
-            .block_on(self.engine.submit(xml, app.map(AppId::new), None))
-            .expect("submit");
+    /// Submits a form that must be accepted.
+    fn accept(&self, app: Option<&str>, xml: Vec<u8>) {
+        let o = self.submit_to(app, xml);
         assert_eq!(o.outcome, SubmitStatus::Accepted, "{:?}", o.error);
     }
 
     fn anc(&self, instance: &str, user: &str, blocks: &[Block<'_>]) {
-        self.submit(Some("app-anc"), form(instance, user, blocks));
+        self.accept(Some("app-anc"), form(instance, user, blocks));
     }
 
     fn conformance(&self, scenario: &str, file: &str) {
         let path = support::conformance_dir().join(scenario).join(file);
-        self.submit(
+        self.accept(
             Some("app-anc"),
             std::fs::read(&path).expect("scenario form"),
         );
@@ -169,16 +121,6 @@ impl World {
 
     fn restore(&self, user: &str, since: Option<&str>) -> Restore {
         restore(&self.engine, user, since).expect("restore")
-    }
-
-    fn case_list(&self, user: &str) -> Vec<String> {
-        self.engine
-            .projections()
-            .cases_for_user(user, false)
-            .expect("case list")
-            .into_iter()
-            .map(|c| c.case_id.0)
-            .collect()
     }
 }
 
@@ -356,7 +298,7 @@ fn r45_scenario_16_a_closed_mother_is_sent_with_her_open_children() {
         "R45: a parent of a live case is live even when closed"
     );
     assert!(
-        !w.case_list("u-david").contains(&mother.to_owned()),
+        !w.sees("u-david").contains(&mother.to_owned()),
         "R44: the case list itself has no index closure"
     );
     check("parent-child", &r);
@@ -387,7 +329,7 @@ fn r45_scenario_17_an_extension_brings_its_host_from_another_owner_until_the_hos
         [host, "c-ref-001"],
         "R45: host of a live extension"
     );
-    assert_eq!(w.case_list("u-maria"), ["c-ref-001"], "R44: no closure");
+    assert_eq!(w.sees("u-maria"), ["c-ref-001"], "R44: no closure");
     check("extension", &r);
 
     w.anc(
@@ -527,7 +469,7 @@ fn r45_footprint_graphs_follow_hq_livequery() {
         let (user, forms, want) = graph_forms(n, graph);
         w.user(&user, &user);
         for xml in forms {
-            w.submit(None, xml);
+            w.accept(None, xml);
         }
         let got: BTreeSet<String> = w
             .restore(&user, None)
@@ -651,7 +593,7 @@ fn r45_r48_a_new_child_arrives_with_its_unchanged_parent_from_another_team() {
     // Akinyi belongs to the Mathare team; a Kibera CHW registers her baby.
     let first = w.restore("u-david", None);
     assert_eq!(ids(&first), ["c-monica", "c-private"]);
-    w.submit(
+    w.accept(
         Some("app-anc"),
         child_form("f-baby", "u-maria", "c-baby", "c-akinyi"),
     );

@@ -3,89 +3,28 @@
 
 use caseledger::demo::{form, Block};
 use caseledger::domain::{AppId, CaseId, Command, ErrorCode, GroupId, UserId};
-use caseledger::{Engine, Request, SubmitStatus};
+use caseledger::{Request, SubmitStatus};
 
-use crate::support;
-
-struct World {
-    _dir: tempfile::TempDir,
-    engine: Engine,
-    rt: tokio::runtime::Runtime,
-}
+use crate::support::World;
 
 impl World {
-    fn new() -> Self {
-        let (dir, engine) = support::engine();
-        let w = World {
-            _dir: dir,
-            engine,
-            rt: support::rt(),
-        };
+    /// The seed page's people and apps: two case-sharing teams, a supervisor in both, Tom in
+    /// none, an ANC app and a clinic app sharing a case type, and a non-sharing app.
+    fn stories() -> Self {
+        let w = World::empty();
         for u in ["u-david", "u-maria", "u-ana", "u-grace", "u-tom", "u-sup"] {
-            w.cmd(Command::CreateUser {
-                id: UserId::new(u),
-                username: u.into(),
-            });
+            w.user(u, u);
         }
-        w.group("g-team", &["u-david", "u-maria", "u-grace", "u-sup"]);
-        w.group("g-other", &["u-ana", "u-sup"]);
+        w.group(
+            "g-team",
+            "g-team",
+            &["u-david", "u-maria", "u-grace", "u-sup"],
+        );
+        w.group("g-other", "g-other", &["u-ana", "u-sup"]);
         w.app("app-anc", true, &["pregnancy", "referral"]);
         w.app("app-clinic", true, &["pregnancy"]);
         w.app("app-old", false, &["pregnancy"]);
         w
-    }
-
-    fn cmd(&self, c: Command) {
-        self.rt
-            .block_on(self.engine.execute(Request::new(c)))
-            .expect("command");
-    }
-
-    fn group(&self, id: &str, members: &[&str]) {
-        self.cmd(Command::CreateGroup {
-            id: GroupId::new(id),
-            name: id.into(),
-            case_sharing: true,
-        });
-        for m in members {
-            self.cmd(Command::AddMember {
-                group: GroupId::new(id),
-                user: UserId::new(*m),
-            });
-        }
-    }
-
-    fn app(&self, id: &str, sharing: bool, types: &[&str]) {
-        self.cmd(Command::CreateApp {
-            id: AppId::new(id),
-            name: id.into(),
-            case_sharing: sharing,
-            case_types: types.iter().map(|t| (*t).to_owned()).collect(),
-        });
-    }
-
-    fn submit(&self, app: &str, xml: Vec<u8>) -> caseledger::SubmitOutcome {
-        self.rt
-            .block_on(self.engine.submit(xml, Some(AppId::new(app)), None))
-            .expect("submit")
-    }
-
-    fn sees(&self, user: &str) -> Vec<String> {
-        self.engine
-            .projections()
-            .cases_for_user(user, false)
-            .expect("case list")
-            .into_iter()
-            .map(|c| c.case_id.0)
-            .collect()
-    }
-
-    fn case(&self, id: &str) -> caseledger::domain::Case {
-        self.engine
-            .projections()
-            .case(&CaseId::new(id))
-            .expect("read")
-            .expect("case exists")
     }
 }
 
@@ -118,7 +57,7 @@ fn visit<'a>(
 
 #[test]
 fn seed_use_case_1_david_and_maria_share_one_case_list() {
-    let w = World::new();
+    let w = World::stories();
     assert_eq!(
         w.submit(
             "app-anc",
@@ -157,7 +96,7 @@ fn seed_use_case_1_david_and_maria_share_one_case_list() {
 
 #[test]
 fn seed_use_case_2_the_clinic_app_shares_the_case_type() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-anc",
         form("f1", "u-david", &[register("c1", "u-david", None)]),
@@ -182,7 +121,7 @@ fn seed_use_case_2_the_clinic_app_shares_the_case_type() {
 
 #[test]
 fn seed_errors_a_user_in_no_group_is_rejected_and_the_form_is_kept() {
-    let w = World::new();
+    let w = World::stories();
     let o = w.submit(
         "app-anc",
         form("f1", "u-tom", &[register("c1", "u-tom", None)]),
@@ -212,7 +151,7 @@ fn seed_errors_a_user_in_no_group_is_rejected_and_the_form_is_kept() {
 
 #[test]
 fn seed_advanced_a_supervisor_in_two_groups_reviews_but_cannot_create() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-anc",
         form("f1", "u-david", &[register("c1", "u-david", None)]),
@@ -248,7 +187,7 @@ fn seed_advanced_a_supervisor_in_two_groups_reviews_but_cannot_create() {
 
 #[test]
 fn seed_faq_1_a_case_from_before_sharing_keeps_its_owner() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-old",
         form("f1", "u-david", &[register("c-old", "u-david", None)]),
@@ -281,7 +220,7 @@ fn seed_faq_1_a_case_from_before_sharing_keeps_its_owner() {
 
 #[test]
 fn seed_faq_4_owner_id_set_to_the_user_keeps_a_case_private() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-anc",
         form(
@@ -296,7 +235,7 @@ fn seed_faq_4_owner_id_set_to_the_user_keeps_a_case_private() {
 
 #[test]
 fn seed_faq_3_offline_edits_apply_in_received_order() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-anc",
         form("f1", "u-david", &[register("c1", "u-david", None)]),
@@ -337,7 +276,7 @@ fn seed_faq_3_offline_edits_apply_in_received_order() {
 
 #[test]
 fn seed_faq_3_an_update_to_a_closed_case_leaves_it_closed() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-anc",
         form("f1", "u-david", &[register("c1", "u-david", None)]),
@@ -372,7 +311,7 @@ fn seed_faq_3_an_update_to_a_closed_case_leaves_it_closed() {
 
 #[test]
 fn seed_membership_removal_takes_effect_at_once_r44() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-anc",
         form("f1", "u-david", &[register("c1", "u-david", None)]),
@@ -392,7 +331,7 @@ fn seed_membership_removal_takes_effect_at_once_r44() {
 
 #[test]
 fn r57_archiving_the_closing_form_reopens_the_case_and_unarchive_closes_it_again() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-anc",
         form("f1", "u-david", &[register("c1", "u-david", None)]),
@@ -441,7 +380,7 @@ fn r57_archiving_the_closing_form_reopens_the_case_and_unarchive_closes_it_again
 
 #[test]
 fn r57_archiving_every_form_of_a_case_deletes_it_and_r50_later_blocks_are_illegal() {
-    let w = World::new();
+    let w = World::stories();
     w.submit(
         "app-anc",
         form("f1", "u-david", &[register("c1", "u-david", None)]),
@@ -482,7 +421,7 @@ fn r57_archiving_every_form_of_a_case_deletes_it_and_r50_later_blocks_are_illega
 
 #[test]
 fn r56_reprocess_recovers_a_form_rejected_for_no_case_sharing_group() {
-    let w = World::new();
+    let w = World::stories();
     let o = w.submit(
         "app-anc",
         form("f1", "u-tom", &[register("c1", "u-tom", None)]),
@@ -503,7 +442,7 @@ fn r56_reprocess_recovers_a_form_rejected_for_no_case_sharing_group() {
 
 #[test]
 fn r54_an_edit_rebuilds_the_case_in_the_old_versions_place() {
-    let w = World::new();
+    let w = World::stories();
     let v1 = Block {
         case_id: "c1",
         user: "u-david",
