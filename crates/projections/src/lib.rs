@@ -60,6 +60,25 @@ pub struct FormEntry {
     pub case_ids: Vec<CaseId>,
 }
 
+impl FormEntry {
+    /// The entry for a version of a form recorded at `position`: in force when `accepted`, at its
+    /// own place in received order, not archived, no error and no cases yet.
+    fn recorded(form: &domain::FormRecord, position: Position, accepted: bool) -> Self {
+        FormEntry {
+            accepted,
+            xmlns: form.xmlns.clone(),
+            content_hash: form.content_hash,
+            position,
+            original: position,
+            archived: false,
+            app_id: form.app_id.clone(),
+            user_id: form.user_id.clone(),
+            error: None,
+            case_ids: Vec::new(),
+        }
+    }
+}
+
 /// A diagnostic with the position of the event that raised it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiagnosticRow {

@@ -159,42 +159,22 @@ impl Pending {
                         cases.push(block.case_id.clone());
                     }
                 }
-                self.forms.insert(
-                    form_id.clone(),
-                    FormEntry {
-                        accepted: true,
-                        xmlns: f.form.xmlns.clone(),
-                        content_hash: f.form.content_hash,
-                        position: ev.position,
-                        original: ev.position,
-                        archived: false,
-                        app_id: f.form.app_id.clone(),
-                        user_id: f.form.user_id.clone(),
-                        error: None,
-                        case_ids: cases,
-                    },
-                );
+                let entry = FormEntry {
+                    case_ids: cases,
+                    ..FormEntry::recorded(&f.form, ev.position, true)
+                };
+                self.forms.insert(form_id.clone(), entry);
             }
             Event::FormRejectedV1(f) => {
                 let id = &f.form.form_id;
                 // A rejected edit leaves the accepted version in force (R54).
                 let in_force = self.form_entry(id)?.is_some_and(|e| e.accepted);
                 if !in_force {
-                    self.forms.insert(
-                        id.clone(),
-                        FormEntry {
-                            accepted: false,
-                            xmlns: f.form.xmlns.clone(),
-                            content_hash: f.form.content_hash,
-                            position: ev.position,
-                            original: ev.position,
-                            archived: false,
-                            app_id: f.form.app_id.clone(),
-                            user_id: f.form.user_id.clone(),
-                            error: Some(f.error.clone()),
-                            case_ids: Vec::new(),
-                        },
-                    );
+                    let entry = FormEntry {
+                        error: Some(f.error.clone()),
+                        ..FormEntry::recorded(&f.form, ev.position, false)
+                    };
+                    self.forms.insert(id.clone(), entry);
                 }
             }
             Event::DiagnosticRaisedV1(d) => self.diagnostics.push(DiagnosticRow {
@@ -212,21 +192,14 @@ impl Pending {
                         affected.push(c.clone());
                     }
                 }
-                self.forms.insert(
-                    id.clone(),
-                    FormEntry {
-                        accepted: true,
-                        xmlns: f.form.xmlns.clone(),
-                        content_hash: f.form.content_hash,
-                        position: ev.position,
-                        original: old.as_ref().map_or(ev.position, |e| e.original),
-                        archived: old.as_ref().is_some_and(|e| e.archived),
-                        app_id: f.form.app_id.clone(),
-                        user_id: f.form.user_id.clone(),
-                        error: None,
-                        case_ids: new_cases,
-                    },
-                );
+                // R54: the new version keeps the old one's place and archived state.
+                let entry = FormEntry {
+                    original: old.as_ref().map_or(ev.position, |e| e.original),
+                    archived: old.as_ref().is_some_and(|e| e.archived),
+                    case_ids: new_cases,
+                    ..FormEntry::recorded(&f.form, ev.position, true)
+                };
+                self.forms.insert(id.clone(), entry);
                 for c in &affected {
                     self.slot(c)?.history.push(ev.position);
                     self.rebuild(c)?;
