@@ -462,11 +462,8 @@ impl Engine {
             }
             results.push(None);
             if rebuilds {
-                appends.push((slot, append, Vec::new()));
+                appends.push((slot, append, recorded.clone()));
                 self.write_appends(&mut appends, &mut results, &mut last)?;
-                if let Some(Some(Ok(o))) = results.get_mut(slot) {
-                    o.events.clone_from(&recorded);
-                }
                 for ev in &recorded {
                     pending.apply(ev)?;
                 }
@@ -487,7 +484,6 @@ impl Engine {
     }
 
     /// Writes decided appends as one sled batch and files each outcome in its request's slot.
-    /// `recorded` may be empty for an append whose events the caller files itself.
     fn write_appends(
         &self,
         appends: &mut Vec<Decided>,
@@ -509,7 +505,7 @@ impl Engine {
                     )));
                 }
             };
-            if recorded.first().is_some_and(|e| e.position != first) {
+            if recorded.first().map(|e| e.position) != Some(first) {
                 return Err(EngineError::Internal(format!(
                     "log wrote from {first}, projections folded from {:?}",
                     recorded.first().map(|e| e.position)
