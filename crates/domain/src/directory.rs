@@ -118,15 +118,6 @@ impl Directory {
         }
     }
 
-    /// Groups that list the user, with or without case sharing.
-    pub fn groups_of(&self, user: &str) -> Vec<&GroupId> {
-        self.groups
-            .iter()
-            .filter(|(_, g)| g.members.iter().any(|m| m.as_str() == user))
-            .map(|(id, _)| id)
-            .collect()
-    }
-
     /// The user's case-sharing groups (R34): groups with case sharing on that list the user.
     pub fn case_sharing_groups(&self, user: &str) -> Vec<&GroupId> {
         self.groups
