@@ -47,6 +47,12 @@ pub struct EngineConfig {
     pub log: LogConfig,
     /// Events per projection batch during catch-up and replay; bounds replay memory.
     pub replay_chunk: usize,
+    /// Bytes each sorter of a replay's bulk rebuild holds in memory before it spills a sorted
+    /// run to the scratch directory (three sorters at most are filling at once).
+    pub replay_sort_budget: usize,
+    /// Directory for a replay's sorted runs; `None` = `<store>/replay-scratch` for a store
+    /// opened with [`Engine::open`], else a directory under the system temp dir.
+    pub scratch_dir: Option<std::path::PathBuf>,
     /// sled page cache size in bytes.
     pub cache_capacity: u64,
     /// End every group commit with `fdatasync` of sled's data file, so acknowledgements survive
@@ -60,6 +66,8 @@ impl Default for EngineConfig {
             limits: casexml::Limits::default(),
             log: LogConfig::default(),
             replay_chunk: 1024,
+            replay_sort_budget: 16 << 20,
+            scratch_dir: None,
             cache_capacity: 64 * 1024 * 1024,
             fsync: true,
         }
@@ -178,6 +186,15 @@ impl Engine {
             }
         };
         let fsync = config.fsync;
+        let mut config = config;
+        let scratch = config
+            .scratch_dir
+            .get_or_insert_with(|| dir.join("replay-scratch"));
+        // Sorted runs of a replay that crashed: scratch derived from the log, never truth (I2).
+        if scratch.exists() {
+            std::fs::remove_dir_all(&*scratch)
+                .map_err(|e| EngineError::Internal(format!("{}: {e}", scratch.display())))?;
+        }
         let engine = Self::with_db(db, domain, config)?;
         if fsync {
             engine.log.sync_data_file(dir)?;
@@ -536,11 +553,30 @@ impl Engine {
                 e.as_ref().map_or(true, |e| e.position <= head)
             }
         };
-        rebuild.feed(
+        let scratch = match &self.config.scratch_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::temp_dir().join(format!(
+                "caseledger-replay-{}-{}",
+                std::process::id(),
+                now().0
+            )),
+        };
+        let loaded = rebuild.bulk_load(
             self.log.iter_from(Position(1)).take_while(upto(head)),
-            chunk,
+            &scratch,
+            self.config.replay_sort_budget,
             &mut |p| progress(p, head),
-        )?;
+        );
+        // The runs are gone with their sorters; the directory itself is ours to remove.
+        let _ = std::fs::remove_dir_all(&scratch);
+        let stats = loaded?;
+        tracing::info!(
+            events = stats.events,
+            cases = stats.cases,
+            forms = stats.forms,
+            runs = stats.runs,
+            "bulk rebuild"
+        );
         let _guard = self.lock();
         let head = self.log.written_head();
         let from = rebuild.checkpoint().next();

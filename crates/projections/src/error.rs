@@ -33,6 +33,14 @@ pub enum ProjectionError {
         /// Why.
         reason: String,
     },
+    /// A scratch file of a bulk rebuild could not be written or read back.
+    #[error("replay scratch file {path}: {reason}")]
+    Scratch {
+        /// The file or directory.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
     /// Reading the log failed during catch-up or replay.
     #[error(transparent)]
     Log(#[from] eventlog::LogError),

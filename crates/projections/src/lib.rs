@@ -13,10 +13,12 @@
 //! Projections hold no truth of their own (I2): deleting every tree of this crate and replaying
 //! gives the same answers (I3).
 
+mod bulk;
 mod codec;
 mod error;
 mod keys;
 mod pending;
+mod sorter;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -32,6 +34,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use bulk::BulkStats;
 pub use error::ProjectionError;
 pub use pending::Pending;
 
@@ -423,6 +426,23 @@ impl Rebuild<'_> {
     {
         let pending = Pending::new(Arc::clone(&self.generation), self.owner.reader());
         fold_into(pending, events, chunk, progress)
+    }
+
+    /// Replays `events` (from position 1, in order) into the new generation, which must still be
+    /// empty, by sorting instead of random writes (see the `bulk` module). `scratch` is a
+    /// directory for sorted runs, `budget` the bytes each of its sorters may hold in memory.
+    /// Continue with [`Rebuild::feed`] for events appended meanwhile.
+    pub fn bulk_load<I>(
+        &mut self,
+        events: I,
+        scratch: &std::path::Path,
+        budget: usize,
+        progress: &mut dyn FnMut(Position),
+    ) -> Result<BulkStats, ProjectionError>
+    where
+        I: IntoIterator<Item = Result<RecordedEvent, eventlog::LogError>>,
+    {
+        bulk::load(&self.generation, events, scratch, budget, progress)
     }
 
     /// Position the new generation has reached.

