@@ -4,6 +4,7 @@
 //! through the facade), `cli` (the command-line contract), `replay` (replay == live, I3).
 
 mod cli;
+mod concurrency;
 mod conformance;
 mod errors;
 mod fixtures;

@@ -16,6 +16,7 @@
 //! Queries read projections; they may observe an effect a few microseconds before it is durable,
 //! never one that is not in the log.
 
+mod committer;
 mod error;
 mod outcome;
 
@@ -25,15 +26,16 @@ mod tests;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use committer::{Committer, Done, Inflight};
 use domain::{
     AppId, AttachmentFile, Command, CommandError, CommandId, DomainName, Event, FormId, Position,
     RecordedEvent, Submission, Timestamp,
 };
 use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
-use projections::Projections;
+use projections::{Overlay, Prefetched, Projections, Touched};
 
 pub use error::EngineError;
 pub use outcome::{Outcome, SubmitOutcome, SubmitStatus};
@@ -124,6 +126,10 @@ type Decided = (usize, AppendRequest, Vec<RecordedEvent>);
 /// One result per request of a group, in request order.
 pub type Outcomes = Vec<Result<Outcome, EngineError>>;
 
+/// A decided and written group: its outcomes, the last log position to wait durable for, and
+/// the projection batch to wait written for.
+type Written = (Outcomes, Option<Position>, Option<Arc<Done>>);
+
 /// Figures of a finished replay.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayStats {
@@ -135,18 +141,30 @@ pub struct ReplayStats {
 
 /// The caseledger engine for one project space.
 pub struct Engine {
+    /// First, so that dropping the engine finishes the batch in flight before the store goes.
+    committer: Committer,
     db: sled::Db,
     domain: DomainName,
     log: SledLog,
     projections: Projections,
-    writer: Mutex<Clock>,
+    writer: Mutex<Writer>,
     config: EngineConfig,
 }
 
-/// Guarded by the writer lock: the last received time handed out, to keep it non-decreasing.
-struct Clock {
+/// Guarded by the writer lock.
+struct Writer {
+    /// The last received time handed out, to keep it non-decreasing.
     last: Timestamp,
+    /// The projection batch being written, if any (`committer`).
+    inflight: Option<Inflight>,
+    /// Ids touched by the batches sealed last, oldest first, to validate reads made ahead of
+    /// the lock ([`Prefetched::validate`]).
+    recent: std::collections::VecDeque<Touched>,
 }
+
+/// How many sealed batches [`Writer::recent`] remembers; a read made before more batches than
+/// this were sealed is dropped and done again under the lock.
+const RECENT_BATCHES: usize = 32;
 
 /// The server clock in milliseconds (received times, restore dates).
 pub fn now() -> Timestamp {
@@ -218,13 +236,18 @@ impl Engine {
                 Some(Err(e)) => Err(e),
             }
         }));
+        let committer = Committer::start()
+            .map_err(|e| EngineError::Internal(format!("projection writer thread: {e}")))?;
         let engine = Engine {
+            committer,
             db,
             domain: domain.clone(),
             log,
             projections,
-            writer: Mutex::new(Clock {
+            writer: Mutex::new(Writer {
                 last: Timestamp::EPOCH,
+                inflight: None,
+                recent: std::collections::VecDeque::new(),
             }),
             config,
         };
@@ -235,10 +258,32 @@ impl Engine {
         Ok(engine)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Clock> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
         match self.writer.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// What the next group decides against, under the writer lock: the overlay of the batch in
+    /// flight while it is being written; otherwise the tree, first caught up to the log if a
+    /// batch failed.
+    fn overlay(&self, writer: &mut Writer) -> Result<Option<Arc<Overlay>>, EngineError> {
+        if let Some(inflight) = &writer.inflight {
+            if !inflight.done.is_finished() {
+                return Ok(Some(Arc::clone(&inflight.overlay)));
+            }
+            writer.inflight = None;
+        }
+        self.catch_up()?;
+        Ok(None)
+    }
+
+    /// Waits for the batch in flight, under the writer lock; true when it was written.
+    fn settle(writer: &mut Writer) -> bool {
+        match writer.inflight.take() {
+            Some(inflight) => inflight.done.wait().is_ok(),
+            None => true,
         }
     }
 
@@ -365,20 +410,59 @@ impl Engine {
     /// of the ones before), appended, projected in one batch, and acknowledged after one shared
     /// flush. Each command succeeds or fails on its own; a failed command appends nothing.
     pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
-        let (results, last) = self.decide_and_write(requests)?;
+        let prefetched = self.prefetch(&requests)?;
+        let (results, last, written) = self.decide_and_write(requests, prefetched)?;
         if let Some(last) = last {
             self.log.wait_durable(last).await?;
         }
+        // Acknowledge only what readers can see, so that a client reads its own writes.
+        if let Some(written) = written {
+            written.done().await.map_err(|e| {
+                EngineError::Internal(format!(
+                    "projection write failed ({e}); the log holds the events and the next \
+                     command catches the projections up"
+                ))
+            })?;
+        }
         Ok(results)
+    }
+
+    /// Reads what deciding the submissions among `requests` will read (their form entries and
+    /// the cases their blocks name), before the writer lock; see [`Prefetched`].
+    fn prefetch(&self, requests: &[Request]) -> Result<Option<Prefetched>, EngineError> {
+        let forms: Vec<&domain::ParsedForm> = requests
+            .iter()
+            .filter_map(|r| match &r.command {
+                Command::SubmitForm(sub) => sub.parsed.as_ref().ok(),
+                _ => None,
+            })
+            .collect();
+        if forms.is_empty() {
+            return Ok(None);
+        }
+        let cases = forms
+            .iter()
+            .flat_map(|f| f.blocks.iter().map(|b| &b.case_id));
+        let ids = forms.iter().map(|f| &f.instance_id);
+        Ok(Some(self.projections.prefetch(cases, ids)?))
     }
 
     fn decide_and_write(
         &self,
         requests: Vec<Request>,
-    ) -> Result<(Outcomes, Option<Position>), EngineError> {
+        prefetched: Option<Prefetched>,
+    ) -> Result<Written, EngineError> {
         let mut clock = self.lock();
-        self.catch_up()?;
-        let mut pending = self.projections.pending();
+        let overlay = self.overlay(&mut clock)?;
+        let prefetched = prefetched.map(|mut p| {
+            let latest = overlay
+                .as_ref()
+                .map_or_else(|| self.projections.checkpoint(), |o| o.checkpoint());
+            p.validate(self.projections.generation_id(), latest, &clock.recent);
+            p
+        });
+        let mut pending = self.projections.pending_over(overlay, prefetched);
+        let start = pending.checkpoint();
         let mut results: Vec<Option<Result<Outcome, EngineError>>> =
             Vec::with_capacity(requests.len());
         // Decided appends, written together below as one sled batch: sled 0.34.7 charges two IO
@@ -492,12 +576,32 @@ impl Engine {
             }
         }
         self.write_appends(&mut appends, &mut results, &mut last)?;
-        pending.commit()?;
         let results = results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(EngineError::Internal("no outcome".into()))))
             .collect();
-        Ok((results, last))
+        if pending.checkpoint() == start {
+            return Ok((results, last, None));
+        }
+        let (sealed, overlay) = pending.seal()?;
+        // Batches are written in order: this one goes after the one in flight is done.
+        if !Self::settle(&mut clock) {
+            // That batch failed, and this one was folded on top of it: drop it and fold both
+            // from the log instead.
+            drop(sealed);
+            self.catch_up()?;
+            return Ok((results, last, None));
+        }
+        let done = self.committer.submit(sealed);
+        if clock.recent.len() >= RECENT_BATCHES {
+            clock.recent.pop_front();
+        }
+        clock.recent.push_back(overlay.touched());
+        clock.inflight = Some(Inflight {
+            overlay: Arc::new(overlay),
+            done: Arc::clone(&done),
+        });
+        Ok((results, last, Some(done)))
     }
 
     /// Writes decided appends as one sled batch and files each outcome in its request's slot.
@@ -577,7 +681,10 @@ impl Engine {
             runs = stats.runs,
             "bulk rebuild"
         );
-        let _guard = self.lock();
+        let mut writer = self.lock();
+        // The old generation's last batch must land before that generation is reclaimed.
+        Self::settle(&mut writer);
+        writer.recent.clear();
         let head = self.log.written_head();
         let from = rebuild.checkpoint().next();
         rebuild.feed(
@@ -595,6 +702,7 @@ impl Engine {
 
     /// Flushes sled (projections included); used before a clean exit.
     pub fn flush(&self) -> Result<(), EngineError> {
+        Self::settle(&mut self.lock());
         self.db.flush()?;
         Ok(())
     }

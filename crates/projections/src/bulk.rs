@@ -49,7 +49,10 @@ enum FormFact {
 #[derive(Serialize, Deserialize)]
 enum CaseFact {
     /// A block of the form version recorded at the record's position.
-    Block { form: FormId, block: Box<BlockApplied> },
+    Block {
+        form: FormId,
+        block: Box<BlockApplied>,
+    },
     /// An edit or archive at the record's position touched the case (history only).
     Mark,
 }

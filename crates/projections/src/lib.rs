@@ -18,6 +18,7 @@ mod codec;
 mod error;
 mod keys;
 mod pending;
+mod prefetch;
 mod sorter;
 
 #[cfg(test)]
@@ -36,7 +37,8 @@ use serde::{Deserialize, Serialize};
 
 pub use bulk::BulkStats;
 pub use error::ProjectionError;
-pub use pending::Pending;
+pub use pending::{Overlay, Pending, Sealed};
+pub use prefetch::{Prefetched, Touched};
 
 /// What the forms projection knows about one form id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,15 +172,33 @@ impl Generation {
         &self,
         id: &CaseId,
     ) -> Result<(Option<Case>, Vec<Position>), ProjectionError> {
+        self.load_stored(id).map(|s| (s.case, s.history))
+    }
+
+    /// Everything stored about a case id: the case, its history, and whether it is a tombstone.
+    /// Absent ids cost two point reads, present ones one.
+    fn load_stored(&self, id: &CaseId) -> Result<StoredCase, ProjectionError> {
         let key = keys::case(id.as_str());
         if let Some(bytes) = self.tree.get(&key)? {
             let (case, history) = codec::decode_case_with_history(&key, &bytes)?;
-            return Ok((Some(case), history));
+            return Ok(StoredCase {
+                case: Some(case),
+                history,
+                tombstone: false,
+            });
         }
         let key = keys::tombstone(id.as_str());
         match self.tree.get(&key)? {
-            Some(bytes) => Ok((None, codec::decode_history(&key, &bytes)?)),
-            None => Ok((None, Vec::new())),
+            Some(bytes) => Ok(StoredCase {
+                case: None,
+                history: codec::decode_history(&key, &bytes)?,
+                tombstone: true,
+            }),
+            None => Ok(StoredCase {
+                case: None,
+                history: Vec::new(),
+                tombstone: false,
+            }),
         }
     }
 
@@ -197,6 +217,14 @@ impl Generation {
             None => Ok(None),
         }
     }
+}
+
+/// A case id as a generation stores it.
+#[derive(Clone)]
+pub(crate) struct StoredCase {
+    pub(crate) case: Option<Case>,
+    pub(crate) history: Vec<Position>,
+    pub(crate) tombstone: bool,
 }
 
 fn tree_name(domain: &DomainName, generation: u64) -> String {
@@ -271,6 +299,50 @@ impl Projections {
     /// Starts folding a batch over the active generation.
     pub fn pending(&self) -> Pending {
         Pending::new(self.current(), self.reader())
+    }
+
+    /// Starts folding a batch over the active generation as it will be once the sealed batch
+    /// `overlay` came from is written, using what `prefetched` read ahead (validated by the
+    /// caller with [`Prefetched::validate`]).
+    pub fn pending_over(
+        &self,
+        overlay: Option<Arc<Overlay>>,
+        prefetched: Option<Prefetched>,
+    ) -> Pending {
+        Pending::over(self.current(), self.reader(), overlay, prefetched)
+    }
+
+    /// Id of the active generation (a replay installs a new one).
+    pub fn generation_id(&self) -> u64 {
+        self.current().id
+    }
+
+    /// Reads the stored state of `cases` and `forms` ahead of deciding (see [`Prefetched`]).
+    pub fn prefetch<'a>(
+        &self,
+        cases: impl IntoIterator<Item = &'a CaseId>,
+        forms: impl IntoIterator<Item = &'a FormId>,
+    ) -> Result<Prefetched, ProjectionError> {
+        let generation = self.current();
+        // Read before the values, so that every value is at least this new.
+        let checkpoint = generation.checkpoint();
+        let mut out = Prefetched {
+            generation_id: generation.id,
+            checkpoint,
+            cases: std::collections::HashMap::new(),
+            forms: std::collections::HashMap::new(),
+        };
+        for id in cases {
+            if !out.cases.contains_key(id) {
+                out.cases.insert(id.clone(), generation.load_stored(id)?);
+            }
+        }
+        for id in forms {
+            if !out.forms.contains_key(id) {
+                out.forms.insert(id.clone(), generation.load_form(id)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Position of the last event folded into the active generation.

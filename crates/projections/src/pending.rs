@@ -14,7 +14,10 @@ use domain::{
     Relationship, State,
 };
 
-use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, ProjectionError};
+use crate::{
+    codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, Prefetched, ProjectionError,
+    StoredCase, Touched,
+};
 
 /// A case's index entries: its owner entry and its reverse-index entries.
 pub(crate) struct Stored {
@@ -47,7 +50,60 @@ struct CaseSlot {
     current: Option<Case>,
     /// Positions of the events that touched the case, stored ones included, ascending.
     history: Vec<Position>,
+    /// The generation held a tombstone for it when it was loaded.
+    tombstone: bool,
     dirty: bool,
+}
+
+/// The effects of a sealed batch whose sled write may still be running: the next batch reads
+/// through it, so deciding the next group need not wait for the write (see [`Pending::seal`]).
+pub struct Overlay {
+    generation_id: u64,
+    from: Position,
+    cases: HashMap<CaseId, StoredCase>,
+    forms: HashMap<FormId, FormEntry>,
+    directory: Arc<Directory>,
+    checkpoint: Position,
+}
+
+impl Overlay {
+    /// Position of the last event the overlay holds.
+    pub fn checkpoint(&self) -> Position {
+        self.checkpoint
+    }
+
+    /// The ids this batch read or changed, for [`Prefetched::validate`].
+    pub fn touched(&self) -> Touched {
+        Touched::new(
+            self.generation_id,
+            self.from,
+            self.checkpoint,
+            self.cases.keys().cloned().collect(),
+            self.forms.keys().cloned().collect(),
+        )
+    }
+}
+
+/// A batch ready to be written: one atomic sled batch with the checkpoint (I4).
+pub struct Sealed {
+    generation: Arc<Generation>,
+    batch: sled::Batch,
+    directory: Arc<Directory>,
+    checkpoint: Position,
+}
+
+impl Sealed {
+    /// Writes the batch and publishes its checkpoint and directory to readers.
+    pub fn apply(self) -> Result<Arc<Generation>, ProjectionError> {
+        self.generation.tree.apply_batch(self.batch)?;
+        self.generation.published(self.directory, self.checkpoint);
+        Ok(self.generation)
+    }
+
+    /// Position of the last event in the batch.
+    pub fn checkpoint(&self) -> Position {
+        self.checkpoint
+    }
 }
 
 /// Uncommitted projection changes over a generation.
@@ -56,27 +112,58 @@ pub struct Pending {
     directory: Arc<Directory>,
     directory_dirty: bool,
     cases: HashMap<CaseId, CaseSlot>,
+    /// Cases `decide` read from the generation, kept so that folding the decision does not read
+    /// them again (a form's case is read by `case` and `is_deleted`, then by the fold).
+    loaded: RefCell<HashMap<CaseId, StoredCase>>,
     forms: HashMap<FormId, FormEntry>,
     diagnostics: Vec<DiagnosticRow>,
     checkpoint: Position,
+    /// The checkpoint this batch started from.
+    from: Position,
     error: RefCell<Option<ProjectionError>>,
     reader: Option<LogReader>,
+    overlay: Option<Arc<Overlay>>,
+    /// Form entries read ahead (`None`: no such form), validated by the caller.
+    prefetched_forms: HashMap<FormId, Option<FormEntry>>,
 }
 
 impl Pending {
     pub(crate) fn new(generation: Arc<Generation>, reader: Option<LogReader>) -> Self {
-        let directory = generation.directory();
-        let checkpoint = generation.checkpoint();
+        Self::over(generation, reader, None, None)
+    }
+
+    /// A batch over `generation` as it will be once `overlay`'s batch is written. An overlay of
+    /// another generation (replaced by a replay since) is ignored.
+    pub(crate) fn over(
+        generation: Arc<Generation>,
+        reader: Option<LogReader>,
+        overlay: Option<Arc<Overlay>>,
+        prefetched: Option<Prefetched>,
+    ) -> Self {
+        let overlay = overlay.filter(|o| o.generation_id == generation.id);
+        let prefetched = prefetched.filter(|p| p.generation_id == generation.id);
+        let (loaded, prefetched_forms) = match prefetched {
+            Some(p) => (p.cases, p.forms),
+            None => (HashMap::new(), HashMap::new()),
+        };
+        let (directory, checkpoint) = match &overlay {
+            Some(o) => (Arc::clone(&o.directory), o.checkpoint),
+            None => (generation.directory(), generation.checkpoint()),
+        };
         Pending {
             generation,
             directory,
             directory_dirty: false,
             cases: HashMap::new(),
+            loaded: RefCell::new(loaded),
             forms: HashMap::new(),
             diagnostics: Vec::new(),
             checkpoint,
+            from: checkpoint,
             error: RefCell::new(None),
             reader,
+            overlay,
+            prefetched_forms,
         }
     }
 
@@ -109,7 +196,18 @@ impl Pending {
 
     fn slot(&mut self, id: &CaseId) -> Result<&mut CaseSlot, ProjectionError> {
         if !self.cases.contains_key(id) {
-            let (current, history) = self.generation.load_case_with_history(id)?;
+            let loaded = self.loaded.get_mut().remove(id);
+            let StoredCase {
+                case: current,
+                history,
+                tombstone,
+            } = match loaded {
+                Some(s) => s,
+                None => match self.overlay.as_ref().and_then(|o| o.cases.get(id)) {
+                    Some(s) => s.clone(),
+                    None => self.generation.load_stored(id)?,
+                },
+            };
             let stored = current.as_ref().map(stored_of);
             self.cases.insert(
                 id.clone(),
@@ -117,6 +215,7 @@ impl Pending {
                     stored,
                     current,
                     history,
+                    tombstone,
                     dirty: false,
                 },
             );
@@ -130,10 +229,16 @@ impl Pending {
     }
 
     fn form_entry(&self, id: &FormId) -> Result<Option<FormEntry>, ProjectionError> {
-        match self.forms.get(id) {
-            Some(f) => Ok(Some(f.clone())),
-            None => self.generation.load_form(id),
+        if let Some(f) = self.forms.get(id) {
+            return Ok(Some(f.clone()));
         }
+        if let Some(f) = self.overlay.as_ref().and_then(|o| o.forms.get(id)) {
+            return Ok(Some(f.clone()));
+        }
+        if let Some(f) = self.prefetched_forms.get(id) {
+            return Ok(f.clone());
+        }
+        self.generation.load_form(id)
     }
 
     /// Folds one event. Events must come in position order, starting right after the checkpoint.
@@ -284,8 +389,33 @@ impl Pending {
         Ok(())
     }
 
+    /// What the generation stores about a case not folded in this batch, read once and kept.
+    /// `None` after a storage error, which [`Pending::failed`] then reports.
+    fn stored(&self, id: &CaseId) -> Option<StoredCase> {
+        if let Some(s) = self.loaded.borrow().get(id) {
+            return Some(s.clone());
+        }
+        if let Some(s) = self.overlay.as_ref().and_then(|o| o.cases.get(id)) {
+            return Some(s.clone());
+        }
+        match self.generation.load_stored(id) {
+            Ok(s) => {
+                self.loaded.borrow_mut().insert(id.clone(), s.clone());
+                Some(s)
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
     /// Writes everything folded so far, and the checkpoint, in one atomic batch.
     pub fn commit(self) -> Result<Arc<Generation>, ProjectionError> {
+        self.seal()?.0.apply()
+    }
+
+    /// Turns everything folded so far into the batch to write and the overlay the next batch
+    /// reads through until that write is done. Write sealed batches in the order sealed, each
+    /// after the one before it.
+    pub fn seal(self) -> Result<(Sealed, Overlay), ProjectionError> {
         if let Some(e) = self.error.into_inner() {
             return Err(e);
         }
@@ -370,9 +500,38 @@ impl Pending {
             batch.insert(keys::DIRECTORY, codec::encode(self.directory.as_ref()));
         }
         batch.insert(keys::CHECKPOINT, self.checkpoint.to_be_bytes().to_vec());
-        self.generation.tree.apply_batch(batch)?;
-        self.generation.published(self.directory, self.checkpoint);
-        Ok(self.generation)
+        let cases = self
+            .cases
+            .into_iter()
+            .map(|(id, slot)| {
+                let tombstone = if slot.dirty {
+                    slot.current.is_none()
+                } else {
+                    slot.tombstone
+                };
+                let stored = StoredCase {
+                    case: slot.current,
+                    history: slot.history,
+                    tombstone,
+                };
+                (id, stored)
+            })
+            .collect();
+        let overlay = Overlay {
+            generation_id: self.generation.id,
+            from: self.from,
+            cases,
+            forms: self.forms,
+            directory: Arc::clone(&self.directory),
+            checkpoint: self.checkpoint,
+        };
+        let sealed = Sealed {
+            generation: self.generation,
+            batch,
+            directory: self.directory,
+            checkpoint: self.checkpoint,
+        };
+        Ok((sealed, overlay))
     }
 }
 
@@ -384,10 +543,7 @@ impl State for Pending {
     fn case(&self, id: &CaseId) -> Option<Case> {
         match self.cases.get(id) {
             Some(slot) => slot.current.clone(),
-            None => self
-                .generation
-                .load_case(id)
-                .unwrap_or_else(|e| self.fail(e)),
+            None => self.stored(id).and_then(|s| s.case),
         }
     }
 
@@ -406,9 +562,6 @@ impl State for Pending {
         if let Some(slot) = self.cases.get(id) {
             return slot.current.is_none() && (slot.stored.is_some() || slot.dirty);
         }
-        self.generation.is_deleted(id).unwrap_or_else(|e| {
-            self.fail::<()>(e);
-            false
-        })
+        self.stored(id).is_some_and(|s| s.tombstone)
     }
 }
