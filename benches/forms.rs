@@ -27,7 +27,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::{env_or, machine, memory_kb, mix, reset_peak, uuid_like, BenchResult};
+use common::{
+    env_or, machine, memory_kb, mix, process_cpu_seconds, reset_peak, uuid_like, written_bytes,
+    BenchResult,
+};
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -309,6 +312,7 @@ fn main() -> BenchResult<()> {
         &DomainName::new("bench"),
         EngineConfig {
             fsync: env_or("CASELEDGER_BENCH_FSYNC", 1)? == 1,
+            cache_capacity: env_or("CASELEDGER_BENCH_CACHE_MB", 64)? << 20,
             ..EngineConfig::default()
         },
     )?);
@@ -345,7 +349,11 @@ fn main() -> BenchResult<()> {
         let forms_in: usize = batches.iter().map(Vec::len).sum();
         let (rss_before, _) = memory_kb();
         let reset = reset_peak();
+        let cpu_before = process_cpu_seconds();
+        let written_before = written_bytes();
         let (tally, secs) = durable_round(&runtime, &engine, batches, tasks)?;
+        let cpu = process_cpu_seconds() - cpu_before;
+        let written = written_bytes() - written_before;
         let (_, peak) = memory_kb();
         let delta = peak.saturating_sub(rss_before);
         writeln!(
@@ -359,6 +367,14 @@ fn main() -> BenchResult<()> {
             rss_before as f64 / 1024.0,
             delta as f64 / 1024.0,
             delta * 1024 / (tasks * batch).max(1) as u64
+        )?;
+        writeln!(
+            out,
+            "  {:<58} CPU {cpu:.2} s for {secs:.2} s on {cpus} cores: {:.0} µs of CPU per form; written to disk {:.1} MB, {:.1} KB per form",
+            "",
+            cpu * 1e6 / forms_in.max(1) as f64,
+            written as f64 / 1e6,
+            written as f64 / 1e3 / forms_in.max(1) as f64
         )?;
         out.flush()?;
         total.accepted += tally.accepted;

@@ -100,3 +100,28 @@ where
         Err(_) => Ok(default),
     }
 }
+
+/// CPU seconds (user + system) the whole process used so far, from `/proc/self/stat`.
+pub fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    // USER_HZ is 100 on every Linux configuration the benches run on.
+    ticks as f64 / 100.0
+}
+
+/// Bytes this process caused to be written to storage so far (`write_bytes` of `/proc/self/io`).
+pub fn written_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
