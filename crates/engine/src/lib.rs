@@ -410,8 +410,12 @@ impl Engine {
     /// of the ones before), appended, projected in one batch, and acknowledged after one shared
     /// flush. Each command succeeds or fails on its own; a failed command appends nothing.
     pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
-        let prefetched = self.prefetch(&requests)?;
-        let (results, last, written) = self.decide_and_write(requests, prefetched)?;
+        // Reading ahead and deciding block on sled and on the writer lock: on a multi-thread
+        // runtime, hand this worker's other tasks to another worker meanwhile.
+        let (results, last, written) = blocking(|| {
+            let prefetched = self.prefetch(&requests)?;
+            self.decide_and_write(requests, prefetched)
+        })?;
         if let Some(last) = last {
             self.log.wait_durable(last).await?;
         }
@@ -705,6 +709,17 @@ impl Engine {
         Self::settle(&mut self.lock());
         self.db.flush()?;
         Ok(())
+    }
+}
+
+/// Runs `f`, which blocks, without stalling the tasks queued on this runtime worker when the
+/// runtime has several workers (`block_in_place`); elsewhere it simply runs `f`.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
