@@ -649,12 +649,18 @@ fn replay(engine: &Engine, cli: &Cli) -> Result<u8> {
     let bar = indicatif::ProgressBar::new(head.0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} replay [{bar:40}] {pos}/{len} events {per_sec} eta {eta}",
+            "{spinner} replay [{bar:40}] {pos}/{len} events {per_sec} eta {eta} {msg}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let stats = engine
-        .replay(&mut |done, _head| bar.set_position(done.0))
+        .replay(&mut |done, head| {
+            bar.set_position(done.0);
+            // The scan is done; the sorted passes that write the projections follow.
+            if done >= head {
+                bar.set_message("writing projections in key order");
+            }
+        })
         .map_err(|e: EngineError| anyhow::anyhow!(e))?;
     bar.finish_and_clear();
     let rate = stats.events as f64 / stats.seconds.max(1e-9);
