@@ -32,7 +32,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::{dir_size, machine, memory_kb, mix, reset_peak, uuid_like, BenchResult};
+use common::{
+    child_fields, dir_size, machine, memory_kb, mix, reset_peak, thread_cpu_seconds, uuid_like,
+    BenchResult,
+};
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -612,21 +615,6 @@ fn watchdog(watch: Arc<Watch>) {
     });
 }
 
-/// CPU seconds (user + system) of the calling thread, from `/proc/thread-self/stat`.
-fn thread_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
-    // USER_HZ is 100 on every Linux configuration the bench runs on.
-    ticks as f64 / 100.0
-}
-
 fn main() -> BenchResult<()> {
     if let Ok(dir) = std::env::var(CHILD) {
         return replay_child(&dir);
@@ -795,15 +783,7 @@ fn main() -> BenchResult<()> {
         .env("CASELEDGER_BENCH_SORT_MB", sort_mb.to_string())
         .output()?;
     let report = String::from_utf8_lossy(&child.stdout);
-    let fields: Vec<f64> = report
-        .lines()
-        .find_map(|l| l.strip_prefix("child "))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|v| v.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let fields = child_fields(&report, "child");
     let [events, seconds, peak_kb] = fields[..] else {
         return Err(format!(
             "replay child failed: {}{}",
@@ -840,15 +820,7 @@ fn main() -> BenchResult<()> {
         .env("CASELEDGER_BENCH_CACHE_MB", cache_mb.to_string())
         .output()?;
     let floor_report = String::from_utf8_lossy(&floor.stdout);
-    let floor_fields: Vec<f64> = floor_report
-        .lines()
-        .find_map(|l| l.strip_prefix("floor "))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|v| v.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let floor_fields = child_fields(&floor_report, "floor");
     let [floor_entries, floor_seconds, floor_open_kb, floor_peak_kb] = floor_fields[..] else {
         return Err(format!(
             "bare sled child failed: {}{}",

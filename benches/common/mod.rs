@@ -101,9 +101,19 @@ where
     }
 }
 
-/// CPU seconds (user + system) the whole process used so far, from `/proc/self/stat`.
+/// CPU seconds (user + system) the whole process used so far.
 pub fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds("/proc/self/stat")
+}
+
+/// CPU seconds (user + system) of the calling thread so far.
+pub fn thread_cpu_seconds() -> f64 {
+    cpu_seconds("/proc/thread-self/stat")
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let ticks: u64 = rest
@@ -114,6 +124,20 @@ pub fn process_cpu_seconds() -> f64 {
         .sum();
     // USER_HZ is 100 on every Linux configuration the benches run on.
     ticks as f64 / 100.0
+}
+
+/// The numbers a child process printed on its stdout line starting with `tag` and a space.
+pub fn child_fields(stdout: &str, tag: &str) -> Vec<f64> {
+    let prefix = format!("{tag} ");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Bytes this process caused to be written to storage so far (`write_bytes` of `/proc/self/io`).
