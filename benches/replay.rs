@@ -811,8 +811,9 @@ fn main() -> BenchResult<()> {
         "  {:<44} {:>9} ev {:>9.0} ev/s {:>8.2} s, process peak RSS (VmHWM) {:.1} MB",
         "fresh process: Engine::open + Engine::replay", events, fresh_rate, seconds, peak_mb
     )?;
-    // What sled 0.34.7 itself needs to read this log once: a fresh process that opens the same
-    // store with the same cache and iterates the log tree, decoding and writing nothing.
+    // What sled 0.34.7 holds while it merely reads this log once: a fresh process that opens the
+    // same store with the same cache and iterates the log tree, decoding and writing nothing.
+    // (Not a hard floor: a replay that interleaves writes with the read has peaked lower.)
     watch.enter("bare sled read in a fresh process");
     let floor = std::process::Command::new(std::env::current_exe()?)
         .arg("--bench")
@@ -855,7 +856,7 @@ fn main() -> BenchResult<()> {
 /// Env var that turns this binary into the bare sled reader of the store at its value.
 const FLOOR_CHILD: &str = "CASELEDGER_BENCH_FLOOR_CHILD";
 
-/// The floor: open the store with sled alone, iterate the log tree once, print
+/// The bare read: open the store with sled alone, iterate the log tree once, print
 /// `floor <entries> <seconds> <RSS after open kB> <VmHWM kB>`.
 fn floor_child(dir: &str) -> BenchResult<()> {
     let cache_mb: u64 = std::env::var("CASELEDGER_BENCH_CACHE_MB")?.parse()?;
