@@ -1,16 +1,29 @@
 //! The stored form of one event: a self-describing header, a crc32, and the bincode body.
 //!
-//! Layout of format 1 (all integers little-endian):
+//! Two formats share one header and differ in the body:
+//! - format 1: the bincode body as is;
+//! - format 2: the bincode body compressed with LZ4 (block format, `lz4_flex`), preceded by its
+//!   uncompressed length as a u32. A CommCare form is XML and its raw bytes are most of an event;
+//!   LZ4 stores it in a fraction of the space, which sled 0.34.7 then rewrites and caches that many
+//!   fewer times (docs/PERFORMANCE.md).
+//!
+//! This build writes format 2 for bodies of [`COMPRESS_FROM`] bytes or more and format 1 below
+//! that (a short body does not shrink); it reads both, so logs written before format 2 stay
+//! readable (I6, `tests/data/fixtures/events-v1.bin`).
+//!
+//! Layout (all integers little-endian):
 //!
 //! | offset    | size | field                                                       |
 //! |-----------|------|-------------------------------------------------------------|
-//! | 0         | 1    | format version, `1`                                         |
+//! | 0         | 1    | format version, `1` or `2`                                  |
 //! | 1         | 4    | crc32 (IEEE, `crc32fast`) of every byte from offset 5 on    |
 //! | 5         | 1    | `n`, length of the type name                                |
 //! | 6         | n    | type name, UTF-8 ([`domain::Event::type_name`])             |
 //! | 6+n       | 2    | type version ([`domain::Event::type_version`])              |
 //! | 8+n       | 8    | `recorded_at`, milliseconds since the Unix epoch (i64)      |
-//! | 16+n      | rest | `bincode` 2, `config::standard()`, serde, of `RecordedEvent` |
+//! | 16+n      | rest | format 1: `bincode` 2, `config::standard()`, serde, of `RecordedEvent` |
+//! | 16+n      | 4    | format 2: length of the bincode body                        |
+//! | 20+n      | rest | format 2: that body, LZ4 block-compressed                   |
 //!
 //! What must hold: the header repeats what the body says (type, version, time), so an audit tool
 //! or [`crate::SledLog::first_at_or_after`] can read it without decoding the body, and a decoder
@@ -22,8 +35,18 @@ use serde::Serialize;
 
 use crate::LogError;
 
-/// The envelope format this build writes and reads.
-pub const ENVELOPE_FORMAT: u8 = 1;
+/// The envelope format this build writes for bodies of [`COMPRESS_FROM`] bytes or more.
+pub const ENVELOPE_FORMAT: u8 = 2;
+
+/// The format of an uncompressed body, written for short bodies and read from older logs.
+pub const PLAIN_FORMAT: u8 = 1;
+
+/// Bodies at least this long are compressed (format 2).
+pub const COMPRESS_FROM: usize = 256;
+
+/// The largest uncompressed body a format-2 envelope may claim. Forms are limited far below this
+/// (`casexml::Limits`); the cap keeps a damaged length from allocating without bound.
+pub const MAX_BODY: usize = 1 << 30;
 
 /// Bytes before the crc-covered part: the format byte and the crc itself.
 const CRC_END: usize = 5;
@@ -31,7 +54,7 @@ const CRC_END: usize = 5;
 /// The header of an envelope, readable without decoding the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EnvelopeHeader<'a> {
-    /// Envelope format, always [`ENVELOPE_FORMAT`] for headers this build returns.
+    /// Envelope format: [`PLAIN_FORMAT`] or [`ENVELOPE_FORMAT`] (compressed body).
     pub format: u8,
     /// The event type's name, e.g. `FormAccepted`.
     pub type_name: &'a str,
@@ -39,8 +62,38 @@ pub struct EnvelopeHeader<'a> {
     pub type_version: u16,
     /// When the command that produced the event was received.
     pub recorded_at: Timestamp,
-    /// The bincode body.
+    /// The body as stored: bincode, LZ4-compressed in format 2 ([`EnvelopeHeader::bincode_body`]).
     pub body: &'a [u8],
+}
+
+impl EnvelopeHeader<'_> {
+    /// The bincode body, decompressed when the envelope is format 2.
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] when a format-2 body does not decompress to its stated length.
+    pub fn bincode_body(&self) -> Result<std::borrow::Cow<'_, [u8]>, LogError> {
+        if self.format == PLAIN_FORMAT {
+            return Ok(std::borrow::Cow::Borrowed(self.body));
+        }
+        let bad = |reason: String| LogError::corrupt(Position::ZERO, reason);
+        let (len, compressed) = self
+            .body
+            .split_first_chunk::<4>()
+            .ok_or_else(|| bad("compressed body shorter than its length".into()))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > MAX_BODY {
+            return Err(bad(format!("body claims {len} bytes, over {MAX_BODY}")));
+        }
+        let mut out = vec![0u8; len];
+        let n = lz4_flex::block::decompress_into(compressed, &mut out)
+            .map_err(|e| bad(format!("body does not decompress: {e}")))?;
+        if n != len {
+            return Err(bad(format!(
+                "body decompressed to {n} bytes, header says {len}"
+            )));
+        }
+        Ok(std::borrow::Cow::Owned(out))
+    }
 }
 
 /// Serialises exactly like [`RecordedEvent`] (same fields, same order, same types) without
@@ -65,7 +118,7 @@ pub(crate) fn encode_into(
     let name_len = u8::try_from(name.len())
         .map_err(|_| LogError::Encode(format!("type name {name:?} is over 255 bytes")))?;
     buf.clear();
-    buf.push(ENVELOPE_FORMAT);
+    buf.push(PLAIN_FORMAT);
     buf.extend_from_slice(&[0; 4]);
     buf.push(name_len);
     buf.extend_from_slice(name.as_bytes());
@@ -77,8 +130,27 @@ pub(crate) fn encode_into(
         command_id,
         event,
     };
+    let header_end = buf.len();
     bincode::serde::encode_into_std_write(&body, buf, bincode::config::standard())
         .map_err(|e| LogError::Encode(e.to_string()))?;
+    let plain_len = buf.len() - header_end;
+    if plain_len >= COMPRESS_FROM {
+        let plain = buf.split_off(header_end);
+        let len = u32::try_from(plain_len)
+            .ok()
+            .filter(|&n| n as usize <= MAX_BODY)
+            .ok_or_else(|| LogError::Encode(format!("body of {plain_len} bytes is too large")))?;
+        buf.extend_from_slice(&len.to_le_bytes());
+        let start = buf.len();
+        buf.resize(
+            start + lz4_flex::block::get_maximum_output_size(plain_len),
+            0,
+        );
+        let written = lz4_flex::block::compress_into(&plain, &mut buf[start..])
+            .map_err(|e| LogError::Encode(format!("body does not compress: {e}")))?;
+        buf.truncate(start + written);
+        buf[0] = ENVELOPE_FORMAT;
+    }
     let crc = crc32fast::hash(&buf[CRC_END..]);
     buf[1..CRC_END].copy_from_slice(&crc.to_le_bytes());
     Ok(())
@@ -103,7 +175,7 @@ pub fn encode_envelope(e: &RecordedEvent) -> Result<Vec<u8>, LogError> {
 pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
     let bad = |reason: &str| LogError::corrupt(Position::ZERO, reason);
     let (&format, rest) = bytes.split_first().ok_or_else(|| bad("empty envelope"))?;
-    if format != ENVELOPE_FORMAT {
+    if format != ENVELOPE_FORMAT && format != PLAIN_FORMAT {
         return Err(LogError::UnsupportedEnvelope {
             position: Position::ZERO,
             version: format,
@@ -150,13 +222,14 @@ pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
 pub fn decode_envelope(bytes: &[u8]) -> Result<RecordedEvent, LogError> {
     let header = decode_header(bytes)?;
     let bad = |reason: String| LogError::corrupt(Position::ZERO, reason);
+    let body = header.bincode_body()?;
     let (event, used): (RecordedEvent, usize) =
-        bincode::serde::decode_from_slice(header.body, bincode::config::standard())
+        bincode::serde::decode_from_slice(&body, bincode::config::standard())
             .map_err(|e| bad(format!("body does not decode: {e}")))?;
-    if used != header.body.len() {
+    if used != body.len() {
         return Err(bad(format!(
             "{} trailing bytes after the body",
-            header.body.len() - used
+            body.len() - used
         )));
     }
     if header.type_name != event.event.type_name()

@@ -51,7 +51,8 @@ mod subscription;
 mod tests;
 
 pub use envelope::{
-    decode_envelope, decode_header, encode_envelope, EnvelopeHeader, ENVELOPE_FORMAT,
+    decode_envelope, decode_header, encode_envelope, EnvelopeHeader, COMPRESS_FROM,
+    ENVELOPE_FORMAT, MAX_BODY, PLAIN_FORMAT,
 };
 pub use error::LogError;
 pub use sled_log::{LogConfig, SledLog};

@@ -323,7 +323,7 @@ fn unknown_envelope_format_is_reported_with_its_version() {
         .expect("an error");
     assert!(
         matches!(err, LogError::UnsupportedEnvelope { position, version }
-            if position == Position(1) && version == 1 ^ 0x40),
+            if position == Position(1) && version == crate::ENVELOPE_FORMAT ^ 0x40),
         "{err:?}"
     );
 }
@@ -724,6 +724,65 @@ fn envelope_header_names_type_and_version_and_body_is_plain_bincode() {
         bincode::serde::encode_to_vec(&event, bincode::config::standard()).expect("bincode");
     assert_eq!(header.body, &plain[..]);
     assert_eq!(&bytes[5..18], b"\x0cFormAccepted");
+}
+
+#[test]
+fn a_large_body_is_stored_compressed_as_format_2_and_reads_back_the_same() {
+    let xml = "<data><question>answer</question></data>".repeat(100);
+    let event = RecordedEvent {
+        position: Position(7),
+        recorded_at: Timestamp(1_772_432_122_104),
+        command_id: CommandId::new("cmd-7"),
+        event: form(7, xml.into_bytes()),
+    };
+    let bytes = encode_envelope(&event).expect("encode");
+    let header = decode_header(&bytes).expect("header");
+    assert_eq!(header.format, crate::ENVELOPE_FORMAT);
+    assert_eq!(header.type_name, "FormAccepted");
+    let plain =
+        bincode::serde::encode_to_vec(&event, bincode::config::standard()).expect("bincode");
+    assert!(
+        bytes.len() * 4 < plain.len(),
+        "{} stored bytes for a {}-byte body",
+        bytes.len(),
+        plain.len()
+    );
+    assert_eq!(&*header.bincode_body().expect("body"), &plain[..]);
+    assert_eq!(decode_envelope(&bytes).expect("decode"), event);
+}
+
+#[test]
+fn a_compressed_body_that_does_not_decompress_is_corrupt_not_a_panic() {
+    let event = RecordedEvent {
+        position: Position(8),
+        recorded_at: Timestamp(0),
+        command_id: CommandId::new("cmd-8"),
+        event: form(8, "<data><q>a</q></data>".repeat(40).into_bytes()),
+    };
+    let good = encode_envelope(&event).expect("encode");
+    let body_at =
+        decode_header(&good).expect("header").body.as_ptr() as usize - good.as_ptr() as usize;
+    // Damage the body or its stated length, then give the envelope a matching crc, so that only
+    // the decompression can notice.
+    let damages: [(&str, fn(&mut Vec<u8>, usize)); 3] = [
+        ("stated length too long", |b, at| {
+            b[at..at + 4].copy_from_slice(&(1u32 << 20).to_le_bytes())
+        }),
+        ("stated length over the cap", |b, at| {
+            b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes())
+        }),
+        ("truncated block", |b, _| {
+            b.truncate(b.len() - 10);
+        }),
+    ];
+    for (what, damage) in damages {
+        let mut bytes = good.clone();
+        damage(&mut bytes, body_at);
+        let crc = crc32fast::hash(&bytes[5..]);
+        bytes[1..5].copy_from_slice(&crc.to_le_bytes());
+        let err = decode_envelope(&bytes).expect_err(what);
+        assert!(matches!(err, LogError::Corrupt { .. }), "{what}: {err:?}");
+    }
 }
 
 fn arb_event() -> impl Strategy<Value = RecordedEvent> {
