@@ -764,7 +764,8 @@ fn a_compressed_body_that_does_not_decompress_is_corrupt_not_a_panic() {
         decode_header(&good).expect("header").body.as_ptr() as usize - good.as_ptr() as usize;
     // Damage the body or its stated length, then give the envelope a matching crc, so that only
     // the decompression can notice.
-    let damages: [(&str, fn(&mut Vec<u8>, usize)); 3] = [
+    type Damage = fn(&mut Vec<u8>, usize);
+    let damages: [(&str, Damage); 3] = [
         ("stated length too long", |b, at| {
             b[at..at + 4].copy_from_slice(&(1u32 << 20).to_le_bytes())
         }),
