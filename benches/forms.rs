@@ -407,5 +407,100 @@ fn main() -> BenchResult<()> {
     if total.accepted != n {
         return Err(format!("{} of {n} forms were not accepted", n - total.accepted).into());
     }
+    let bare = bare_sled_writes(&engine, batch)?;
+    writeln!(
+        out,
+        "  {:<58} {:>9.0} forms/s {:>7.2} s; {} log entries, {} random-key entries; CPU {:.0} µs per form",
+        "bare sled, the same writes, 1 thread (no parse, no decide)",
+        bare.forms as f64 / bare.seconds,
+        bare.seconds,
+        bare.log_entries,
+        bare.random_entries,
+        bare.cpu * 1e6 / bare.forms.max(1) as f64
+    )?;
+    writeln!(
+        out,
+        "ratio durable/bare sled writes: {:.2}",
+        durable / (bare.forms as f64 / bare.seconds)
+    )?;
     Ok(())
+}
+
+/// What the bare-sled baseline did.
+struct Bare {
+    forms: u64,
+    log_entries: u64,
+    random_entries: u64,
+    seconds: f64,
+    cpu: f64,
+}
+
+/// The sled writes the engine made for the forms, without parsing or deciding: into a fresh
+/// store with the engine's cache, each group of `batch` forms as one batch of the exact envelopes
+/// the engine logged (sequential keys) and one batch of projection-shaped entries at the engine's
+/// keys (the form id, each case id, an owner entry per created case; values of typical sizes),
+/// then `Db::flush` and `fdatasync` of the data file, as a group commit does. One thread, so its
+/// rate is what sled alone gives a writer that does nothing else.
+fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
+    use caseledger::domain::{Event, Position};
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(EngineConfig::default().cache_capacity)
+        .open()?;
+    let data = std::fs::File::open(dir.path().join("db"))?;
+    let log = db.open_tree("log")?;
+    let proj = db.open_tree("proj")?;
+    let events: Vec<_> = engine
+        .log()
+        .iter_from(Position(1))
+        .collect::<Result<_, _>>()?;
+    let forms: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e.event, Event::FormAcceptedV1(_)))
+        .collect();
+    let mut bare = Bare {
+        forms: forms.len() as u64,
+        log_entries: 0,
+        random_entries: 0,
+        seconds: 0.0,
+        cpu: 0.0,
+    };
+    let envelopes: Vec<Vec<u8>> = forms
+        .iter()
+        .map(|e| caseledger::eventlog::encode_envelope(e))
+        .collect::<Result<_, _>>()?;
+    let cpu_before = process_cpu_seconds();
+    let started = std::time::Instant::now();
+    for (chunk, envs) in forms
+        .chunks(batch.max(1))
+        .zip(envelopes.chunks(batch.max(1)))
+    {
+        let mut log_batch = sled::Batch::default();
+        let mut proj_batch = sled::Batch::default();
+        for (e, env) in chunk.iter().zip(envs) {
+            log_batch.insert(&e.position.0.to_be_bytes(), env.as_slice());
+            bare.log_entries += 1;
+            let Event::FormAcceptedV1(f) = &e.event else {
+                continue;
+            };
+            proj_batch.insert(format!("f{}", f.form.form_id).as_bytes(), vec![1u8; 160]);
+            bare.random_entries += 1;
+            for b in &f.blocks {
+                proj_batch.insert(format!("c{}", b.case_id).as_bytes(), vec![2u8; 600]);
+                bare.random_entries += 1;
+                if b.actions.create.is_some() {
+                    proj_batch.insert(format!("o{}{}", b.user, b.case_id).as_bytes(), vec![0u8]);
+                    bare.random_entries += 1;
+                }
+            }
+        }
+        log.apply_batch(log_batch)?;
+        proj.apply_batch(proj_batch)?;
+        db.flush()?;
+        data.sync_data()?;
+    }
+    bare.seconds = started.elapsed().as_secs_f64();
+    bare.cpu = process_cpu_seconds() - cpu_before;
+    Ok(bare)
 }
