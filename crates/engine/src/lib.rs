@@ -270,10 +270,13 @@ impl Engine {
     /// batch failed.
     fn overlay(&self, writer: &mut Writer) -> Result<Option<Arc<Overlay>>, EngineError> {
         if let Some(inflight) = &writer.inflight {
-            if !inflight.done.is_finished() {
+            // An overlay that does not reach the log's head (a group failed after writing its
+            // events) is settled instead, and the projections caught up from the log.
+            let current = inflight.overlay.checkpoint() == self.log.written_head();
+            if current && !inflight.done.is_finished() {
                 return Ok(Some(Arc::clone(&inflight.overlay)));
             }
-            writer.inflight = None;
+            Self::settle(writer);
         }
         self.catch_up()?;
         Ok(None)
