@@ -200,14 +200,15 @@ where
         }
     }
     writer.flush()?;
-    stats.runs += cases.runs() + forms.runs();
 
     // Phase 2: forms, in form-id order; marks for the cases edits and archives touched.
     let mut marks = Sorter::new(scratch, "marks", budget);
     let mut special: HashMap<FormId, Special> = HashMap::new();
     let mut group: Vec<(u64, FormFact)> = Vec::new();
     let mut current: Option<Vec<u8>> = None;
-    for record in forms.finish()? {
+    let forms = forms.finish()?;
+    stats.runs += forms.runs();
+    for record in forms {
         let record = record?;
         if current.as_ref().is_some_and(|k| *k != record.key) {
             if let Some(key) = current.take() {
@@ -222,12 +223,13 @@ where
         stats.forms += fold_form(&key, &mut group, &mut writer, &mut marks, &mut special)?;
     }
     writer.flush()?;
-    stats.runs += marks.runs();
 
     // Phase 3: cases, in case-id order, blocks and marks merged.
     let mut index = Sorter::new(scratch, "index", budget);
-    let mut case_records = cases.finish()?.peekable();
-    let mut mark_records = marks.finish()?.peekable();
+    let (cases, marks) = (cases.finish()?, marks.finish()?);
+    stats.runs += cases.runs() + marks.runs();
+    let mut case_records = cases.peekable();
+    let mut mark_records = marks.peekable();
     loop {
         // The smaller next key of the two streams, then every record of that key from both.
         let next_key = match (case_records.peek(), mark_records.peek()) {
@@ -281,8 +283,9 @@ where
         stats.cases += 1;
     }
     writer.flush()?;
+    let index = index.finish()?;
     stats.runs += index.runs();
-    for record in index.finish()? {
+    for record in index {
         let record = record?;
         writer.insert(record.key, record.payload)?;
     }

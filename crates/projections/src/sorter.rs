@@ -158,6 +158,13 @@ pub(crate) struct Merge {
     paths: Vec<PathBuf>,
 }
 
+impl Merge {
+    /// Run files being merged (0 when everything fit in memory).
+    pub fn runs(&self) -> usize {
+        self.paths.len()
+    }
+}
+
 impl Iterator for Merge {
     type Item = Result<Record, ProjectionError>;
 
