@@ -88,11 +88,6 @@ impl Sorter {
         Ok(())
     }
 
-    /// Number of run files written so far.
-    pub fn runs(&self) -> usize {
-        self.runs.len()
-    }
-
     fn spill(&mut self) -> Result<(), ProjectionError> {
         self.buffer.sort_unstable();
         let path = self

@@ -266,12 +266,9 @@ mod sorter {
             for r in scrambled() {
                 sorter.push(r).expect("push");
             }
-            let spilled = sorter.runs();
-            let got: Vec<Record> = sorter
-                .finish()
-                .expect("finish")
-                .collect::<Result<_, _>>()
-                .expect("merge");
+            let merge = sorter.finish().expect("finish");
+            let spilled = merge.runs();
+            let got: Vec<Record> = merge.collect::<Result<_, _>>().expect("merge");
             assert_eq!(got, expected, "budget {budget}");
             assert_eq!(
                 spilled > 0,
