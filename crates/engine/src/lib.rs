@@ -7,11 +7,18 @@
 //!
 //! Write path of one command (or one group of commands, [`Engine::execute_many`]):
 //! 1. parse form bytes (outside any lock; CPU only);
-//! 2. take the writer lock; catch projections up to the log if a previous commit failed;
-//! 3. `domain::decide` against [`projections::Pending`] (projections plus this group's effects);
-//! 4. `SledLog::write` the events (one atomic sled batch per command, not yet durable);
-//! 5. fold them into `Pending` and commit it with the checkpoint (one atomic batch, I4);
-//! 6. release the lock and wait for group-committed durability of the log (I5), then acknowledge.
+//! 2. read the form entries and cases the submissions name (outside the lock,
+//!    [`projections::Prefetched`]);
+//! 3. take the writer lock; drop what the batches sealed since may have changed; read through
+//!    the overlay of the projection batch still being written, or catch the projections up to
+//!    the log if a batch failed;
+//! 4. `domain::decide` against [`projections::Pending`] (projections plus this group's effects)
+//!    and fold each decision into it;
+//! 5. write the group's events to the log (one atomic sled batch, not yet durable);
+//! 6. seal the projection batch with its checkpoint (one atomic batch, I4), wait for the batch
+//!    before it, hand it to the committer thread, release the lock;
+//! 7. wait for group-committed durability of the log (I5) and for the batch to be written, then
+//!    acknowledge.
 //!
 //! Queries read projections; they may observe an effect a few microseconds before it is durable,
 //! never one that is not in the log.
@@ -411,7 +418,8 @@ impl Engine {
 
     /// Executes a group of commands in order: decided one after the other (each sees the effects
     /// of the ones before), appended, projected in one batch, and acknowledged after one shared
-    /// flush. Each command succeeds or fails on its own; a failed command appends nothing.
+    /// flush and the projection batch's write. Each command succeeds or fails on its own; a
+    /// failed command appends nothing.
     pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
         // Reading ahead and deciding block on sled and on the writer lock: on a multi-thread
         // runtime, hand this worker's other tasks to another worker meanwhile.
