@@ -5,8 +5,11 @@
 //!   checkpoint. Queries read it; [`Pending`] folds events over it and commits them in one atomic
 //!   batch with the checkpoint, so a crash never leaves a projection ahead of, or inconsistent
 //!   with, its checkpoint (I4).
-//! - [`Rebuild`] replays the log into a fresh generation and swaps it in when done, so readers
-//!   always have answers (no empty window).
+//!   [`Pending::seal`] splits a commit into the batch and an [`Overlay`] the next batch reads
+//!   through while the first is written; [`Prefetched`] is state read ahead of the writer.
+//! - [`Rebuild`] replays the log into a fresh generation (in bulk, by external sort:
+//!   [`Rebuild::bulk_load`]) and swaps it in when done, so readers always have answers (no empty
+//!   window).
 //! - The case list of a user is computed at query time from the per-owner index and the user's
 //!   owner ids *now* (R35, R44): a membership change takes effect at once and rewrites nothing.
 //!
