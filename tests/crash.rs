@@ -5,6 +5,10 @@
 //! - the projection checkpoint is not ahead of the log (I4), before any catch-up;
 //! - after catch-up, the projections equal a full replay (I3).
 //!
+//! Then a child replays the store over and over and is killed mid-replay; on reopen the sorted
+//! runs of the bulk rebuild are gone, only one projection generation is left, it is caught up to
+//! the log, and it answers as before the replays (I2, I4).
+//!
 //! `harness = false`: the binary is both parent and child (env `CASELEDGER_CRASH_CHILD`).
 //! The child reports on stdout, which is its protocol, hence `print_stdout` is allowed here.
 
@@ -100,6 +104,88 @@ where
     out
 }
 
+/// Replays the store again and again, announcing each start, with a sort budget small enough
+/// that the bulk rebuild spills sorted runs to its scratch directory.
+fn replay_child(dir: &str) {
+    let config = EngineConfig {
+        replay_sort_budget: 4096,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(dir.as_ref(), &"crash".into(), config).expect("open");
+    loop {
+        println!("replay");
+        engine.replay(&mut |_, _| {}).expect("replay");
+    }
+}
+
+/// Every case the submitters may have written, as JSON.
+fn snapshot(e: &Engine) -> Vec<String> {
+    (0..500)
+        .filter_map(|i| {
+            e.projections()
+                .case(&format!("c{i}").as_str().into())
+                .ok()
+                .flatten()
+        })
+        .map(|c| view::case_json(&c).to_string())
+        .collect()
+}
+
+/// Kills a replaying child mid-replay, then checks what the next open finds.
+fn kill_mid_replay(dir: &str) -> Result<(), String> {
+    let before = {
+        let engine = Engine::open(dir.as_ref(), &"crash".into(), EngineConfig::default())
+            .map_err(|e| e.to_string())?;
+        snapshot(&engine)
+    };
+    for (round, delay_ms) in [30u64, 120, 250].into_iter().enumerate() {
+        let mut proc = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .env("CASELEDGER_CRASH_REPLAY_CHILD", dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = proc.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        // Wait until the first replay has started, then let it (and maybe more) run a while.
+        lines
+            .next()
+            .ok_or("replay child said nothing")?
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        proc.kill().map_err(|e| e.to_string())?;
+        let _ = proc.wait();
+        let scratch = std::path::Path::new(dir).join("replay-scratch");
+        let left_runs = scratch.exists();
+
+        let engine = Engine::open(dir.as_ref(), &"crash".into(), EngineConfig::default())
+            .map_err(|e| e.to_string())?;
+        if scratch.exists() {
+            return Err(format!(
+                "replay round {round}: open left {}",
+                scratch.display()
+            ));
+        }
+        let generations = engine.projections().generation_trees();
+        if generations != 1 {
+            return Err(format!(
+                "replay round {round}: {generations} projection generations after open"
+            ));
+        }
+        if engine.projections().checkpoint() != engine.log().written_head() {
+            return Err(format!("replay round {round}: projections not caught up"));
+        }
+        if snapshot(&engine) != before {
+            return Err(format!(
+                "replay round {round}: answers changed by a killed replay"
+            ));
+        }
+        eprintln!(
+            "replay round {round}: killed after {delay_ms} ms (scratch runs left behind: {left_runs}); reopened clean"
+        );
+    }
+    Ok(())
+}
+
 fn parent() -> Result<(), String> {
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let dir = tmp.path().to_str().ok_or("tmp path")?.to_owned();
@@ -172,31 +258,24 @@ fn parent() -> Result<(), String> {
         if engine.projections().checkpoint() != engine.log().written_head() {
             return Err("catch-up did not reach the log head".into());
         }
-        let snap = |e: &Engine| -> Vec<String> {
-            (0..500)
-                .filter_map(|i| {
-                    e.projections()
-                        .case(&format!("c{i}").as_str().into())
-                        .ok()
-                        .flatten()
-                })
-                .map(|c| view::case_json(&c).to_string())
-                .collect()
-        };
-        let live = snap(&engine);
+        let live = snapshot(&engine);
         engine.replay(&mut |_, _| {}).map_err(|e| e.to_string())?;
-        if snap(&engine) != live {
+        if snapshot(&engine) != live {
             return Err(format!(
                 "round {round}: caught-up projections differ from a replay"
             ));
         }
     }
-    Ok(())
+    kill_mid_replay(&dir)
 }
 
 fn main() {
     if let Ok(dir) = std::env::var("CASELEDGER_CRASH_CHILD") {
         child(&dir);
+        return;
+    }
+    if let Ok(dir) = std::env::var("CASELEDGER_CRASH_REPLAY_CHILD") {
+        replay_child(&dir);
         return;
     }
     match parent() {

@@ -315,6 +315,17 @@ impl Projections {
         Pending::over(self.current(), self.reader(), overlay, prefetched)
     }
 
+    /// Number of projection generation trees of this project space in the store: 1, except
+    /// while a replay builds the next one (a crashed replay's tree is reclaimed on open).
+    pub fn generation_trees(&self) -> usize {
+        let prefix = format!("proj/{}/", self.domain.as_str());
+        self.db
+            .tree_names()
+            .iter()
+            .filter(|n| n.starts_with(prefix.as_bytes()))
+            .count()
+    }
+
     /// Id of the active generation (a replay installs a new one).
     pub fn generation_id(&self) -> u64 {
         self.current().id
