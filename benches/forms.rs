@@ -28,8 +28,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod common;
 
 use common::{
-    env_or, machine, memory_kb, mix, process_cpu_seconds, reset_peak, uuid_like, written_bytes,
-    BenchResult,
+    env_or, group, machine, memory_kb, mix, process_cpu_seconds, reset_peak, user, uuid_like,
+    written_bytes, BenchResult, GROUPS, USERS,
 };
 
 use std::io::Write;
@@ -41,8 +41,6 @@ use caseledger::demo::{form, Block};
 use caseledger::domain::{AppId, Command, DomainName, GroupId, Timestamp, UserId};
 use caseledger::{Engine, EngineConfig, Request, SubmitOutcome, SubmitStatus};
 
-const USERS: u64 = 200;
-const GROUPS: u64 = 40;
 const APP: &str = "app-anc";
 /// Updates pick cases registered at least this many forms earlier, so they are committed.
 const UPDATE_LAG: u64 = 4096;
@@ -50,14 +48,6 @@ const UPDATE_LAG: u64 = 4096;
 const ROUNDS: usize = 4;
 /// 2026-03-02T06:15:22.104Z.
 const BASE_TIME: i64 = 1_772_432_122_104;
-
-fn user(u: u64) -> String {
-    format!("u-{u:03}")
-}
-
-fn group(u: u64) -> String {
-    format!("g-{:02}", u % GROUPS)
-}
 
 /// Question data outside the case blocks, about 1.7 KB, as a real ANC visit form carries.
 fn questions(i: u64) -> String {

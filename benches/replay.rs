@@ -33,8 +33,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod common;
 
 use common::{
-    child_fields, dir_size, machine, memory_kb, mix, reset_peak, thread_cpu_seconds, uuid_like,
-    BenchResult,
+    child_fields, dir_size, group, machine, memory_kb, mix, reset_peak, thread_cpu_seconds, user,
+    uuid_like, BenchResult, GROUPS, USERS,
 };
 
 use std::collections::HashMap;
@@ -54,8 +54,6 @@ use caseledger::domain::{
 use caseledger::eventlog::{encode_envelope, AppendRequest, Expected, SledLog};
 use caseledger::{Engine, EngineConfig};
 
-const USERS: u64 = 200;
-const GROUPS: u64 = 40;
 const MAX_CASES: u64 = 200_000;
 const FLUSH_EVERY: u64 = 4096;
 /// Cases the check compares whole between the raw fold and replay.
@@ -92,14 +90,6 @@ impl Rng {
 
 fn case_id(k: u64) -> String {
     uuid_like(0x3f9b_6a52, k)
-}
-
-fn user(u: u64) -> String {
-    format!("u-{u:03}")
-}
-
-fn group(u: u64) -> String {
-    format!("g-{:02}", u % GROUPS)
 }
 
 /// Question data outside the case blocks, about 450 bytes, as a real ANC visit form has.

@@ -149,3 +149,18 @@ pub fn written_bytes() -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// Mobile workers in the benches' project space.
+pub const USERS: u64 = 200;
+/// Case-sharing groups they are spread over (user `u` is in group `u % GROUPS`).
+pub const GROUPS: u64 = 40;
+
+/// Id of user `u`.
+pub fn user(u: u64) -> String {
+    format!("u-{u:03}")
+}
+
+/// Id of the case-sharing group of user `u` (or of group `u` when `u < GROUPS`).
+pub fn group(u: u64) -> String {
+    format!("g-{:02}", u % GROUPS)
+}
