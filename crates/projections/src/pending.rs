@@ -474,22 +474,8 @@ impl Pending {
                 }
             }
         }
-        let h = std::env::var("H").unwrap_or_default();
         for (id, form) in &self.forms {
-            if h == "1" {
-                let mut k = vec![b'f'];
-                k.extend_from_slice(&form.position.0.to_be_bytes());
-                batch.insert(k, codec::encode(form));
-            } else if h == "2" {
-                batch.insert(keys::form(id.as_str()), vec![7u8; 50]);
-            } else if h == "3" {
-                let mut k = vec![b'f'];
-                k.extend_from_slice(&form.position.0.to_be_bytes());
-                batch.insert(k, codec::encode(form));
-                batch.insert(keys::form(id.as_str()), vec![7u8; 8]);
-            } else {
-                batch.insert(keys::form(id.as_str()), codec::encode(form));
-            }
+            batch.insert(keys::form(id.as_str()), codec::encode(form));
         }
         for row in &self.diagnostics {
             let n = diag_seq.entry(row.position).or_insert(0);
