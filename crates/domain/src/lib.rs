@@ -16,6 +16,7 @@ mod command;
 mod decide;
 mod directory;
 mod event;
+mod fold;
 mod form;
 mod ids;
 mod time;
@@ -29,6 +30,10 @@ pub use command::{Command, CommandError, Submission};
 pub use decide::{decide, FormStatus, State};
 pub use directory::{App, Directory, Group, User};
 pub use event::*;
+pub use fold::{
+    conflicts, fold_live, CaseChange, CaseTimeline, Conflict, ConflictSide, FormEntry, FormFact,
+    FormStep, LiveVersion,
+};
 pub use form::{
     Actions, AttachmentChange, CaseBlock, Create, IndexChange, ParsedForm, Problem, Relationship,
 };

@@ -26,24 +26,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use domain::{apply_block, BlockApplied, Case, Directory, Event, FormId, Position, RecordedEvent};
+use domain::{
+    BlockApplied, Case, Directory, Event, FormEntry, FormFact, FormId, Position, RecordedEvent,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
-use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, ProjectionError};
+use crate::{codec, keys, DiagnosticRow, Generation, ProjectionError};
 
 /// Entries per sled batch while writing sorted keys.
 const WRITE_BATCH: usize = 512;
-
-/// A form fact of phase 1, in the form sorter.
-#[derive(Serialize, Deserialize)]
-enum FormFact {
-    Accepted(FormEntry),
-    Rejected(FormEntry),
-    Edited(FormEntry),
-    Archived(bool),
-}
 
 /// A case fact of phase 1 or 2, in the case sorters.
 #[derive(Serialize, Deserialize)]
@@ -155,43 +148,23 @@ where
             });
         }
         let p = ev.position.0;
-        match &ev.event {
-            Event::FormAcceptedV1(f) => {
-                push_blocks(&mut cases, &f.form.form_id, &f.blocks, p)?;
-                let entry = FormEntry {
-                    case_ids: domain::case_ids_of(&f.blocks),
-                    ..FormEntry::recorded(&f.form, ev.position, true)
-                };
-                push_form(&mut forms, &f.form.form_id, p, &FormFact::Accepted(entry))?;
+        if let Some((form_id, fact)) = FormFact::of(&ev.event, ev.position) {
+            if let Some((form_id, blocks)) = ev.event.form_blocks() {
+                push_blocks(&mut cases, form_id, blocks, p)?;
             }
-            Event::FormRejectedV1(f) => {
-                let entry = FormEntry {
-                    error: Some(f.error.clone()),
-                    ..FormEntry::recorded(&f.form, ev.position, false)
-                };
-                push_form(&mut forms, &f.form.form_id, p, &FormFact::Rejected(entry))?;
+            push_form(&mut forms, form_id, p, &fact)?;
+        } else {
+            match &ev.event {
+                Event::DiagnosticRaisedV1(d) => {
+                    let row = DiagnosticRow {
+                        position: ev.position,
+                        diagnostic: d.diagnostic.clone(),
+                    };
+                    writer.insert(keys::diagnostic(p, 0), codec::encode(&row))?;
+                }
+                Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
+                _ => directory.apply_recorded(&ev),
             }
-            Event::DiagnosticRaisedV1(d) => {
-                let row = DiagnosticRow {
-                    position: ev.position,
-                    diagnostic: d.diagnostic.clone(),
-                };
-                writer.insert(keys::diagnostic(p, 0), codec::encode(&row))?;
-            }
-            Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
-            Event::FormEditedV1(f) => {
-                push_blocks(&mut cases, &f.form.form_id, &f.blocks, p)?;
-                let entry = FormEntry {
-                    case_ids: domain::case_ids_of(&f.blocks),
-                    ..FormEntry::recorded(&f.form, ev.position, true)
-                };
-                push_form(&mut forms, &f.form.form_id, p, &FormFact::Edited(entry))?;
-            }
-            Event::FormArchivedV1(a) | Event::FormUnarchivedV1(a) => {
-                let archived = matches!(ev.event, Event::FormArchivedV1(_));
-                push_form(&mut forms, &a.form_id, p, &FormFact::Archived(archived))?;
-            }
-            _ => directory.apply_recorded(&ev),
         }
         checkpoint = ev.position;
         stats.events += 1;
@@ -254,7 +227,7 @@ where
         }
         let id = String::from_utf8_lossy(&next_key).into_owned();
         let history: Vec<Position> = history.into_iter().map(Position).collect();
-        let case = fold_case(blocks, &special);
+        let case = fold_case(&domain::CaseId::new(id.clone()), blocks, &special);
         match case {
             Some(case) => {
                 let stored = stored_of(&case);
@@ -351,58 +324,27 @@ fn fold_form(
     special: &mut HashMap<FormId, Special>,
 ) -> Result<u64, ProjectionError> {
     let mut entry: Option<FormEntry> = None;
-    let mut accepted_versions = 0;
     let mut rewritten = false;
-    let mut mark = |cases: &[domain::CaseId], p: u64| -> Result<(), ProjectionError> {
-        for c in cases {
-            marks.push(Record {
-                key: c.as_str().as_bytes().to_vec(),
-                position: p,
-                seq: 0,
-                payload: payload(&CaseFact::Mark),
-            })?;
-        }
-        Ok(())
-    };
     for (p, fact) in facts.drain(..) {
-        match fact {
-            FormFact::Accepted(e) => {
-                accepted_versions += 1;
-                entry = Some(e);
+        let step = FormEntry::fold(entry.as_ref(), fact, Position(p));
+        if step.rebuild {
+            rewritten = true;
+            for c in &step.touched {
+                marks.push(Record {
+                    key: c.as_str().as_bytes().to_vec(),
+                    position: p,
+                    seq: 0,
+                    payload: payload(&CaseFact::Mark),
+                })?;
             }
-            FormFact::Rejected(e) => {
-                // A rejected edit leaves the accepted version in force (R54).
-                if !entry.as_ref().is_some_and(|x| x.accepted) {
-                    entry = Some(e);
-                }
-            }
-            FormFact::Edited(mut e) => {
-                rewritten = true;
-                let old = entry.take();
-                let mut affected = old.as_ref().map(|o| o.case_ids.clone()).unwrap_or_default();
-                for c in &e.case_ids {
-                    if !affected.contains(c) {
-                        affected.push(c.clone());
-                    }
-                }
-                mark(&affected, p)?;
-                // R54: the new version keeps the old one's place and archived state.
-                e.original = old.as_ref().map_or(Position(p), |o| o.original);
-                e.archived = old.as_ref().is_some_and(|o| o.archived);
-                entry = Some(e);
-            }
-            FormFact::Archived(archived) => {
-                if let Some(e) = entry.as_mut() {
-                    rewritten = true;
-                    e.archived = archived;
-                    mark(&e.case_ids, p)?;
-                }
-            }
+        }
+        if let Some(e) = step.entry {
+            entry = Some(e);
         }
     }
     let Some(entry) = entry else { return Ok(0) };
     let id = FormId::new(String::from_utf8_lossy(key).into_owned());
-    if rewritten || accepted_versions > 1 {
+    if rewritten {
         special.insert(
             id.clone(),
             Special {
@@ -421,6 +363,7 @@ fn fold_form(
 /// otherwise the case is its live forms' in-force blocks in the order of the forms' first
 /// versions (R58), `None` when no live form is left (deleted).
 fn fold_case(
+    id: &domain::CaseId,
     blocks: Vec<(u64, u32, FormId, BlockApplied)>,
     special: &HashMap<FormId, Special>,
 ) -> Option<Case> {
@@ -438,9 +381,10 @@ fn fold_case(
     if rebuilt {
         ordered.sort_by_key(|(original, p, seq, _, _)| (*original, *p, *seq));
     }
-    let mut case: Option<Case> = None;
-    for (_, _, _, form, block) in &ordered {
-        case = Some(apply_block(case, block, form));
-    }
-    case
+    domain::fold_live(
+        id,
+        ordered
+            .iter()
+            .map(|(_, _, _, form, block)| (form, std::slice::from_ref(block))),
+    )
 }

@@ -33,8 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use domain::{
-    AppId, Case, CaseId, Diagnostic, Directory, DomainName, FormId, GroupId, Position,
-    RecordedEvent, Rejection,
+    Case, CaseId, Diagnostic, Directory, DomainName, FormId, GroupId, Position, RecordedEvent,
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,49 +42,7 @@ pub use error::ProjectionError;
 pub use pending::{Overlay, Pending, Sealed};
 pub use prefetch::{Prefetched, Touched};
 
-/// What the forms projection knows about one form id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FormEntry {
-    /// In force (accepted) or rejected.
-    pub accepted: bool,
-    /// xmlns.
-    pub xmlns: String,
-    /// SHA-256 of the bytes in force.
-    pub content_hash: [u8; 32],
-    /// Position of the event that recorded the version in force (or the rejection).
-    pub position: Position,
-    /// Position of the form's first acceptance: its place in received order (R54, R57).
-    pub original: Position,
-    /// Archived (R57).
-    pub archived: bool,
-    /// App it came through.
-    pub app_id: Option<AppId>,
-    /// `meta/userID`.
-    pub user_id: Option<String>,
-    /// Why it was rejected.
-    pub error: Option<Rejection>,
-    /// Cases it touched.
-    pub case_ids: Vec<CaseId>,
-}
-
-impl FormEntry {
-    /// The entry for a version of a form recorded at `position`: in force when `accepted`, at its
-    /// own place in received order, not archived, no error and no cases yet.
-    fn recorded(form: &domain::FormRecord, position: Position, accepted: bool) -> Self {
-        FormEntry {
-            accepted,
-            xmlns: form.xmlns.clone(),
-            content_hash: form.content_hash,
-            position,
-            original: position,
-            archived: false,
-            app_id: form.app_id.clone(),
-            user_id: form.user_id.clone(),
-            error: None,
-            case_ids: Vec::new(),
-        }
-    }
-}
+pub use domain::FormEntry;
 
 /// A diagnostic with the position of the event that raised it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

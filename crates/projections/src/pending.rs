@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use domain::{
-    apply_block, Case, CaseId, Directory, Event, FormId, FormStatus, Position, RecordedEvent,
-    Relationship, State,
+    apply_block, Case, CaseId, Directory, Event, FormFact, FormId, FormStatus, Position,
+    RecordedEvent, Relationship, State,
 };
 
 use crate::{
@@ -250,82 +250,42 @@ impl Pending {
                 got: ev.position,
             });
         }
-        match &ev.event {
-            Event::FormAcceptedV1(f) => {
-                let form_id = &f.form.form_id;
-                let mut cases = Vec::new();
-                for block in &f.blocks {
-                    let slot = self.slot(&block.case_id)?;
-                    let case = apply_block(slot.current.take(), block, form_id);
-                    slot.current = Some(case);
-                    slot.dirty = true;
-                    if !cases.contains(&block.case_id) {
-                        slot.history.push(ev.position);
-                        cases.push(block.case_id.clone());
-                    }
-                }
-                let entry = FormEntry {
-                    case_ids: cases,
-                    ..FormEntry::recorded(&f.form, ev.position, true)
-                };
+        if let Some((form_id, fact)) = FormFact::of(&ev.event, ev.position) {
+            // A first acceptance does not depend on the entry before it: skip the read.
+            let prev = match fact {
+                FormFact::Accepted(_) => None,
+                _ => self.form_entry(form_id)?,
+            };
+            let step = FormEntry::fold(prev.as_ref(), fact, ev.position);
+            if let Some(entry) = step.entry {
                 self.forms.insert(form_id.clone(), entry);
             }
-            Event::FormRejectedV1(f) => {
-                let id = &f.form.form_id;
-                // A rejected edit leaves the accepted version in force (R54).
-                let in_force = self.form_entry(id)?.is_some_and(|e| e.accepted);
-                if !in_force {
-                    let entry = FormEntry {
-                        error: Some(f.error.clone()),
-                        ..FormEntry::recorded(&f.form, ev.position, false)
-                    };
-                    self.forms.insert(id.clone(), entry);
-                }
+            for c in &step.touched {
+                self.slot(c)?.history.push(ev.position);
             }
-            Event::DiagnosticRaisedV1(d) => self.diagnostics.push(DiagnosticRow {
-                position: ev.position,
-                diagnostic: d.diagnostic.clone(),
-            }),
-            Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
-            Event::FormEditedV1(f) => {
-                let id = &f.form.form_id;
-                let old = self.form_entry(id)?;
-                let new_cases = domain::case_ids_of(&f.blocks);
-                let mut affected = old.as_ref().map(|e| e.case_ids.clone()).unwrap_or_default();
-                for c in &new_cases {
-                    if !affected.contains(c) {
-                        affected.push(c.clone());
-                    }
-                }
-                // R54: the new version keeps the old one's place and archived state.
-                let entry = FormEntry {
-                    original: old.as_ref().map_or(ev.position, |e| e.original),
-                    archived: old.as_ref().is_some_and(|e| e.archived),
-                    case_ids: new_cases,
-                    ..FormEntry::recorded(&f.form, ev.position, true)
-                };
-                self.forms.insert(id.clone(), entry);
-                for c in &affected {
-                    self.slot(c)?.history.push(ev.position);
+            if step.rebuild {
+                for c in &step.touched {
                     self.rebuild(c)?;
                 }
-            }
-            Event::FormArchivedV1(a) | Event::FormUnarchivedV1(a) => {
-                let archived = matches!(ev.event, Event::FormArchivedV1(_));
-                if let Some(mut entry) = self.form_entry(&a.form_id)? {
-                    entry.archived = archived;
-                    let affected = entry.case_ids.clone();
-                    self.forms.insert(a.form_id.clone(), entry);
-                    for c in &affected {
-                        self.slot(c)?.history.push(ev.position);
-                        self.rebuild(c)?;
-                    }
+            } else if let Some((form_id, blocks)) = ev.event.form_blocks() {
+                for block in blocks {
+                    let slot = self.slot(&block.case_id)?;
+                    slot.current = Some(apply_block(slot.current.take(), block, form_id));
+                    slot.dirty = true;
                 }
             }
-            _ => {
-                // Directory events: copy on write, they are rare next to forms.
-                Arc::make_mut(&mut self.directory).apply_recorded(ev);
-                self.directory_dirty = true;
+        } else {
+            match &ev.event {
+                Event::DiagnosticRaisedV1(d) => self.diagnostics.push(DiagnosticRow {
+                    position: ev.position,
+                    diagnostic: d.diagnostic.clone(),
+                }),
+                Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
+                _ => {
+                    // Directory events: copy on write, they are rare next to forms.
+                    Arc::make_mut(&mut self.directory).apply_recorded(ev);
+                    self.directory_dirty = true;
+                }
             }
         }
         self.checkpoint = ev.position;
@@ -368,21 +328,17 @@ impl Pending {
         let mut live: Vec<FormEntry> = Vec::new();
         for f in &forms {
             if let Some(entry) = self.form_entry(f)? {
-                if entry.accepted && !entry.archived {
+                if entry.is_live() {
                     live.push(entry);
                 }
             }
         }
         live.sort_by_key(|e| e.original);
-        let mut case: Option<Case> = None;
+        let mut versions = Vec::with_capacity(live.len());
         for entry in &live {
-            let ev = self.read(id, entry.position)?;
-            if let Some((form_id, blocks)) = ev.event.form_blocks() {
-                for b in blocks.iter().filter(|b| b.case_id == *id) {
-                    case = Some(apply_block(case, b, form_id));
-                }
-            }
+            versions.push(self.read(id, entry.position)?);
         }
+        let case = domain::fold_live(id, versions.iter().filter_map(|ev| ev.event.form_blocks()));
         let slot = self.slot(id)?;
         slot.current = case;
         slot.dirty = true;
