@@ -15,7 +15,8 @@ pub mod view;
 pub use casexml;
 pub use domain;
 pub use engine::{
-    Engine, EngineConfig, EngineError, Outcome, ReplayStats, Request, SubmitOutcome, SubmitStatus,
+    AsOf, Engine, EngineConfig, EngineError, Outcome, ReplayStats, Request, SubmitOutcome,
+    SubmitStatus,
 };
 pub use eventlog;
 pub use projections;

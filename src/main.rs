@@ -12,6 +12,8 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod travel;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,15 +104,34 @@ enum Cmd {
         /// Include closed cases.
         #[arg(long)]
         include_closed: bool,
+        #[command(flatten)]
+        at: travel::At,
     },
     /// Groups and their members.
     Groups {
         /// Only groups listing this user.
         #[arg(long)]
         user: Option<String>,
+        #[command(flatten)]
+        at: travel::At,
     },
     /// Validation diagnostics (R59–R66).
-    Diagnostics,
+    Diagnostics {
+        #[command(flatten)]
+        at: travel::At,
+    },
+    /// Conflicts between offline edits: a block made earlier on the phone that overwrote a
+    /// value another form set later on its phone (base, theirs, mine, result).
+    Conflicts {
+        /// Only this case's.
+        #[arg(long)]
+        case: Option<String>,
+        /// Only those where this user made either side.
+        #[arg(long)]
+        user: Option<String>,
+        #[command(subcommand)]
+        show: Option<ConflictsCmd>,
+    },
     /// Read the event log.
     Log {
         /// First position.
@@ -201,8 +222,26 @@ enum FormCmd {
 
 #[derive(Subcommand, Debug)]
 enum CaseCmd {
-    /// Show one case.
-    Show { case_id: String },
+    /// Show one case (as of now, or `--at`/`--as-of` a point of the log).
+    Show {
+        case_id: String,
+        #[command(flatten)]
+        at: travel::At,
+    },
+    /// Every change to a case, oldest first, with the forms that caused them.
+    History { case_id: String },
+    /// The users whose case list held the case, and since which position.
+    WhoCouldSee {
+        case_id: String,
+        #[command(flatten)]
+        at: travel::At,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConflictsCmd {
+    /// One conflict, three-way, with the positions to time-travel to.
+    Show { id: String },
 }
 
 fn main() -> ExitCode {
@@ -240,14 +279,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn out(value: &Value) -> Result<()> {
+pub(crate) fn out(value: &Value) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer(&mut stdout, value)?;
     writeln!(stdout)?;
     Ok(())
 }
 
-fn print_line(line: &str) -> Result<()> {
+pub(crate) fn print_line(line: &str) -> Result<()> {
     writeln!(std::io::stdout().lock(), "{line}")?;
     Ok(())
 }
@@ -368,7 +407,23 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             )
             .await
         }
-        Cmd::Case(CaseCmd::Show { case_id }) => {
+        Cmd::Case(CaseCmd::Show { case_id, at }) if at.is_set() => {
+            travel::case_show(engine, cli.json, case_id, at)
+        }
+        Cmd::Case(CaseCmd::History { case_id }) => travel::case_history(engine, cli.json, case_id),
+        Cmd::Case(CaseCmd::WhoCouldSee { case_id, at }) => {
+            travel::who_could_see(engine, cli.json, case_id, at)
+        }
+        Cmd::Conflicts {
+            show: Some(ConflictsCmd::Show { id }),
+            ..
+        } => travel::conflict_show(engine, cli.json, id),
+        Cmd::Conflicts {
+            case,
+            user,
+            show: None,
+        } => travel::conflicts(engine, cli.json, case.as_deref(), user.as_deref()),
+        Cmd::Case(CaseCmd::Show { case_id, .. }) => {
             match engine.projections().case(&CaseId::new(case_id.as_str()))? {
                 Some(case) => {
                     if cli.json {
@@ -388,22 +443,42 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             user,
             owner,
             include_closed,
+            at,
         } => {
-            let cases = match (user, owner) {
-                (Some(u), _) => {
-                    if !engine
-                        .projections()
-                        .directory()
-                        .users
-                        .contains_key(&UserId::new(u.as_str()))
-                    {
-                        eprintln!("error: unknown user {u}");
+            let cases = if at.is_set() {
+                match travel::cases(
+                    engine,
+                    user.as_deref(),
+                    owner.as_deref(),
+                    *include_closed,
+                    at,
+                )? {
+                    Some(cases) => cases,
+                    None => {
+                        eprintln!(
+                            "error: unknown user {} at that point",
+                            user.as_deref().unwrap_or("")
+                        );
                         return Ok(1);
                     }
-                    engine.projections().cases_for_user(u, *include_closed)?
                 }
-                (None, Some(o)) => engine.projections().cases_by_owner(o, *include_closed)?,
-                (None, None) => anyhow::bail!("give --user or --owner"),
+            } else {
+                match (user, owner) {
+                    (Some(u), _) => {
+                        if !engine
+                            .projections()
+                            .directory()
+                            .users
+                            .contains_key(&UserId::new(u.as_str()))
+                        {
+                            eprintln!("error: unknown user {u}");
+                            return Ok(1);
+                        }
+                        engine.projections().cases_for_user(u, *include_closed)?
+                    }
+                    (None, Some(o)) => engine.projections().cases_by_owner(o, *include_closed)?,
+                    (None, None) => anyhow::bail!("give --user or --owner"),
+                }
             };
             if cli.json {
                 out(&Value::Array(cases.iter().map(view::case_json).collect()))?;
@@ -427,8 +502,14 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Groups { user } => {
-            let groups = engine.projections().groups(user.as_deref());
+        Cmd::Groups { user, at } => {
+            let groups = if at.is_set() {
+                engine
+                    .projections()
+                    .groups_at(user.as_deref(), at.resolve(engine)?)?
+            } else {
+                engine.projections().groups(user.as_deref())
+            };
             if cli.json {
                 out(&Value::Array(groups.iter().map(view::group_json).collect()))?;
             } else {
@@ -448,8 +529,12 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Diagnostics => {
-            let rows = engine.projections().diagnostics()?;
+        Cmd::Diagnostics { at } => {
+            let rows = if at.is_set() {
+                engine.projections().diagnostics_at(at.resolve(engine)?)?
+            } else {
+                engine.projections().diagnostics()?
+            };
             if cli.json {
                 out(&Value::Array(
                     rows.iter().map(view::diagnostic_json).collect(),
@@ -629,7 +714,7 @@ fn print_outcome(cli: &Cli, file: &str, outcome: &SubmitOutcome) -> Result<()> {
     Ok(())
 }
 
-fn print_case(c: &caseledger::domain::Case) -> Result<()> {
+pub(crate) fn print_case(c: &caseledger::domain::Case) -> Result<()> {
     let v = view::case_json(c);
     if let Value::Object(map) = v {
         for (k, v) in map {

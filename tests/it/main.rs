@@ -12,3 +12,4 @@ mod replay;
 mod restore;
 mod stories;
 mod support;
+mod timetravel;

@@ -9,12 +9,12 @@ use serde_json::Value;
 
 use crate::support;
 
-const USERS: [&str; 4] = ["u0", "u1", "u2", "u3"];
-const GROUPS: [&str; 2] = ["g0", "g1"];
-const CASES: [&str; 5] = ["c0", "c1", "c2", "c3", "c4"];
+pub(crate) const USERS: [&str; 4] = ["u0", "u1", "u2", "u3"];
+pub(crate) const GROUPS: [&str; 2] = ["g0", "g1"];
+pub(crate) const CASES: [&str; 5] = ["c0", "c1", "c2", "c3", "c4"];
 
 #[derive(Debug, Clone)]
-enum Step {
+pub(crate) enum Step {
     Join(usize, usize),
     Leave(usize, usize),
     GroupSharing(usize, bool),
@@ -28,7 +28,7 @@ enum Step {
     Edit(usize, usize),
 }
 
-fn step() -> impl Strategy<Value = Step> {
+pub(crate) fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         (0..4usize, 0..2usize).prop_map(|(u, g)| Step::Join(u, g)),
         (0..4usize, 0..2usize).prop_map(|(u, g)| Step::Leave(u, g)),
@@ -44,7 +44,7 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn apply(engine: &Engine, rt: &tokio::runtime::Runtime, steps: &[Step]) {
+pub(crate) fn apply(engine: &Engine, rt: &tokio::runtime::Runtime, steps: &[Step]) {
     let mut setup = Vec::new();
     for u in USERS {
         setup.push(Command::CreateUser {

@@ -346,6 +346,7 @@ pub struct ConflictSide {
     /// The block's user.
     pub user: String,
     /// The phone-side time of the block (`date_modified`, else the server received time, R9).
+    #[serde(serialize_with = "Timestamp::serialize_text")]
     pub phone_time: Timestamp,
     /// The value it set.
     pub value: String,

@@ -85,6 +85,15 @@ impl Cursor<'_> {
 }
 
 impl Timestamp {
+    /// Serialises as the printed text (`YYYY-MM-DDTHH:MM:SS.mmmZ`) instead of milliseconds, for
+    /// JSON views: `#[serde(serialize_with = "Timestamp::serialize_text")]`.
+    ///
+    /// # Errors
+    /// Whatever the serializer returns.
+    pub fn serialize_text<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(t)
+    }
+
     /// The Unix epoch.
     pub const EPOCH: Timestamp = Timestamp(0);
 

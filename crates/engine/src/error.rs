@@ -16,6 +16,9 @@ pub enum EngineError {
     /// sled failed to open or flush.
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),
+    /// A time-travel point outside the log: beyond its head, or before its first event.
+    #[error("{0}")]
+    OutOfRange(String),
     /// A broken internal expectation; a bug report.
     #[error("internal error: {0}")]
     Internal(String),

@@ -150,6 +150,17 @@ pub struct ReplayStats {
     pub seconds: f64,
 }
 
+/// Where a time-travel query looks (see [`Engine::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// Now: the last folded position.
+    Head,
+    /// After the event at this position.
+    Position(Position),
+    /// After the last event received at or before this time.
+    Time(Timestamp),
+}
+
 /// The caseledger engine for one project space.
 pub struct Engine {
     /// First, so that dropping the engine finishes the batch in flight before the store goes.
@@ -726,6 +737,37 @@ impl Engine {
             events,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The log position a time-travel query looks at: the head, a position (at most the head),
+    /// or the last position received at or before a time (server received time, which the
+    /// engine keeps non-decreasing, so a time maps to a prefix of the log).
+    ///
+    /// # Errors
+    /// [`EngineError::OutOfRange`] for a position beyond the head (or 0), or a time before the
+    /// first event.
+    pub fn resolve(&self, at: AsOf) -> Result<Position, EngineError> {
+        let head = self.projections.checkpoint();
+        match at {
+            AsOf::Head => Ok(head),
+            AsOf::Position(p) if p.0 == 0 || p > head => Err(EngineError::OutOfRange(format!(
+                "position {p} is not in the log: it holds positions 1 to {head}"
+            ))),
+            AsOf::Position(p) => Ok(p),
+            AsOf::Time(t) => {
+                let after = self
+                    .log
+                    .first_at_or_after(Timestamp(t.0.saturating_add(1)))?
+                    .unwrap_or(head.next());
+                let p = Position(after.0.saturating_sub(1)).min(head);
+                if p.0 == 0 {
+                    return Err(EngineError::OutOfRange(format!(
+                        "{t} is before the first event of the log"
+                    )));
+                }
+                Ok(p)
+            }
+        }
     }
 
     /// Flushes sled (projections included); used before a clean exit.

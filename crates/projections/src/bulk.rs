@@ -22,12 +22,13 @@
 //! The generation gets its checkpoint last; until then it is not installed, and a crash leaves a
 //! tree that the next open reclaims (I4).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use domain::{
-    BlockApplied, Case, Directory, Event, FormEntry, FormFact, FormId, Position, RecordedEvent,
+    apply_block, BlockApplied, Case, CaseChange, CaseId, CaseTimeline, Directory, Event, FormEntry,
+    FormFact, FormId, Position, RecordedEvent, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 
@@ -46,14 +47,16 @@ enum CaseFact {
         form: FormId,
         block: Box<BlockApplied>,
     },
-    /// An edit or archive at the record's position touched the case (history only).
-    Mark,
+    /// An edit (`archived` none) or an archive or unarchive of `form` at the record's position
+    /// touched the case.
+    Mark {
+        form: FormId,
+        archived: Option<bool>,
+    },
 }
 
 /// What phase 3 needs to know of a form whose blocks are not all in force.
 struct Special {
-    live: bool,
-    in_force: Position,
     original: Position,
 }
 
@@ -163,7 +166,10 @@ where
                     writer.insert(keys::diagnostic(p, 0), codec::encode(&row))?;
                 }
                 Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
-                _ => directory.apply_recorded(&ev),
+                _ => {
+                    directory.apply_recorded(&ev);
+                    writer.insert(keys::directory_event(p), codec::encode(&ev))?;
+                }
             }
         }
         checkpoint = ev.position;
@@ -214,6 +220,7 @@ where
             (None, None) => break,
         };
         let mut blocks: Vec<(u64, u32, FormId, BlockApplied)> = Vec::new();
+        let mut marks: Vec<(u64, FormId, Option<bool>)> = Vec::new();
         let mut history: BTreeSet<u64> = BTreeSet::new();
         while let Some(r) = case_records.next_if(|r| r.as_ref().is_ok_and(|r| r.key == next_key)) {
             let r = r?;
@@ -223,11 +230,37 @@ where
             }
         }
         while let Some(r) = mark_records.next_if(|r| r.as_ref().is_ok_and(|r| r.key == next_key)) {
-            history.insert(r?.position);
+            let r = r?;
+            history.insert(r.position);
+            if let CaseFact::Mark { form, archived } = codec::decode(&r.key, &r.payload)? {
+                marks.push((r.position, form, archived));
+            }
         }
         let id = String::from_utf8_lossy(&next_key).into_owned();
         let history: Vec<Position> = history.into_iter().map(Position).collect();
-        let case = fold_case(&domain::CaseId::new(id.clone()), blocks, &special);
+        let case_id = domain::CaseId::new(id.clone());
+        let (case, versions) = fold_case(&case_id, blocks, marks, &special);
+        let mut owner: Option<String> = None;
+        for (p, version) in &versions {
+            match version {
+                Some(c) => {
+                    writer.insert(keys::version(&id, *p), codec::encode(c))?;
+                    if owner.as_deref() != Some(c.owner_id.as_str()) {
+                        index.push(Record {
+                            key: keys::owned(&c.owner_id, &id, *p),
+                            position: 0,
+                            seq: 0,
+                            payload: Vec::new(),
+                        })?;
+                        owner = Some(c.owner_id.clone());
+                    }
+                }
+                None => {
+                    writer.insert(keys::version(&id, *p), Vec::new())?;
+                    owner = None;
+                }
+            }
+        }
         match case {
             Some(case) => {
                 let stored = stored_of(&case);
@@ -325,16 +358,25 @@ fn fold_form(
 ) -> Result<u64, ProjectionError> {
     let mut entry: Option<FormEntry> = None;
     let mut rewritten = false;
+    let id = FormId::new(String::from_utf8_lossy(key).into_owned());
     for (p, fact) in facts.drain(..) {
+        let archived = match fact {
+            FormFact::Archived(a) => Some(a),
+            _ => None,
+        };
         let step = FormEntry::fold(entry.as_ref(), fact, Position(p));
         if step.rebuild {
             rewritten = true;
+            let mark = payload(&CaseFact::Mark {
+                form: id.clone(),
+                archived,
+            });
             for c in &step.touched {
                 marks.push(Record {
                     key: c.as_str().as_bytes().to_vec(),
                     position: p,
                     seq: 0,
-                    payload: payload(&CaseFact::Mark),
+                    payload: mark.clone(),
                 })?;
             }
         }
@@ -343,13 +385,10 @@ fn fold_form(
         }
     }
     let Some(entry) = entry else { return Ok(0) };
-    let id = FormId::new(String::from_utf8_lossy(key).into_owned());
     if rewritten {
         special.insert(
             id.clone(),
             Special {
-                live: entry.accepted && !entry.archived,
-                in_force: entry.position,
                 original: entry.original,
             },
         );
@@ -358,33 +397,72 @@ fn fold_form(
     Ok(1)
 }
 
-/// A case from its blocks, `(position, seq, form, block)` in position order. When no form that
-/// touched it was edited, archived or accepted twice, every block is in force in received order;
-/// otherwise the case is its live forms' in-force blocks in the order of the forms' first
-/// versions (R58), `None` when no live form is left (deleted).
+/// A case from its blocks, `(position, seq, form, block)` in position order, and from the marks
+/// edits and archives left on it, `(position, form, archived)`: the case at the end and after
+/// each position that touched it (time travel's version rows).
+///
+/// When no form that touched it was edited or archived, every block is in force in received
+/// order and folds forward. Otherwise the case goes through [`domain::CaseTimeline`], change by
+/// change, which rebuilds it from its live forms at each edit or archive (R58) exactly as the
+/// incremental fold does.
+#[allow(clippy::type_complexity)]
 fn fold_case(
-    id: &domain::CaseId,
+    id: &CaseId,
     blocks: Vec<(u64, u32, FormId, BlockApplied)>,
+    marks: Vec<(u64, FormId, Option<bool>)>,
     special: &HashMap<FormId, Special>,
-) -> Option<Case> {
-    let rebuilt = blocks.iter().any(|(_, _, f, _)| special.contains_key(f));
-    let mut ordered: Vec<(u64, u64, u32, FormId, BlockApplied)> = Vec::with_capacity(blocks.len());
-    for (p, seq, form, block) in blocks {
-        match special.get(&form) {
-            None => ordered.push((p, p, seq, form, block)),
-            Some(s) if s.live && s.in_force.0 == p => {
-                ordered.push((s.original.0, p, seq, form, block));
+) -> (Option<Case>, Vec<(u64, Option<Case>)>) {
+    let mut versions: Vec<(u64, Option<Case>)> = Vec::new();
+    let rebuilt = !marks.is_empty() || blocks.iter().any(|(_, _, f, _)| special.contains_key(f));
+    if !rebuilt {
+        let mut case: Option<Case> = None;
+        for (p, _, form, block) in &blocks {
+            case = Some(apply_block(case, block, form));
+            match versions.last_mut() {
+                Some((last, v)) if *last == *p => *v = case.clone(),
+                _ => versions.push((*p, case.clone())),
             }
-            Some(_) => {}
+        }
+        return (case, versions);
+    }
+    // Changes in position order: the blocks of one form version at a position, an edit whose
+    // new version has no block for this case, or an archive.
+    let mut changes: BTreeMap<u64, CaseChange> = BTreeMap::new();
+    for (p, _, form, block) in blocks {
+        match changes.get_mut(&p) {
+            Some(CaseChange::Version { blocks, .. }) => blocks.push(block),
+            _ => {
+                let original = special.get(&form).map_or(Position(p), |s| s.original);
+                changes.insert(
+                    p,
+                    CaseChange::Version {
+                        form,
+                        original,
+                        blocks: vec![block],
+                    },
+                );
+            }
         }
     }
-    if rebuilt {
-        ordered.sort_by_key(|(original, p, seq, _, _)| (*original, *p, *seq));
+    for (p, form, archived) in marks {
+        match archived {
+            Some(archived) => {
+                changes.insert(p, CaseChange::Archive { form, archived });
+            }
+            None => {
+                let original = special.get(&form).map_or(Position(p), |s| s.original);
+                changes.entry(p).or_insert(CaseChange::Version {
+                    form,
+                    original,
+                    blocks: Vec::new(),
+                });
+            }
+        }
     }
-    domain::fold_live(
-        id,
-        ordered
-            .iter()
-            .map(|(_, _, _, form, block)| (form, std::slice::from_ref(block))),
-    )
+    let mut timeline = CaseTimeline::new(id.clone());
+    for (p, change) in changes {
+        timeline.apply(Position(p), Timestamp(0), change);
+        versions.push((p, timeline.case().cloned()));
+    }
+    (timeline.case().cloned(), versions)
 }

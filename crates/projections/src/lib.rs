@@ -16,6 +16,7 @@
 //! Projections hold no truth of their own (I2): deleting every tree of this crate and replaying
 //! gives the same answers (I3).
 
+mod asof;
 mod bulk;
 mod codec;
 mod error;
@@ -37,6 +38,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use asof::{CaseAt, Change, ConflictRow, HistoryEntry, Viewer};
 pub use bulk::BulkStats;
 pub use error::ProjectionError;
 pub use pending::{Overlay, Pending, Sealed};
@@ -64,6 +66,20 @@ pub struct GroupView {
     pub case_sharing: bool,
     /// Member user ids, sorted.
     pub members: Vec<String>,
+}
+
+/// Groups of `dir` (all, or those listing `user`), sorted by id.
+pub(crate) fn group_views(dir: &Directory, user: Option<&str>) -> Vec<GroupView> {
+    dir.groups
+        .iter()
+        .filter(|(_, g)| user.is_none_or(|u| g.members.iter().any(|m| m.as_str() == u)))
+        .map(|(id, g)| GroupView {
+            id: id.clone(),
+            name: g.name.clone(),
+            case_sharing: g.case_sharing,
+            members: g.members.iter().map(|m| m.0.clone()).collect(),
+        })
+        .collect()
 }
 
 /// Reads one event of the log by position; projections use it to rebuild cases (R58).
@@ -390,17 +406,7 @@ impl Projections {
 
     /// Groups (all, or those listing `user`), sorted by id.
     pub fn groups(&self, user: Option<&str>) -> Vec<GroupView> {
-        let dir = self.directory();
-        dir.groups
-            .iter()
-            .filter(|(_, g)| user.is_none_or(|u| g.members.iter().any(|m| m.as_str() == u)))
-            .map(|(id, g)| GroupView {
-                id: id.clone(),
-                name: g.name.clone(),
-                case_sharing: g.case_sharing,
-                members: g.members.iter().map(|m| m.0.clone()).collect(),
-            })
-            .collect()
+        group_views(&self.directory(), user)
     }
 
     /// Cases that index `target`, with `true` for an extension index (reverse index).

@@ -53,6 +53,8 @@ struct CaseSlot {
     /// The generation held a tombstone for it when it was loaded.
     tombstone: bool,
     dirty: bool,
+    /// The case after each event of this batch that touched it (time travel's version rows).
+    versions: Vec<(Position, Option<Case>)>,
 }
 
 /// The effects of a sealed batch whose sled write may still be running: the next batch reads
@@ -117,6 +119,8 @@ pub struct Pending {
     loaded: RefCell<HashMap<CaseId, StoredCase>>,
     forms: HashMap<FormId, FormEntry>,
     diagnostics: Vec<DiagnosticRow>,
+    /// Directory events of this batch, kept for time travel.
+    directory_events: Vec<RecordedEvent>,
     checkpoint: Position,
     /// The checkpoint this batch started from.
     from: Position,
@@ -158,6 +162,7 @@ impl Pending {
             loaded: RefCell::new(loaded),
             forms: HashMap::new(),
             diagnostics: Vec::new(),
+            directory_events: Vec::new(),
             checkpoint,
             from: checkpoint,
             error: RefCell::new(None),
@@ -217,6 +222,7 @@ impl Pending {
                     history,
                     tombstone,
                     dirty: false,
+                    versions: Vec::new(),
                 },
             );
         }
@@ -274,6 +280,11 @@ impl Pending {
                     slot.dirty = true;
                 }
             }
+            for c in &step.touched {
+                let slot = self.slot(c)?;
+                let version = slot.current.clone();
+                slot.versions.push((ev.position, version));
+            }
         } else {
             match &ev.event {
                 Event::DiagnosticRaisedV1(d) => self.diagnostics.push(DiagnosticRow {
@@ -285,6 +296,7 @@ impl Pending {
                     // Directory events: copy on write, they are rare next to forms.
                     Arc::make_mut(&mut self.directory).apply_recorded(ev);
                     self.directory_dirty = true;
+                    self.directory_events.push(ev.clone());
                 }
             }
         }
@@ -378,6 +390,22 @@ impl Pending {
         let mut batch = sled::Batch::default();
         let mut diag_seq: HashMap<Position, u32> = HashMap::new();
         for (id, slot) in &self.cases {
+            let mut owner = slot.stored.as_ref().map(|s| s.owner.as_str());
+            for (p, version) in &slot.versions {
+                match version {
+                    Some(case) => {
+                        batch.insert(keys::version(id.as_str(), p.0), codec::encode(case));
+                        if owner != Some(case.owner_id.as_str()) {
+                            batch.insert(keys::owned(&case.owner_id, id.as_str(), p.0), vec![]);
+                        }
+                        owner = Some(case.owner_id.as_str());
+                    }
+                    None => {
+                        batch.insert(keys::version(id.as_str(), p.0), vec![]);
+                        owner = None;
+                    }
+                }
+            }
             if !slot.dirty {
                 continue;
             }
@@ -440,6 +468,9 @@ impl Pending {
         }
         if self.directory_dirty {
             batch.insert(keys::DIRECTORY, codec::encode(self.directory.as_ref()));
+        }
+        for ev in &self.directory_events {
+            batch.insert(keys::directory_event(ev.position.0), codec::encode(ev));
         }
         batch.insert(keys::CHECKPOINT, self.checkpoint.to_be_bytes().to_vec());
         let cases = self

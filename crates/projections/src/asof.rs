@@ -1,0 +1,548 @@
+//! Time travel: every projection as of a log position, case history and conflict forensics.
+//!
+//! The fold writes three kinds of rows beside the current state (see `keys`):
+//! - a **version row** per (case, event that touched it): the case as that event left it, or
+//!   empty once deleted. `case_at` is one reverse seek; history diffs consecutive rows.
+//! - an **owner row** each time a case comes to an owner (created, revived or moved): the
+//!   candidates of an owner's case list at any position, checked against their version rows.
+//! - a **directory row** per directory event: memberships and sharing flags at any position
+//!   are a fold of those few rows, without reading the log.
+//!
+//! Rows are written by the same fold as the current state ([`crate::Pending`], the bulk
+//! rebuild), so `X_at(p)` answers from the same recorded facts as a replay of the log up to `p`
+//! (`tests/it/timetravel.rs` checks this on random streams).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use domain::{
+    Case, CaseChange, CaseId, CaseTimeline, Conflict, Directory, Event, Index, Position,
+    RecordedEvent, Timestamp,
+};
+use serde::Serialize;
+
+use crate::{codec, keys, DiagnosticRow, GroupView, ProjectionError, Projections};
+
+/// A case as of a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaseAt {
+    /// No event up to that position touched it.
+    NotYet,
+    /// It existed.
+    Exists(Box<Case>),
+    /// Every form that touched it had been archived or edited away (R54, R57) at `since`.
+    Deleted {
+        /// The position that deleted it.
+        since: Position,
+    },
+}
+
+/// A user who could see a case (R35, R44) and since when, without a break.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Viewer {
+    /// The user.
+    pub user: String,
+    /// The position from which the case has been in the user's case list.
+    pub since: Position,
+    /// The owner id through which: the user itself or a case-sharing group.
+    pub via: String,
+}
+
+/// One change in a case's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    /// The case came into existence (first block, R16, or revived by an unarchive, R57).
+    Created,
+    /// The case was deleted: no live form touches it any more (R54, R57).
+    Deleted,
+    /// A field or dynamic property changed (`None`: unset).
+    Property {
+        /// Name (`case_name`, `case_type`, `external_id`, `opened_on` or a property).
+        name: String,
+        /// Before.
+        old: Option<String>,
+        /// After.
+        new: Option<String>,
+    },
+    /// The owner changed.
+    Owner {
+        /// Before.
+        old: String,
+        /// After.
+        new: String,
+    },
+    /// The case was closed.
+    Closed,
+    /// The case was reopened: only an edit or archive of the closing form does that (R22, R58).
+    Reopened,
+    /// An index was set, changed or removed.
+    Index {
+        /// Identifier.
+        name: String,
+        /// Before: `case_id` (relationship).
+        old: Option<String>,
+        /// After.
+        new: Option<String>,
+    },
+    /// An attachment was set, changed or removed.
+    Attachment {
+        /// Identifier.
+        name: String,
+        /// Before: `src`.
+        old: Option<String>,
+        /// After.
+        new: Option<String>,
+    },
+}
+
+/// One entry of a case's history: the event and what it changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryEntry {
+    /// Log position.
+    pub position: Position,
+    /// Server received time.
+    #[serde(serialize_with = "Timestamp::serialize_text")]
+    pub received_at: Timestamp,
+    /// `accepted`, `edited`, `archived` or `unarchived`.
+    pub action: &'static str,
+    /// The form's instanceID.
+    pub form_id: String,
+    /// The submitting user (`meta/userID`).
+    pub user: Option<String>,
+    /// The app it came through.
+    pub app: Option<String>,
+    /// For an edit: the position of the version it replaced.
+    pub replaces: Option<Position>,
+    /// What changed, in field order.
+    pub changes: Vec<Change>,
+}
+
+/// A conflict with a stable id for `conflicts show`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConflictRow {
+    /// Stable id: case id, position of `mine` and property, hashed.
+    pub id: String,
+    /// The conflict.
+    #[serde(flatten)]
+    pub conflict: Conflict,
+}
+
+impl Projections {
+    /// The case as of `at` (after the event at `at`).
+    pub fn case_at(&self, id: &CaseId, at: Position) -> Result<CaseAt, ProjectionError> {
+        let generation = self.current();
+        let prefix = keys::version_prefix(id.as_str());
+        let end = keys::version(id.as_str(), at.0);
+        let mut first_seen = None;
+        let mut iter = generation.tree.range(prefix.clone()..=end);
+        if let Some(item) = iter.next_back() {
+            let (key, value) = item?;
+            let since = Position(keys::trailing_u64(&key).unwrap_or(0));
+            if value.is_empty() {
+                first_seen = Some(since);
+            } else {
+                return Ok(CaseAt::Exists(Box::new(codec::decode(&key, &value)?)));
+            }
+        }
+        Ok(match first_seen {
+            Some(since) => CaseAt::Deleted { since },
+            None => CaseAt::NotYet,
+        })
+    }
+
+    /// The case after each event that touched it up to `at`, in position order (`None`: deleted).
+    pub fn case_versions(
+        &self,
+        id: &CaseId,
+        at: Position,
+    ) -> Result<Vec<(Position, Option<Case>)>, ProjectionError> {
+        let generation = self.current();
+        let prefix = keys::version_prefix(id.as_str());
+        let end = keys::version(id.as_str(), at.0);
+        let mut out = Vec::new();
+        for item in generation.tree.range(prefix..=end) {
+            let (key, value) = item?;
+            let p = Position(keys::trailing_u64(&key).unwrap_or(0));
+            let case = if value.is_empty() {
+                None
+            } else {
+                Some(codec::decode(&key, &value)?)
+            };
+            out.push((p, case));
+        }
+        Ok(out)
+    }
+
+    /// Directory events up to `at`, in position order.
+    fn directory_events(&self, at: Position) -> Result<Vec<RecordedEvent>, ProjectionError> {
+        let generation = self.current();
+        let mut out = Vec::new();
+        let range = keys::directory_event(0)..=keys::directory_event(at.0);
+        for item in generation.tree.range(range) {
+            let (key, value) = item?;
+            out.push(codec::decode(&key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// Users, groups, memberships, sharing flags and apps as of `at`.
+    pub fn directory_at(&self, at: Position) -> Result<Directory, ProjectionError> {
+        let mut dir = Directory::default();
+        for ev in self.directory_events(at)? {
+            dir.apply_recorded(&ev);
+        }
+        Ok(dir)
+    }
+
+    /// Groups (all, or those listing `user`) as of `at`, sorted by id.
+    pub fn groups_at(
+        &self,
+        user: Option<&str>,
+        at: Position,
+    ) -> Result<Vec<GroupView>, ProjectionError> {
+        Ok(crate::group_views(&self.directory_at(at)?, user))
+    }
+
+    /// Cases owned by `owner` as of `at`, sorted by case id; closed ones only when asked.
+    pub fn cases_by_owner_at(
+        &self,
+        owner: &str,
+        include_closed: bool,
+        at: Position,
+    ) -> Result<Vec<Case>, ProjectionError> {
+        let generation = self.current();
+        let prefix = keys::owned_prefix(owner);
+        let mut candidates: BTreeSet<String> = BTreeSet::new();
+        for item in generation.tree.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            let rest = key.get(prefix.len()..).unwrap_or_default();
+            let Some(split) = rest.len().checked_sub(8) else {
+                continue;
+            };
+            let came = keys::trailing_u64(rest).unwrap_or(u64::MAX);
+            if came <= at.0 {
+                let id = rest.get(..split).unwrap_or_default();
+                candidates.insert(String::from_utf8_lossy(id).into_owned());
+            }
+        }
+        let mut out = Vec::new();
+        for id in candidates {
+            if let CaseAt::Exists(case) = self.case_at(&CaseId::new(id), at)? {
+                if case.owner_id == owner && (include_closed || !case.closed) {
+                    out.push(*case);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What `user` could see as of `at` (R35, R44): cases owned by the user or by a case-sharing
+    /// group the user was in *then*, with the sharing flags of then. Sorted by case id.
+    pub fn cases_for_user_at(
+        &self,
+        user: &str,
+        include_closed: bool,
+        at: Position,
+    ) -> Result<Vec<Case>, ProjectionError> {
+        let owners = self.directory_at(at)?.owner_ids(user);
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for owner in owners {
+            for case in self.cases_by_owner_at(&owner, include_closed, at)? {
+                if seen.insert(case.case_id.clone()) {
+                    out.push(case);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.case_id.cmp(&b.case_id));
+        Ok(out)
+    }
+
+    /// Diagnostics raised up to `at`, in position order.
+    pub fn diagnostics_at(&self, at: Position) -> Result<Vec<DiagnosticRow>, ProjectionError> {
+        let generation = self.current();
+        let mut out = Vec::new();
+        let end = keys::diagnostic(at.0, u32::MAX);
+        for item in generation.tree.range(vec![keys::DIAGNOSTIC]..=end) {
+            let (key, value) = item?;
+            out.push(codec::decode(&key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// The users whose case list held the case at `at` (closed or open: the case was theirs to
+    /// see), and since which position without a break.
+    pub fn who_could_see(&self, id: &CaseId, at: Position) -> Result<Vec<Viewer>, ProjectionError> {
+        let versions = self.case_versions(id, at)?;
+        let dir_events = self.directory_events(at)?;
+        let mut points: BTreeSet<Position> = versions.iter().map(|(p, _)| *p).collect();
+        points.extend(dir_events.iter().map(|e| e.position));
+        let mut dir = Directory::default();
+        let mut dir_iter = dir_events.iter().peekable();
+        let mut case_iter = versions.iter().peekable();
+        let mut owner: Option<String> = None;
+        let mut since: BTreeMap<String, (Position, String)> = BTreeMap::new();
+        for p in points {
+            while let Some(ev) = dir_iter.next_if(|e| e.position <= p) {
+                dir.apply_recorded(ev);
+            }
+            while let Some((_, case)) = case_iter.next_if(|(q, _)| *q <= p) {
+                owner = case.as_ref().map(|c| c.owner_id.clone());
+            }
+            let visible: BTreeMap<String, String> = match &owner {
+                Some(o) => viewers_of(&dir, o),
+                None => BTreeMap::new(),
+            };
+            since.retain(|u, (_, via)| visible.get(u) == Some(via));
+            for (u, via) in visible {
+                since.entry(u).or_insert((p, via));
+            }
+        }
+        Ok(since
+            .into_iter()
+            .map(|(user, (since, via))| Viewer { user, since, via })
+            .collect())
+    }
+
+    fn read_event(&self, case: &CaseId, p: Position) -> Result<RecordedEvent, ProjectionError> {
+        let reader = self.reader().ok_or_else(|| ProjectionError::Rebuild {
+            case: case.0.clone(),
+            reason: "no log reader configured".into(),
+        })?;
+        reader(p)?.ok_or_else(|| ProjectionError::Rebuild {
+            case: case.0.clone(),
+            reason: format!("event {p} is not in the log"),
+        })
+    }
+
+    /// Every change to a case, oldest first: the event that made it and what it changed.
+    pub fn case_history(&self, id: &CaseId) -> Result<Vec<HistoryEntry>, ProjectionError> {
+        let versions = self.case_versions(id, Position(u64::MAX))?;
+        let mut out = Vec::with_capacity(versions.len());
+        let mut before: Option<Case> = None;
+        for (p, after) in versions {
+            let ev = self.read_event(id, p)?;
+            let (action, form_id, replaces) = match &ev.event {
+                Event::FormAcceptedV1(f) => ("accepted", f.form.form_id.clone(), None),
+                Event::FormEditedV1(f) => ("edited", f.form.form_id.clone(), Some(f.replaces)),
+                Event::FormArchivedV1(a) => ("archived", a.form_id.clone(), None),
+                Event::FormUnarchivedV1(a) => ("unarchived", a.form_id.clone(), None),
+                other => (other.type_name(), domain::FormId::new(""), None),
+            };
+            let (user, app) = match &ev.event {
+                Event::FormAcceptedV1(f) => (f.form.user_id.clone(), f.form.app_id.clone()),
+                Event::FormEditedV1(f) => (f.form.user_id.clone(), f.form.app_id.clone()),
+                _ => match self.form(&form_id)? {
+                    Some(e) => (e.user_id, e.app_id),
+                    None => (None, None),
+                },
+            };
+            out.push(HistoryEntry {
+                position: p,
+                received_at: ev.recorded_at,
+                action,
+                form_id: form_id.0,
+                user,
+                app: app.map(|a| a.0),
+                replaces,
+                changes: diff(before.as_ref(), after.as_ref()),
+            });
+            before = after;
+        }
+        Ok(out)
+    }
+
+    /// The case's timeline rebuilt from the log: every form version that touched it.
+    fn timeline(&self, id: &CaseId) -> Result<CaseTimeline, ProjectionError> {
+        let history = self.history(id)?;
+        let mut timeline = CaseTimeline::new(id.clone());
+        for p in history {
+            let ev = self.read_event(id, p)?;
+            let change = match &ev.event {
+                Event::FormAcceptedV1(f) => CaseChange::Version {
+                    form: f.form.form_id.clone(),
+                    original: p,
+                    blocks: f.blocks.clone(),
+                },
+                Event::FormEditedV1(f) => CaseChange::Version {
+                    form: f.form.form_id.clone(),
+                    original: self.form(&f.form.form_id)?.map_or(p, |e| e.original),
+                    blocks: f.blocks.clone(),
+                },
+                Event::FormArchivedV1(a) => CaseChange::Archive {
+                    form: a.form_id.clone(),
+                    archived: true,
+                },
+                Event::FormUnarchivedV1(a) => CaseChange::Archive {
+                    form: a.form_id.clone(),
+                    archived: false,
+                },
+                _ => continue,
+            };
+            timeline.apply(p, ev.recorded_at, change);
+        }
+        Ok(timeline)
+    }
+
+    /// The conflicts between offline edits of one case (issue 9 §4).
+    pub fn case_conflicts(&self, id: &CaseId) -> Result<Vec<ConflictRow>, ProjectionError> {
+        let timeline = self.timeline(id)?;
+        Ok(domain::conflicts(id, timeline.versions())
+            .into_iter()
+            .map(|c| ConflictRow {
+                id: conflict_id(&c),
+                conflict: c,
+            })
+            .collect())
+    }
+
+    /// Conflicts of every case that drew an `out_of_order_edit` diagnostic (R65), the only cases
+    /// where a block can have overwritten a value set on a phone later; `user` keeps those where
+    /// the user made either side.
+    pub fn conflicts(&self, user: Option<&str>) -> Result<Vec<ConflictRow>, ProjectionError> {
+        let mut cases: BTreeSet<String> = BTreeSet::new();
+        for row in self.diagnostics()? {
+            if row.diagnostic.code == domain::DiagnosticCode::OutOfOrderEdit {
+                cases.insert(row.diagnostic.subject);
+            }
+        }
+        let mut out = Vec::new();
+        for c in cases {
+            for row in self.case_conflicts(&CaseId::new(c))? {
+                if user.is_none_or(|u| row.conflict.mine.user == u || row.conflict.theirs.user == u)
+                {
+                    out.push(row);
+                }
+            }
+        }
+        out.sort_by_key(|r| (r.conflict.mine.position, r.conflict.property.clone()));
+        Ok(out)
+    }
+}
+
+/// The users who see cases owned by `owner` in `dir` (R35), with the owner id through which.
+fn viewers_of(dir: &Directory, owner: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if dir.users.contains_key(&domain::UserId::new(owner)) {
+        out.insert(owner.to_owned(), owner.to_owned());
+    }
+    if let Some(g) = dir.groups.get(&domain::GroupId::new(owner)) {
+        if g.case_sharing {
+            for m in &g.members {
+                out.entry(m.0.clone()).or_insert_with(|| owner.to_owned());
+            }
+        }
+    }
+    out
+}
+
+fn conflict_id(c: &Conflict) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(c.case_id.as_str().as_bytes());
+    h.update([0]);
+    h.update(c.mine.position.to_be_bytes());
+    h.update(c.property.as_bytes());
+    let digest = h.finalize();
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+fn index_text(ix: &Index) -> String {
+    format!("{} ({})", ix.case_id, ix.relationship.as_str())
+}
+
+fn diff_maps<V>(
+    out: &mut Vec<Change>,
+    old: &BTreeMap<String, V>,
+    new: &BTreeMap<String, V>,
+    text: impl Fn(&V) -> String,
+    make: impl Fn(String, Option<String>, Option<String>) -> Change,
+) {
+    let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for name in names {
+        let (o, n) = (old.get(name).map(&text), new.get(name).map(&text));
+        if o != n {
+            out.push(make(name.clone(), o, n));
+        }
+    }
+}
+
+/// What changed from `old` to `new`.
+fn diff(old: Option<&Case>, new: Option<&Case>) -> Vec<Change> {
+    let mut out = Vec::new();
+    let empty;
+    let (old, new) = match (old, new) {
+        (_, None) => return vec![Change::Deleted],
+        (None, Some(n)) => {
+            out.push(Change::Created);
+            empty = Case::empty(n.case_id.clone());
+            (&empty, n)
+        }
+        (Some(o), Some(n)) => (o, n),
+    };
+    let fields = [
+        (
+            "case_type",
+            Some(old.case_type.clone()),
+            Some(new.case_type.clone()),
+        ),
+        (
+            "case_name",
+            Some(old.case_name.clone()),
+            Some(new.case_name.clone()),
+        ),
+        (
+            "external_id",
+            old.external_id.clone(),
+            new.external_id.clone(),
+        ),
+        (
+            "opened_on",
+            old.opened_on.map(|t| t.to_string()),
+            new.opened_on.map(|t| t.to_string()),
+        ),
+    ];
+    for (name, o, n) in fields {
+        let blank = |v: &Option<String>| v.as_deref().is_none_or(str::is_empty);
+        if o != n && !(blank(&o) && blank(&n)) {
+            out.push(Change::Property {
+                name: name.to_owned(),
+                old: o.filter(|v| !v.is_empty()),
+                new: n.filter(|v| !v.is_empty()),
+            });
+        }
+    }
+    diff_maps(
+        &mut out,
+        &old.properties,
+        &new.properties,
+        Clone::clone,
+        |name, old, new| Change::Property { name, old, new },
+    );
+    if old.owner_id != new.owner_id {
+        out.push(Change::Owner {
+            old: old.owner_id.clone(),
+            new: new.owner_id.clone(),
+        });
+    }
+    match (old.closed, new.closed) {
+        (false, true) => out.push(Change::Closed),
+        (true, false) => out.push(Change::Reopened),
+        _ => {}
+    }
+    diff_maps(
+        &mut out,
+        &old.indices,
+        &new.indices,
+        index_text,
+        |name, old, new| Change::Index { name, old, new },
+    );
+    diff_maps(
+        &mut out,
+        &old.attachments,
+        &new.attachments,
+        |a| a.src.clone().or_else(|| a.from.clone()).unwrap_or_default(),
+        |name, old, new| Change::Attachment { name, old, new },
+    );
+    out
+}
