@@ -44,6 +44,12 @@ pub trait State {
     fn form(&self, id: &FormId) -> Option<FormStatus>;
     /// True when the case existed and was deleted by an edit or archive (R50 IllegalCaseId).
     fn is_deleted(&self, id: &CaseId) -> bool;
+    /// The case as the rebuild of an edit of `form` leaves it just before the form's place in
+    /// received order: folded from the live forms received before it, the form itself left out
+    /// (R58, R84, R85). `None` when no such form touched it.
+    fn case_before_form(&self, id: &CaseId, form: &FormId) -> Option<Case>;
+    /// The server received time of the form's first version (R85), `None` if never accepted.
+    fn original_received_at(&self, form: &FormId) -> Option<Timestamp>;
 }
 
 /// Decides a command. `received_at` is the server received time (R5, R9).
@@ -388,6 +394,19 @@ fn decide_submission(
         Identity::Edit(id, old) => (id, Some(old)),
     };
     let rec = record(form_id.clone(), Some(form));
+    // R84, R85: an edit is judged as a form standing at the old version's place, on the cases as
+    // the rebuild leaves them, and its blocks without date_modified keep the original's time.
+    let (base_time, case_now) = match replaces {
+        Some(_) => (
+            state.original_received_at(&form_id).unwrap_or(received_at),
+            Box::new(|id: &CaseId| state.case_before_form(id, &form_id))
+                as Box<dyn Fn(&CaseId) -> Option<Case> + '_>,
+        ),
+        None => (
+            received_at,
+            Box::new(|id: &CaseId| state.case(id)) as Box<dyn Fn(&CaseId) -> Option<Case> + '_>,
+        ),
+    };
 
     // R52: UnknownUser right after InvalidXml.
     if let Some(user) = &form.user_id {
@@ -514,7 +533,7 @@ fn decide_submission(
         }
         blocks.push(BlockApplied {
             case_id: b.case_id.clone(),
-            date: b.date_modified.unwrap_or(received_at),
+            date: b.date_modified.unwrap_or(base_time),
             user,
             actions,
         });
@@ -532,7 +551,7 @@ fn decide_submission(
     for b in &blocks {
         let before = touched
             .entry(b.case_id.clone())
-            .or_insert_with(|| state.case(&b.case_id))
+            .or_insert_with(|| case_now(&b.case_id))
             .take();
         if let Some(prev) = &before {
             // R63: a block that changes a case already closed (close-only blocks excepted).
@@ -594,7 +613,7 @@ fn decide_submission(
             }
             let exists = match touched.get(&ix.case_id) {
                 Some(c) => c.is_some(),
-                None => state.case(&ix.case_id).is_some(),
+                None => case_now(&ix.case_id).is_some(),
             };
             if !exists {
                 return Ok(reject(

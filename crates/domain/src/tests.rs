@@ -28,6 +28,13 @@ impl State for Memory {
     fn is_deleted(&self, _id: &CaseId) -> bool {
         false
     }
+    // These tests do not edit forms; the projections' State folds edits (tests/it).
+    fn case_before_form(&self, id: &CaseId, _form: &FormId) -> Option<Case> {
+        self.cases.get(id).cloned()
+    }
+    fn original_received_at(&self, _form: &FormId) -> Option<Timestamp> {
+        None
+    }
 }
 
 impl Memory {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use domain::{
     apply_block, Case, CaseId, Directory, Event, FormFact, FormId, FormStatus, Position,
-    RecordedEvent, Relationship, State,
+    RecordedEvent, Relationship, State, Timestamp,
 };
 
 use crate::{
@@ -325,7 +325,23 @@ impl Pending {
     /// R58: rebuilds a case from its live forms — each non-archived form that touched it, in the
     /// received order of its first version, with the version in force. No live form: deleted.
     fn rebuild(&mut self, id: &CaseId) -> Result<(), ProjectionError> {
-        let mut positions = self.slot(id)?.history.clone();
+        let history = self.slot(id)?.history.clone();
+        let case = self.fold_live_forms(id, &history, |_, _| true)?;
+        let slot = self.slot(id)?;
+        slot.current = case;
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// The case folded from the live forms among those recorded at `history` that `keep` keeps,
+    /// in received order of their first versions, each with its version in force (R58).
+    fn fold_live_forms(
+        &self,
+        id: &CaseId,
+        history: &[Position],
+        keep: impl Fn(&FormId, &FormEntry) -> bool,
+    ) -> Result<Option<Case>, ProjectionError> {
+        let mut positions = history.to_vec();
         positions.sort_unstable();
         positions.dedup();
         let mut forms: Vec<FormId> = Vec::new();
@@ -340,7 +356,7 @@ impl Pending {
         let mut live: Vec<FormEntry> = Vec::new();
         for f in &forms {
             if let Some(entry) = self.form_entry(f)? {
-                if entry.is_live() {
+                if entry.is_live() && keep(f, &entry) {
                     live.push(entry);
                 }
             }
@@ -350,11 +366,18 @@ impl Pending {
         for entry in &live {
             versions.push(self.read(id, entry.position)?);
         }
-        let case = domain::fold_live(id, versions.iter().filter_map(|ev| ev.event.form_blocks()));
-        let slot = self.slot(id)?;
-        slot.current = case;
-        slot.dirty = true;
-        Ok(())
+        Ok(domain::fold_live(
+            id,
+            versions.iter().filter_map(|ev| ev.event.form_blocks()),
+        ))
+    }
+
+    /// The positions of the events that touched a case so far, this batch's included.
+    fn history_of(&self, id: &CaseId) -> Option<Vec<Position>> {
+        match self.cases.get(id) {
+            Some(slot) => Some(slot.history.clone()),
+            None => self.stored(id).map(|s| s.history),
+        }
     }
 
     /// What the generation stores about a case not folded in this batch, read once and kept.
@@ -529,6 +552,24 @@ impl State for Pending {
             position: e.position,
             archived: e.archived,
         })
+    }
+
+    fn case_before_form(&self, id: &CaseId, form: &FormId) -> Option<Case> {
+        let entry = self.form_entry(form).unwrap_or_else(|e| self.fail(e))?;
+        let history = self.history_of(id)?;
+        self.fold_live_forms(id, &history, |f, e| {
+            f != form && e.original < entry.original
+        })
+        .unwrap_or_else(|e| self.fail(e))
+    }
+
+    fn original_received_at(&self, form: &FormId) -> Option<Timestamp> {
+        let entry = self.form_entry(form).unwrap_or_else(|e| self.fail(e))?;
+        let case = CaseId::new(format!("(form {form})"));
+        match self.read(&case, entry.original) {
+            Ok(ev) => Some(ev.recorded_at),
+            Err(e) => self.fail(e),
+        }
     }
 
     fn is_deleted(&self, id: &CaseId) -> bool {
