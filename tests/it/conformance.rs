@@ -364,6 +364,27 @@ fn conformance_suite() {
     );
 }
 
+/// R79: the scenario format reads `null` as "absent or null", so it cannot tell a missing key
+/// from a null one; the case JSON (R32) must carry `external_id` as `null`.
+#[test]
+fn r79_an_external_id_never_set_is_null_in_the_case_json() {
+    use caseledger::demo::{form, Block};
+    let w = support::World::empty();
+    w.user("u-david", "david");
+    w.app("app-anc", false, &["pregnancy"]);
+    let block = Block {
+        case_id: "c-1",
+        user: "u-david",
+        date: "2026-03-02T09:15:22.104+03:00",
+        create: Some(("pregnancy", "Monica", None)),
+        update: &[("edd", "2026-09-01")],
+        close: false,
+    };
+    w.submit("app-anc", form("f-1", "u-david", &[block]));
+    let json = view::case_json(&w.case("c-1"));
+    assert_eq!(json.get("external_id"), Some(&Value::Null), "{json}");
+}
+
 /// The copy must match `../shared/commcare/conformance` when that folder is present
 /// (a fresh clone without `../shared` runs from the copy alone). Scenario files changed on
 /// purpose carry a `"caseledger_change"` note and are compared on their other fields. Project
