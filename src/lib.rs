@@ -1,7 +1,8 @@
 //! caseledger: an event-sourced CommCare case store with case sharing and CQRS projections.
 //!
-//! This facade re-exports the crates under `crates/` and adds what the binary and the
-//! integration tests share: JSON views of cases ([`view`]) and the seed-story demo ([`demo`]).
+//! This facade re-exports the crates under `crates/` (OpenRosa restore payloads are the
+//! `restore` crate) and adds what the binary and the integration tests share: JSON views of
+//! cases ([`view`]) and the seed-story demo ([`demo`]).
 //!
 //! ```ignore
 //! let engine = caseledger::Engine::open(dir, &"demo".into(), Default::default())?;
@@ -9,7 +10,6 @@
 //! ```
 
 pub mod demo;
-pub mod restore;
 pub mod view;
 
 pub use casexml;
@@ -20,3 +20,4 @@ pub use engine::{
 };
 pub use eventlog;
 pub use projections;
+pub use restore;

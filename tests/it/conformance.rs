@@ -3,12 +3,13 @@
 //!
 //! Each folder is one scenario (format in its README): setup ops and steps run through the
 //! facade, then the final expectations are checked. Rules cited by a scenario are printed with
-//! its result.
+//! its result. The project's additions (scenarios 35–41, SEMANTICS §12) also use step
+//! expectations the shared format lacks: `instance_id`, `diagnostics`, `absent_diagnostics`.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use caseledger::domain::{AppId, CaseId, Command, GroupId, UserId};
+use caseledger::domain::{AppId, CaseId, Command, Event, GroupId, RecordedEvent, UserId};
 use caseledger::{view, Engine, Request, SubmitOutcome};
 use serde_json::Value;
 
@@ -18,7 +19,8 @@ use crate::support;
 /// Each must still be *run*; the test fails if one of them starts passing while listed here.
 const PENDING: &[&str] = &[];
 
-fn op(engine: &Engine, step: &Value) -> Result<(), String> {
+/// Runs one op step; the events it recorded.
+fn op(engine: &Engine, step: &Value) -> Result<Vec<RecordedEvent>, String> {
     let s = |k: &str| {
         step.get(k)
             .and_then(Value::as_str)
@@ -71,8 +73,60 @@ fn op(engine: &Engine, step: &Value) -> Result<(), String> {
     };
     support::rt()
         .block_on(engine.execute(Request::new(cmd)))
-        .map(|_| ())
+        .map(|o| o.events)
         .map_err(|e| format!("op {step}: {e}"))
+}
+
+/// Project extension (tests/data/conformance/README.md, "Project additions"): a step's
+/// `expect.diagnostics` must each be raised by that step, and no diagnostic raised by the step
+/// may match an entry of `expect.absent_diagnostics` (an entry without `subject` matches any).
+fn check_step_diagnostics(
+    what: &str,
+    want: &Value,
+    events: &[RecordedEvent],
+    errors: &mut Vec<String>,
+) {
+    let raised: Vec<(&str, &str)> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::DiagnosticRaisedV1(d) => {
+                Some((d.diagnostic.code.as_str(), d.diagnostic.subject.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    let field = |d: &Value, k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
+    for d in want
+        .get("diagnostics")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (code, subject) = (field(d, "code"), field(d, "subject"));
+        if !raised
+            .iter()
+            .any(|(c, s)| Some(*c) == code.as_deref() && Some(*s) == subject.as_deref())
+        {
+            errors.push(format!(
+                "{what}: did not raise {} {}; raised {raised:?}",
+                code.unwrap_or_default(),
+                subject.unwrap_or_default()
+            ));
+        }
+    }
+    for d in want
+        .get("absent_diagnostics")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (code, subject) = (field(d, "code"), field(d, "subject"));
+        for (c, s) in &raised {
+            if Some(*c) == code.as_deref() && subject.as_deref().is_none_or(|x| x == *s) {
+                errors.push(format!("{what}: raised {c} {s}, which it must not"));
+            }
+        }
+    }
 }
 
 /// Subset match: only keys in `expected` are compared; `null` means absent or null.
@@ -140,9 +194,13 @@ pub fn run_scenario(dir: &Path) -> Result<(), Vec<String>> {
             .clone()
     };
     for step in list("setup").iter().chain(list("steps").iter()) {
+        let want = step.get("expect").cloned().unwrap_or(Value::Null);
         if step.get("op").is_some() {
-            if let Err(e) = op(&engine, step) {
-                errors.push(e);
+            match op(&engine, step) {
+                Ok(events) => {
+                    check_step_diagnostics(&step.to_string(), &want, &events, &mut errors)
+                }
+                Err(e) => errors.push(e),
             }
             continue;
         }
@@ -152,14 +210,28 @@ pub fn run_scenario(dir: &Path) -> Result<(), Vec<String>> {
             .unwrap_or_default();
         let raw = std::fs::read(dir.join(file)).map_err(|e| vec![format!("{file}: {e}")])?;
         let app = step.get("app").and_then(Value::as_str).map(AppId::new);
-        let outcome: SubmitOutcome = match rt.block_on(engine.submit(raw, app, None)) {
+        let sub = engine.prepare_submission(raw, app);
+        let request = Request::new(Command::SubmitForm(Box::new(sub)));
+        let recorded = rt
+            .block_on(engine.execute(request))
+            .and_then(|o| SubmitOutcome::from_events(&o.events).map(|s| (s, o.events)));
+        let (outcome, events) = match recorded {
             Ok(o) => o,
             Err(e) => {
                 errors.push(format!("{file}: submit failed: {e}"));
                 continue;
             }
         };
-        let want = step.get("expect").cloned().unwrap_or(Value::Null);
+        check_step_diagnostics(file, &want, &events, &mut errors);
+        // Project extension: the id the form was filed under (R55, R81).
+        if let Some(id) = want.get("instance_id").and_then(Value::as_str) {
+            if outcome.instance_id.as_str() != id {
+                errors.push(format!(
+                    "{file}: filed under {}, expected {id}",
+                    outcome.instance_id
+                ));
+            }
+        }
         let got_outcome = serde_json::to_value(outcome.outcome).unwrap_or(Value::Null);
         if want.get("outcome") != Some(&got_outcome) {
             errors.push(format!(
@@ -292,9 +364,32 @@ fn conformance_suite() {
     );
 }
 
+/// R79: the scenario format reads `null` as "absent or null", so it cannot tell a missing key
+/// from a null one; the case JSON (R32) must carry `external_id` as `null`.
+#[test]
+fn r79_an_external_id_never_set_is_null_in_the_case_json() {
+    use caseledger::demo::{form, Block};
+    let w = support::World::empty();
+    w.user("u-david", "david");
+    w.app("app-anc", false, &["pregnancy"]);
+    let block = Block {
+        case_id: "c-1",
+        user: "u-david",
+        date: "2026-03-02T09:15:22.104+03:00",
+        create: Some(("pregnancy", "Monica", None)),
+        update: &[("edd", "2026-09-01")],
+        close: false,
+    };
+    w.submit("app-anc", form("f-1", "u-david", &[block]));
+    let json = view::case_json(&w.case("c-1"));
+    assert_eq!(json.get("external_id"), Some(&Value::Null), "{json}");
+}
+
 /// The copy must match `../shared/commcare/conformance` when that folder is present
 /// (a fresh clone without `../shared` runs from the copy alone). Scenario files changed on
-/// purpose carry a `"caseledger_change"` note and are compared on their other fields.
+/// purpose carry a `"caseledger_change"` note and are compared on their other fields. Project
+/// additions (a folder whose scenario.json carries `"caseledger_addition"`, and the README's
+/// section from [`ADDITIONS_HEADING`] on) exist only in the copy.
 #[test]
 fn conformance_copy_is_in_sync() {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/commcare/conformance");
@@ -313,6 +408,17 @@ fn conformance_copy_is_in_sync() {
     );
 }
 
+/// Where the copy's README starts describing the project's additions.
+const ADDITIONS_HEADING: &str = "\n## Project additions";
+
+/// A scenario folder that exists only in the project's copy.
+fn is_addition(dir: &Path) -> bool {
+    std::fs::read(dir.join("scenario.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|v| v.get("caseledger_addition").is_some())
+}
+
 fn compare_dirs(a: &Path, b: &Path, out: &mut Vec<String>) {
     let Ok(entries) = std::fs::read_dir(a) else {
         out.push(format!("cannot read {}", a.display()));
@@ -322,10 +428,26 @@ fn compare_dirs(a: &Path, b: &Path, out: &mut Vec<String>) {
         let pa = entry.path();
         let pb = b.join(entry.file_name());
         if pa.is_dir() {
+            if !pb.exists() && is_addition(&pa) {
+                continue;
+            }
             compare_dirs(&pa, &pb, out);
             continue;
         }
-        match (std::fs::read(&pa), std::fs::read(&pb)) {
+        let readme = |bytes: Vec<u8>| -> Vec<u8> {
+            match String::from_utf8(bytes) {
+                Ok(mut t) => {
+                    if let Some(at) = t.find(ADDITIONS_HEADING) {
+                        t.truncate(at);
+                    }
+                    t.into_bytes()
+                }
+                Err(e) => e.into_bytes(),
+            }
+        };
+        let is_readme = pa.file_name().is_some_and(|n| n == "README.md");
+        let read = |p: &Path| std::fs::read(p).map(|b| if is_readme { readme(b) } else { b });
+        match (read(&pa), read(&pb)) {
             (Ok(x), Ok(y)) if x == y => {}
             (Ok(x), Ok(y)) if pa.extension().is_some_and(|e| e == "json") => {
                 let strip = |bytes: &[u8]| -> Option<Value> {

@@ -1,4 +1,4 @@
-//! What a v2 case block means: attributes (R9), actions (R10, R11), create (R14, R51), update
+//! What a v2 case block means: attributes (R9), actions (R10, R11, R80), create (R14, R51), update
 //! (R17–R20), close (R21), index (R25–R28), attachment (R31), referrals (R50).
 //!
 //! The walker in `walk.rs` owns the XML; it hands this module one finished piece at a time (the
@@ -7,6 +7,7 @@
 //! returned and `domain::decide` picks the one that wins by R52 precedence.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use domain::{
     Actions, AttachmentChange, CaseBlock, CaseId, Create, ErrorCode, IndexChange, Problem,
@@ -140,6 +141,23 @@ struct CreateBuilder {
     date_opened: Option<Timestamp>,
 }
 
+/// Which list of [`Actions`] a held problem's value is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Update,
+    Index,
+}
+
+/// A problem of one update or index value, held until the block ends: R80 validates only the
+/// last value of a property or index identifier given more than once.
+#[derive(Debug)]
+struct HeldProblem {
+    list: Held,
+    /// Position of the value in `actions.update` or `actions.index`.
+    at: usize,
+    problem: Problem,
+}
+
 /// A v2 case block being read.
 #[derive(Debug)]
 pub(crate) struct BlockBuilder {
@@ -151,6 +169,8 @@ pub(crate) struct BlockBuilder {
     actions: Actions,
     create: Option<CreateBuilder>,
     referral_reported: bool,
+    /// At most a few per value, so bounded by `Limits::max_block_elements`.
+    held: Vec<HeldProblem>,
 }
 
 /// A value quoted for a message and shortened: a 1 MB property (or case id, repeated in every
@@ -245,6 +265,7 @@ impl BlockBuilder {
             actions: Actions::default(),
             create: None,
             referral_reported: false,
+            held: Vec::new(),
         }
     }
 
@@ -374,23 +395,25 @@ impl BlockBuilder {
                 }
             }
             Field::Update(name) => {
+                let mut found = Problems::default();
                 if has_children {
                     // caseledger rule (R50): a property is text; nested elements are refused
                     // rather than flattened.
-                    self.element_children(qname, problems);
+                    self.element_children(qname, &mut found);
                 }
                 // R18: the reserved names keep their place in the list (apply_block maps them)
                 // but their values are checked like create's.
                 match name.as_str() {
                     "case_name" | "case_type" | "owner_id" | "external_id" => {
-                        self.check_len(qname, value, problems);
+                        self.check_len(qname, value, &mut found);
                     }
                     "date_opened" => {
-                        self.date_opened(qname, value, problems);
+                        self.date_opened(qname, value, &mut found);
                     }
                     _ => {}
                 }
-                // R17/R20: trimmed text, document order, duplicates kept (last wins later).
+                // R17/R20/R80: trimmed text, document order, duplicates kept (last wins later).
+                self.hold(Held::Update, self.actions.update.len(), found);
                 self.actions.update.push((name, value.to_owned()));
             }
             Field::Index {
@@ -398,6 +421,8 @@ impl BlockBuilder {
                 case_type,
                 relationship,
             } => {
+                let mut found = Problems::default();
+                let at = self.actions.index.len();
                 self.finish_index(
                     identifier,
                     case_type,
@@ -405,8 +430,9 @@ impl BlockBuilder {
                     has_children,
                     value,
                     qname,
-                    problems,
+                    &mut found,
                 );
+                self.hold(Held::Index, at, found);
             }
         }
     }
@@ -463,6 +489,17 @@ impl BlockBuilder {
         });
     }
 
+    /// Keeps the problems of the value at `at` until the block ends (R80).
+    fn hold(&mut self, list: Held, at: usize, found: Problems) {
+        self.held
+            .extend(
+                found
+                    .into_vec()
+                    .into_iter()
+                    .map(|problem| HeldProblem { list, at, problem }),
+            );
+    }
+
     fn element_children(&self, qname: &str, problems: &mut Problems) {
         problems.push(
             ErrorCode::CaseValueError,
@@ -482,8 +519,34 @@ impl BlockBuilder {
             user_id,
             mut actions,
             create,
+            held,
             ..
         } = self;
+        // R80: of a property or index identifier given more than once, only the last value is
+        // validated; the problems of the values it replaced are dropped.
+        {
+            let last_update: HashMap<&str, usize> = (actions.update.iter().enumerate())
+                .map(|(i, (name, _))| (name.as_str(), i))
+                .collect();
+            let last_index: HashMap<&str, usize> = (actions.index.iter().enumerate())
+                .map(|(i, ix)| (ix.identifier.as_str(), i))
+                .collect();
+            for h in held {
+                let is_last = match h.list {
+                    Held::Update => actions
+                        .update
+                        .get(h.at)
+                        .and_then(|(name, _)| last_update.get(name.as_str())),
+                    Held::Index => actions
+                        .index
+                        .get(h.at)
+                        .and_then(|ix| last_index.get(ix.identifier.as_str())),
+                } == Some(&h.at);
+                if is_last {
+                    problems.push(h.problem.code, h.problem.message);
+                }
+            }
+        }
         if let Some(c) = create {
             // R51: caseledger requires both elements (the phone does too; HQ tolerates).
             let missing: Vec<&str> = [

@@ -680,6 +680,56 @@ fn r20_duplicate_properties_are_kept_in_document_order() {
 }
 
 #[test]
+fn r80_only_the_last_value_of_a_repeated_property_or_index_is_validated() {
+    let long = "N".repeat(300);
+    // Earlier values with problems, replaced later in the block (across two <update> and two
+    // <index> elements): no problem.
+    let f = ok(&form(&block(
+        "c-1",
+        &format!(
+            "<n0:update><n0:case_name>{long}</n0:case_name><n0:date_opened>soon</n0:date_opened>\
+             <n0:edd><x/></n0:edd></n0:update>\
+             <n0:index><n0:mother>c-0</n0:mother></n0:index>\
+             <n0:index><n0:host relationship=\"sibling\">c-0</n0:host></n0:index>\
+             <n0:update><n0:case_name>Baby</n0:case_name><n0:date_opened>2026-03-05</n0:date_opened>\
+             <n0:edd>1</n0:edd></n0:update>\
+             <n0:index><n0:mother case_type=\"pregnancy\">c-2</n0:mother>\
+             <n0:host case_type=\"pregnancy\" relationship=\"extension\">c-2</n0:host></n0:index>"
+        ),
+    )));
+    assert!(f.problems.is_empty(), "{:#?}", f.problems);
+    let ix = &f.blocks[0].actions.index;
+    assert_eq!(ix.len(), 4);
+    assert_eq!(
+        (ix[2].identifier.as_str(), ix[2].case_type.as_str()),
+        ("mother", "pregnancy")
+    );
+    // A last value with a problem is still refused, whatever came before it.
+    let f = ok(&form(&block(
+        "c-1",
+        "<n0:index><n0:mother case_type=\"pregnancy\">c-2</n0:mother></n0:index>\
+         <n0:index><n0:mother>c-2</n0:mother></n0:index>\
+         <n0:update><n0:case_name>Baby</n0:case_name><n0:case_name><x/></n0:case_name></n0:update>",
+    )));
+    assert_eq!(
+        codes(&f),
+        vec![ErrorCode::InvalidCaseIndex, ErrorCode::CaseValueError],
+        "{:#?}",
+        f.problems
+    );
+    // The same identifier in two blocks is two values, each validated.
+    let f = ok(&form(&format!(
+        "{}{}",
+        block("c-1", "<n0:index><n0:mother>c-2</n0:mother></n0:index>"),
+        block(
+            "c-1",
+            "<n0:index><n0:mother case_type=\"pregnancy\">c-2</n0:mother></n0:index>"
+        ),
+    )));
+    assert_eq!(codes(&f), vec![ErrorCode::InvalidCaseIndex]);
+}
+
+#[test]
 fn r21_close() {
     let f = ok(&form(&block("c-1", "<n0:close/>")));
     assert!(f.blocks[0].actions.close);

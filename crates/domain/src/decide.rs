@@ -88,8 +88,12 @@ pub fn decide(
             })])
         }
         Command::SetGroupCaseSharing { group, on } => {
-            if !dir.groups.contains_key(group) {
+            let Some(g) = dir.groups.get(group) else {
                 return Err(CommandError::UnknownGroup(group.clone()));
+            };
+            if g.case_sharing == *on {
+                // R86: already in the asked state: nothing happened, nothing to record or raise.
+                return Ok(Vec::new());
             }
             let event = Event::GroupCaseSharingSetV1(GroupCaseSharingSetV1 {
                 group_id: group.clone(),
@@ -241,10 +245,12 @@ fn with_directory_diagnostics(dir: &Directory, event: Event) -> Vec<Event> {
     let mut after = dir.clone();
     after.apply(&event);
     let mut out = Vec::new();
-    // R60: a membership or group-flag change that leaves a user in several case-sharing groups.
+    // R60, R86: every membership change of a user (added or removed, any group) and every
+    // sharing switch of a group (on or off, for its members) after which the user is in several
+    // case-sharing groups. Callers drop no-op changes before this (R86: they raise nothing).
     let touched_users: Vec<String> = match &event {
-        Event::MemberAddedV1(m) => vec![m.user_id.0.clone()],
-        Event::GroupCaseSharingSetV1(e) if e.case_sharing => after
+        Event::MemberAddedV1(m) | Event::MemberRemovedV1(m) => vec![m.user_id.0.clone()],
+        Event::GroupCaseSharingSetV1(e) => after
             .groups
             .get(&e.group_id)
             .map(|g| g.members.iter().map(|u| u.0.clone()).collect())

@@ -587,6 +587,66 @@ fn r60_r61_directory_changes_raise_diagnostics() {
     assert!(m.has_diag(DiagnosticCode::CaseSharingAppWithoutGroups, "a1"));
 }
 
+/// The diagnostics a command raised, as (code, subject).
+fn raised(events: &[Event]) -> Vec<(DiagnosticCode, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::DiagnosticRaisedV1(d) => Some((d.diagnostic.code, d.diagnostic.subject.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn r86_every_change_leaving_a_user_in_several_groups_raises_and_no_ops_raise_nothing() {
+    let multi = |u: &str| {
+        (
+            DiagnosticCode::UserInMultipleCaseSharingGroups,
+            u.to_owned(),
+        )
+    };
+    let sharing = |g: &str, on: bool| Command::SetGroupCaseSharing {
+        group: GroupId::new(g),
+        on,
+    };
+    let mut m = Memory::given(&[
+        user("u1"),
+        user("u2"),
+        group("g1", true),
+        group("g2", true),
+        group("g3", true),
+        group("gx", false),
+    ]);
+    for g in ["g1", "g2", "g3"] {
+        m.when(&member(g, "u1")).unwrap();
+    }
+    m.when(&member("g3", "u2")).unwrap();
+    // Removed from a group, still in two.
+    let removed = Command::RemoveMember {
+        group: GroupId::new("g3"),
+        user: UserId::new("u1"),
+    };
+    assert_eq!(raised(&m.when(&removed).unwrap()), vec![multi("u1")]);
+    // Added to a group without case sharing while in two.
+    assert_eq!(
+        raised(&m.when(&member("gx", "u1")).unwrap()),
+        vec![multi("u1")]
+    );
+    m.when(&member("g3", "u1")).unwrap();
+    // Sharing turned off, still in two; u2 (in one group, then none) raises nothing.
+    assert_eq!(
+        raised(&m.when(&sharing("g3", false)).unwrap()),
+        vec![multi("u1")]
+    );
+    // No-ops: nothing recorded, nothing raised.
+    assert!(m.when(&sharing("g3", false)).unwrap().is_empty());
+    assert!(m.when(&sharing("g1", true)).unwrap().is_empty());
+    assert!(m.when(&member("g1", "u1")).unwrap().is_empty());
+    // Left in one group: nothing.
+    assert!(raised(&m.when(&sharing("g2", false)).unwrap()).is_empty());
+}
+
 #[test]
 fn admin_commands_refuse_unknown_and_duplicate_ids() {
     let mut m = team();
