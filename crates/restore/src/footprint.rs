@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 
-use domain::{Case, CaseId, Directory, Event, Position, Relationship, UserId};
+use domain::{Case, CaseId, Directory, Event, FormEntry, FormFact, Position, Relationship, UserId};
 use engine::Engine;
 use projections::{ProjectionError, Projections};
 
@@ -197,7 +197,7 @@ impl<'p> Graph<'p> {
                 {
                     owners_changed = true;
                 }
-                event => touched_by(engine, self.projections, event, &mut touched)?,
+                _ => touched_by(engine, self.projections, &ev, &mut touched)?,
             }
         }
 
@@ -227,34 +227,29 @@ impl<'p> Graph<'p> {
     }
 }
 
-/// Adds to `out` the cases `event` touched, as `Pending::apply` records case history (keep the
-/// two in step). The one place that knows it here, so it can be swapped for a shared definition.
+/// Adds to `out` the cases an event touched, by the fold the projections use
+/// ([`domain::FormEntry::fold`]), given the form's entry before the event: for an edit, the
+/// replaced version read back from the log; for an archive, the entry in force.
 fn touched_by(
     engine: &Engine,
     projections: &Projections,
-    event: &Event,
+    ev: &domain::RecordedEvent,
     out: &mut BTreeSet<CaseId>,
 ) -> Result<(), RestoreError> {
-    match event {
-        Event::FormEditedV1(e) => {
-            out.extend(e.blocks.iter().map(|b| b.case_id.clone()));
-            // The replaced version's cases were rebuilt too (R54).
+    let Some((form_id, fact)) = FormFact::of(&ev.event, ev.position) else {
+        return Ok(());
+    };
+    let prev = match (&ev.event, &fact) {
+        (Event::FormEditedV1(e), _) => {
             let old = engine.log().iter_from(e.replaces).next().transpose()?;
-            if let Some(old) = old.filter(|o| o.position == e.replaces) {
-                if let Some((_, blocks)) = old.event.form_blocks() {
-                    out.extend(blocks.iter().map(|b| b.case_id.clone()));
-                }
-            }
+            old.filter(|o| o.position == e.replaces)
+                .and_then(|o| FormFact::of(&o.event, o.position).map(|(_, f)| f))
+                .map(|f| FormEntry::fold(None, f, e.replaces))
+                .and_then(|step| step.entry)
         }
-        Event::FormAcceptedV1(f) => {
-            out.extend(f.blocks.iter().map(|b| b.case_id.clone()));
-        }
-        Event::FormArchivedV1(a) | Event::FormUnarchivedV1(a) => {
-            if let Some(entry) = projections.form(&a.form_id)? {
-                out.extend(entry.case_ids);
-            }
-        }
-        _ => {}
-    }
+        (_, FormFact::Archived(_)) => projections.form(form_id)?,
+        _ => None,
+    };
+    out.extend(FormEntry::fold(prev.as_ref(), fact, ev.position).touched);
     Ok(())
 }
