@@ -211,7 +211,14 @@ pub fn run_scenario(dir: &Path) -> Result<(), Vec<String>> {
         let raw = std::fs::read(dir.join(file)).map_err(|e| vec![format!("{file}: {e}")])?;
         let app = step.get("app").and_then(Value::as_str).map(AppId::new);
         let sub = engine.prepare_submission(raw, app);
-        let request = Request::new(Command::SubmitForm(Box::new(sub)));
+        let mut request = Request::new(Command::SubmitForm(Box::new(sub)));
+        // Project extension: the server received time of the step (R9, R85).
+        if let Some(t) = step.get("received_at").and_then(Value::as_str) {
+            match caseledger::domain::Timestamp::parse_rfc3339(t) {
+                Ok(t) => request.received_at = Some(t),
+                Err(e) => errors.push(format!("{file}: received_at {t:?}: {e}")),
+            }
+        }
         let recorded = rt
             .block_on(engine.execute(request))
             .and_then(|o| SubmitOutcome::from_events(&o.events).map(|s| (s, o.events)));
