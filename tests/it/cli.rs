@@ -393,3 +393,119 @@ fn r50_an_oversized_body_is_stored_as_invalid_xml_and_a_hostile_one_is_refused_u
     assert!(String::from_utf8_lossy(&out.stderr).contains("transport limit"));
     assert_eq!(head(data), before);
 }
+
+/// Issue 9 §2–§4 through the binary: `--at`/`--as-of`, `case history --json`, `who-could-see`,
+/// `conflicts` and `conflicts show`, with the exit codes of the contract (seed FAQ 3, R70).
+#[test]
+fn time_travel_history_and_conflicts_through_the_cli() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    let dir = support::conformance_dir().join("10-offline-received-order");
+    let files: Vec<String> = ["01-register.xml", "02-maria-day4.xml", "03-david-day3.xml"]
+        .iter()
+        .map(|f| dir.join(f).display().to_string())
+        .collect();
+    let mut args = vec!["submit"];
+    args.extend(files.iter().map(String::as_str));
+    args.extend(["--app", "app-anc"]);
+    let out = run(data, &args);
+    assert_eq!(out.status.code(), Some(0));
+    let positions: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("json");
+            v["position"].as_u64().expect("position")
+        })
+        .collect();
+    let case = "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10";
+
+    // As of Maria's form: her value; before the registration: did not exist yet (exit 1).
+    let at = positions[1].to_string();
+    let then = ok(data, &["case", "show", case, "--at", &at]);
+    assert_eq!(then["properties"]["risk"], "low");
+    let now = ok(data, &["case", "show", case]);
+    assert_eq!(now["properties"]["risk"], "high");
+    let before = (positions[0] - 1).to_string();
+    let out = run(data, &["case", "show", case, "--at", &before]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not exist yet"));
+    // Beyond the head, or a time before the first event: a clear error, exit 1.
+    let out = run(data, &["case", "show", case, "--at", "999999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the log"));
+    let out = run(
+        data,
+        &[
+            "cases",
+            "--user",
+            "u-maria",
+            "--as-of",
+            "2000-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("before the first event"));
+    // --as-of now answers like the head.
+    let list = ok(
+        data,
+        &[
+            "cases",
+            "--user",
+            "u-maria",
+            "--as-of",
+            "2100-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+
+    // History: a JSON array of objects with a position, oldest first.
+    let history = ok(data, &["case", "history", case]);
+    let entries = history.as_array().expect("array");
+    let got: Vec<u64> = entries
+        .iter()
+        .map(|e| e["position"].as_u64().expect("position"))
+        .collect();
+    assert_eq!(got, positions);
+    assert_eq!(entries[2]["user"], "u-david");
+    assert_eq!(entries[2]["changes"][0]["change"], "property");
+    assert_eq!(entries[2]["changes"][0]["old"], "low");
+    assert_eq!(entries[2]["changes"][0]["new"], "high");
+
+    // Who could see it: the team.
+    let who = ok(data, &["case", "who-could-see", case]);
+    let users: Vec<&str> = who["viewers"]
+        .as_array()
+        .expect("viewers")
+        .iter()
+        .filter_map(|v| v["user"].as_str())
+        .collect();
+    assert_eq!(users, ["u-david", "u-maria"]);
+
+    // One conflict, three-way, and `conflicts show` of its id.
+    let conflicts = ok(data, &["conflicts"]);
+    let list = conflicts.as_array().expect("array");
+    assert_eq!(list.len(), 1);
+    let c = &list[0];
+    for (key, want) in [
+        ("case_id", Value::from(case)),
+        ("property", "risk".into()),
+        ("base", Value::Null),
+        ("theirs", "low".into()),
+        ("mine", "high".into()),
+        ("result", "high".into()),
+    ] {
+        assert_eq!(c[key], want, "{key}");
+    }
+    assert_eq!(c["positions"]["theirs"], positions[1]);
+    assert_eq!(c["positions"]["mine"], positions[2]);
+    let id = c["id"].as_str().expect("id");
+    let shown = ok(data, &["conflicts", "show", id]);
+    assert_eq!(&shown, c);
+    assert_eq!(
+        ok(data, &["conflicts", "--user", "u-ana"]),
+        Value::Array(vec![])
+    );
+    let out = run(data, &["conflicts", "show", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -214,3 +214,165 @@ fn positions_beyond_the_head_and_times_before_the_first_event_are_refused() {
     ));
     assert_eq!(w.engine.resolve(AsOf::Time(first)).expect("at"), head);
 }
+
+fn conformance_file(scenario: &str, file: &str) -> Vec<u8> {
+    std::fs::read(support::conformance_dir().join(scenario).join(file)).expect("scenario file")
+}
+
+const MONICA: &str = "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10";
+
+/// The seed's two nurses (FAQ 3): Maria and David both edit Monica offline; Maria's edit is made
+/// later on her phone but received first. One conflict, on `risk`, shown three-way: base (unset),
+/// theirs (Maria's, overwritten), mine (David's), result (received order wins, R70).
+fn offline_nurses() -> support::World {
+    let w = support::World::empty();
+    w.user("u-david", "david");
+    w.user("u-maria", "maria");
+    w.group("g-team", "Kibera CHW team", &["u-david", "u-maria"]);
+    w.app("app-anc", true, &["pregnancy"]);
+    for f in ["01-register.xml", "02-maria-day4.xml", "03-david-day3.xml"] {
+        let outcome = w.submit("app-anc", conformance_file("10-offline-received-order", f));
+        assert_eq!(outcome.outcome, caseledger::SubmitStatus::Accepted, "{f}");
+    }
+    w
+}
+
+#[test]
+fn seed_offline_nurses_make_one_conflict_shown_three_way() {
+    let w = offline_nurses();
+    let p = w.engine.projections();
+    let all = p.conflicts(None).expect("conflicts");
+    assert_eq!(all.len(), 1, "{all:#?}");
+    let c = &all[0].conflict;
+    assert_eq!((c.case_id.as_str(), c.property.as_str()), (MONICA, "risk"));
+    assert_eq!(c.base, None, "registration did not set risk");
+    assert_eq!(
+        (c.theirs.value.as_str(), c.theirs.user.as_str()),
+        ("low", "u-maria")
+    );
+    assert_eq!(
+        (c.mine.value.as_str(), c.mine.user.as_str()),
+        ("high", "u-david")
+    );
+    assert_eq!(c.result, "high", "received order wins (R70)");
+    assert!(c.mine.phone_time < c.theirs.phone_time);
+    assert!(c.base_position < c.theirs.position && c.theirs.position < c.mine.position);
+    // The positions are the ones to time-travel to: each side's value is in force there.
+    let risk_at = |at: Position| match p.case_at(&CaseId::new(MONICA), at).expect("at") {
+        CaseAt::Exists(case) => case.properties.get("risk").cloned(),
+        other => panic!("case missing at {at}: {other:?}"),
+    };
+    assert_eq!(risk_at(c.base_position), None);
+    assert_eq!(risk_at(c.theirs.position).as_deref(), Some("low"));
+    assert_eq!(risk_at(c.mine.position).as_deref(), Some("high"));
+    // Filters: by case and by either side's user.
+    assert_eq!(p.case_conflicts(&CaseId::new(MONICA)).expect("case"), all);
+    assert_eq!(p.conflicts(Some("u-maria")).expect("maria"), all);
+    assert!(p.conflicts(Some("u-ana")).expect("ana").is_empty());
+}
+
+/// R35, R41, R44 looked at back in time: Maria sees the team's case while she is in the group,
+/// not after she leaves; a query as of before the removal still shows it, with the membership
+/// of then, and who-could-see says since when.
+#[test]
+fn a_users_case_list_before_and_after_a_membership_change() {
+    let w = offline_nurses();
+    let before = w.engine.projections().checkpoint();
+    assert_eq!(w.sees("u-maria"), vec![MONICA.to_owned()]);
+    w.cmd(caseledger::domain::Command::RemoveMember {
+        group: "g-team".into(),
+        user: "u-maria".into(),
+    });
+    let after = w.engine.projections().checkpoint();
+    let p = w.engine.projections();
+    let list = |at: Position| -> Vec<String> {
+        p.cases_for_user_at("u-maria", false, at)
+            .expect("list")
+            .into_iter()
+            .map(|c| c.case_id.0)
+            .collect()
+    };
+    assert!(w.sees("u-maria").is_empty(), "R41: she no longer sees it");
+    assert!(list(after).is_empty());
+    assert_eq!(list(before), vec![MONICA.to_owned()]);
+    let members_then = p.groups_at(None, before).expect("groups");
+    assert_eq!(members_then[0].members, vec!["u-david", "u-maria"]);
+    // Who could see Monica: both nurses then, only David now; since the case's creation.
+    let created = p.history(&CaseId::new(MONICA)).expect("history")[0];
+    let viewers = |at: Position| -> Vec<(String, Position)> {
+        p.who_could_see(&CaseId::new(MONICA), at)
+            .expect("who")
+            .into_iter()
+            .map(|v| (v.user, v.since))
+            .collect()
+    };
+    assert_eq!(
+        viewers(before),
+        vec![
+            ("u-david".to_owned(), created),
+            ("u-maria".to_owned(), created)
+        ]
+    );
+    assert_eq!(viewers(after), vec![("u-david".to_owned(), created)]);
+    // She rejoins: her "since" restarts at the rejoin, David's does not move.
+    w.add("g-team", "u-maria");
+    let rejoined = w.engine.projections().checkpoint();
+    assert_eq!(
+        viewers(rejoined),
+        vec![
+            ("u-david".to_owned(), created),
+            ("u-maria".to_owned(), rejoined)
+        ]
+    );
+}
+
+/// Issue 9 §3: every change, oldest first, with the form that caused it; an archive (R57) and an
+/// edit (R54) show up with what they changed.
+#[test]
+fn case_history_lists_every_change_with_its_form() {
+    use caseledger::projections::Change;
+    let w = offline_nurses();
+    let case = CaseId::new(MONICA);
+    let history = w.engine.projections().case_history(&case).expect("history");
+    let actions: Vec<&str> = history.iter().map(|e| e.action).collect();
+    assert_eq!(actions, ["accepted", "accepted", "accepted"]);
+    assert!(history.windows(2).all(|w| w[0].position < w[1].position));
+    assert!(history[0].changes.contains(&Change::Created));
+    assert!(history[0].changes.contains(&Change::Owner {
+        old: String::new(),
+        new: "g-team".into()
+    }));
+    assert_eq!(history[1].user.as_deref(), Some("u-maria"));
+    assert_eq!(
+        history[2].changes,
+        vec![Change::Property {
+            name: "risk".into(),
+            old: Some("low".into()),
+            new: Some("high".into())
+        }]
+    );
+    // Archive David's form: risk goes back to Maria's value; unarchive: back to David's.
+    let david = history[2].form_id.clone();
+    w.cmd(caseledger::domain::Command::ArchiveForm {
+        form: david.as_str().into(),
+    });
+    w.cmd(caseledger::domain::Command::UnarchiveForm {
+        form: david.as_str().into(),
+    });
+    let history = w.engine.projections().case_history(&case).expect("history");
+    let tail: Vec<(&str, &[Change])> = history[3..]
+        .iter()
+        .map(|e| (e.action, e.changes.as_slice()))
+        .collect();
+    let risk = |old: &str, new: &str| Change::Property {
+        name: "risk".into(),
+        old: Some(old.into()),
+        new: Some(new.into()),
+    };
+    assert_eq!(tail.len(), 2);
+    assert_eq!(tail[0].0, "archived");
+    assert!(tail[0].1.contains(&risk("high", "low")), "{:?}", tail[0].1);
+    assert_eq!(tail[1].0, "unarchived");
+    assert!(tail[1].1.contains(&risk("low", "high")), "{:?}", tail[1].1);
+    assert_eq!(history[3].form_id, david);
+}
