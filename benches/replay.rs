@@ -74,6 +74,13 @@ const BASE_TIME: i64 = 1_772_432_122_104;
 const REPLAY_CHUNK: usize = 1024;
 const CACHE_MB: u64 = 64;
 
+/// Every this many forms one updates the hot case (case 0), never closing it.
+const HOT_EVERY: u64 = 997;
+/// The hot case.
+const HOT_CASE: u64 = 0;
+/// Random (case or user, position) pairs per time-travel query kind.
+const TRAVEL_QUERIES: usize = 1000;
+
 /// splitmix64: a deterministic workload without a dependency.
 struct Rng(u64);
 
@@ -189,6 +196,16 @@ impl Workload {
     }
 
     fn plan(&mut self, i: u64) -> Vec<Planned> {
+        if i % HOT_EVERY == HOT_EVERY / 2 && self.created > 0 {
+            // The hot case: one update every HOT_EVERY forms, a case of about 1 000 changes
+            // at 1 000 000 events for the case-history timing.
+            return vec![Planned {
+                case: HOT_CASE,
+                create: false,
+                close: false,
+                updates: updates(&mut self.rng, false),
+            }];
+        }
         let create = self.created == 0 || (i % 5 == 0 && self.created < self.cases);
         let first = if create {
             self.created += 1;
@@ -760,6 +777,7 @@ fn main() -> BenchResult<()> {
         return Err("replay and the raw fold disagree".into());
     }
     let _ = peak;
+    time_travel(&engine, &mut out, generated.cases)?;
     drop(engine);
 
     // The memory figure that matters is a process that opens a 1M-event store and replays it,
@@ -840,6 +858,109 @@ fn main() -> BenchResult<()> {
         if ratio >= 0.25 { "met" } else { "MISSED" },
         if peak_mb <= 256.0 { "met" } else { "MISSED" }
     )?;
+    Ok(())
+}
+
+/// Latency percentiles of a list of durations, in milliseconds.
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// Issue 9 §6: time-travel queries through the library on this log, beside the same queries at
+/// the head: `case_at` and `cases_for_user_at` over random (case or user, position) pairs, and
+/// the history of the hot case (about 1 000 changes).
+fn time_travel(engine: &Engine, out: &mut impl Write, cases: u64) -> BenchResult<()> {
+    let p = engine.projections();
+    let head = p.checkpoint().0;
+    let mut rng = Rng(0x71ae);
+    let timed = |f: &mut dyn FnMut() -> BenchResult<usize>| -> BenchResult<(Vec<Duration>, usize)> {
+        let mut samples = Vec::with_capacity(TRAVEL_QUERIES);
+        let mut total = 0;
+        for _ in 0..TRAVEL_QUERIES {
+            let t = Instant::now();
+            total += f()?;
+            samples.push(t.elapsed());
+        }
+        Ok((samples, total))
+    };
+    let mut lines = Vec::new();
+    let (now, found) = timed(&mut || {
+        let id = CaseId::new(case_id(rng.below(cases)));
+        Ok(usize::from(p.case(&id)?.is_some()))
+    })?;
+    lines.push((
+        "case (at the head)",
+        percentiles(now),
+        format!("{found} found"),
+    ));
+    let (at, found) = timed(&mut || {
+        let id = CaseId::new(case_id(rng.below(cases)));
+        let pos = Position(1 + rng.below(head));
+        Ok(usize::from(matches!(
+            p.case_at(&id, pos)?,
+            caseledger::projections::CaseAt::Exists(_)
+        )))
+    })?;
+    let case_at = percentiles(at);
+    lines.push((
+        "case_at (random position)",
+        case_at,
+        format!("{found} existed then"),
+    ));
+    let (now, listed) = timed(&mut || Ok(p.cases_for_user(&user(rng.below(USERS)), false)?.len()))?;
+    lines.push((
+        "cases_for_user (at the head)",
+        percentiles(now),
+        format!("{} cases per list on average", listed / TRAVEL_QUERIES),
+    ));
+    let (at, listed) = timed(&mut || {
+        let pos = Position(1 + rng.below(head));
+        Ok(p.cases_for_user_at(&user(rng.below(USERS)), false, pos)?
+            .len())
+    })?;
+    let list_at = percentiles(at);
+    lines.push((
+        "cases_for_user_at (random position)",
+        list_at,
+        format!("{} cases per list on average", listed / TRAVEL_QUERIES),
+    ));
+    let hot = CaseId::new(case_id(HOT_CASE));
+    let mut history = Vec::new();
+    let mut changes = 0;
+    for _ in 0..20 {
+        let t = Instant::now();
+        changes = p.case_history(&hot)?.len();
+        history.push(t.elapsed());
+    }
+    let history = percentiles(history);
+    lines.push((
+        "case_history (hot case, 20 runs)",
+        history,
+        format!("{changes} changes"),
+    ));
+    for (name, (p50, p99, max), note) in &lines {
+        writeln!(
+            out,
+            "  {name:<44} p50 {p50:>8.3} ms  p99 {p99:>8.3} ms  max {max:>8.3} ms  ({note})"
+        )?;
+    }
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    writeln!(
+        out,
+        "time travel: case_at p99 {:.3} ms (target <= 10 ms: {}), cases_for_user_at p99 {:.3} ms (target <= 50 ms: {}), history of {changes} changes p50 {:.3} ms (target <= 20 ms: {})",
+        case_at.1,
+        verdict(case_at.1 <= 10.0),
+        list_at.1,
+        verdict(list_at.1 <= 50.0),
+        history.0,
+        verdict(history.0 <= 20.0 && changes >= 1000)
+    )?;
+    out.flush()?;
     Ok(())
 }
 
