@@ -26,6 +26,7 @@
 mod committer;
 mod error;
 mod outcome;
+mod store;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -42,7 +43,7 @@ use domain::{
     RecordedEvent, Submission, Timestamp,
 };
 use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
-use projections::{Overlay, Prefetched, Projections, Touched};
+use projections::{Damage, Difference, Overlay, Prefetched, ProjectionError, Projections, Touched};
 
 pub use error::EngineError;
 pub use outcome::{Outcome, SubmitOutcome, SubmitStatus};
@@ -160,6 +161,8 @@ pub struct Engine {
     projections: Projections,
     writer: Mutex<Writer>,
     config: EngineConfig,
+    /// Damage found in the projections since open, each rebuilt from the log.
+    repaired: Mutex<Vec<Damage>>,
 }
 
 /// Guarded by the writer lock.
@@ -201,9 +204,10 @@ impl Engine {
         // (pagecache/iobuf.rs, `maybe_seal_and_write_iobuf`). Reopening in the same process
         // right after a drop therefore waits briefly for the lock instead of failing; a lock held
         // by another live process still fails after the wait.
+        store::check_conf(dir)?;
         let mut waited = std::time::Duration::ZERO;
         let db = loop {
-            match sled_config.open() {
+            match store::open_sled(&sled_config, dir)? {
                 Ok(db) => break db,
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock") && waited < LOCK_WAIT =>
@@ -261,7 +265,19 @@ impl Engine {
                 recent: std::collections::VecDeque::new(),
             }),
             config,
+            repaired: Mutex::new(Vec::new()),
         };
+        // Damaged projections never keep anyone from the log (I2): rebuild them, as `replay`
+        // does, before answering. The old generation stays active until the new one is
+        // installed; nobody can query it meanwhile, since the engine is not returned yet.
+        let damage = engine.projections.damage().to_vec();
+        if !damage.is_empty() {
+            for d in &damage {
+                tracing::warn!(damage = %d, "projections damaged or outdated: rebuilding from the log");
+            }
+            engine.replay(&mut |_, _| {})?;
+            engine.note_repaired(damage);
+        }
         // Projections that have folded nothing over a long log (new store layout, deleted trees):
         // the bulk rebuild is several times faster than folding in chunks.
         let head = engine.log.written_head();
@@ -327,6 +343,43 @@ impl Engine {
                 .catch_up(events, self.config.replay_chunk)?;
         }
         Ok(())
+    }
+
+    fn note_repaired(&self, damage: impl IntoIterator<Item = Damage>) {
+        match self.repaired.lock() {
+            Ok(mut r) => r.extend(damage),
+            Err(poisoned) => poisoned.into_inner().extend(damage),
+        }
+    }
+
+    /// What was found wrong with the projections since the engine was opened (on open, or by a
+    /// [`Engine::query`]), each rebuilt from the log since. Empty on a sound store.
+    pub fn repaired(&self) -> Vec<Damage> {
+        match self.repaired.lock() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Runs a query over the projections. If it meets a damaged projection value (it does not
+    /// decode, or sled reports corruption), the projections are rebuilt from the log
+    /// ([`Engine::replay`]), the damage is noted in [`Engine::repaired`], and the query runs
+    /// once more on the rebuilt generation.
+    pub fn query<T>(
+        &self,
+        query: impl Fn(&Projections) -> Result<T, ProjectionError>,
+    ) -> Result<T, EngineError> {
+        match query(&self.projections) {
+            Err(e) if e.is_damage() => {
+                tracing::warn!(error = %e, "damaged projection value: rebuilding from the log");
+                self.replay(&mut |_, _| {})?;
+                self.note_repaired([Damage::Value {
+                    reason: e.to_string(),
+                }]);
+                Ok(query(&self.projections)?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The project space.
@@ -677,6 +730,43 @@ impl Engine {
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<ReplayStats, EngineError> {
         let started = Instant::now();
+        let (rebuild, _writer) = self.rebuild(progress)?;
+        let events = rebuild.checkpoint().0;
+        rebuild.install()?;
+        Ok(ReplayStats {
+            events,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Rebuilds every projection beside the live ones, exactly as [`Engine::replay`] does, and
+    /// compares the two key by key (cases, owner and reverse indexes, forms, diagnostics,
+    /// tombstones, directory, checkpoint). Returns every key where they differ (empty when the
+    /// live projections are what the log says, I3) and drops the rebuild: nothing is swapped.
+    pub fn verify(
+        &self,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<Vec<Difference>, EngineError> {
+        let (rebuild, writer) = self.rebuild(progress)?;
+        // A live generation behind the log (a failed batch) is caught up first, as the next
+        // command would; then both are at the log's head, and the lock keeps writers out.
+        let compared = self.catch_up().and_then(|()| Ok(rebuild.compare()?));
+        drop(writer);
+        let discarded = rebuild.discard();
+        let differences = compared?;
+        discarded?;
+        for d in &differences {
+            tracing::warn!(difference = %d, "live projections differ from a rebuild");
+        }
+        Ok(differences)
+    }
+
+    /// Builds a fresh generation from the log up to its head and returns it, not installed,
+    /// with the writer lock held and the live generation caught up to the same head.
+    fn rebuild(
+        &self,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<(projections::Rebuild<'_>, std::sync::MutexGuard<'_, Writer>), EngineError> {
         let mut rebuild = self.projections.begin_rebuild()?;
         let head = self.log.written_head();
         let chunk = self.config.replay_chunk;
@@ -710,7 +800,8 @@ impl Engine {
             "bulk rebuild"
         );
         let mut writer = self.lock();
-        // The old generation's last batch must land before that generation is reclaimed.
+        // The old generation's last batch must land before that generation is reclaimed (or
+        // compared).
         Self::settle(&mut writer);
         writer.recent.clear();
         let head = self.log.written_head();
@@ -720,12 +811,7 @@ impl Engine {
             chunk,
             &mut |p| progress(p, head),
         )?;
-        let events = rebuild.checkpoint().0;
-        rebuild.install()?;
-        Ok(ReplayStats {
-            events,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok((rebuild, writer))
     }
 
     /// Flushes sled (projections included); used before a clean exit.
