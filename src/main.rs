@@ -121,7 +121,12 @@ enum Cmd {
         limit: usize,
     },
     /// Rebuild every projection from the log and swap it in.
-    Replay,
+    Replay {
+        /// Rebuild beside the live projections, report every key where they differ (exit 1 if
+        /// any), and swap nothing.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Archive or unarchive a form (R57).
     #[command(subcommand)]
     Form(FormCmd),
@@ -262,7 +267,12 @@ async fn run(cli: Cli) -> Result<u8> {
         EngineConfig::default(),
     )
     .with_context(|| format!("opening {}", cli.data.display()))?;
-    let code = dispatch(&engine, &cli).await?;
+    let result = dispatch(&engine, &cli).await;
+    // Damaged projections were rebuilt from the log (on open or by a query); say so.
+    for d in engine.repaired() {
+        eprintln!("warning: damaged projections rebuilt from the log: {d}");
+    }
+    let code = result?;
     engine.flush()?;
     Ok(code)
 }
@@ -369,7 +379,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             .await
         }
         Cmd::Case(CaseCmd::Show { case_id }) => {
-            match engine.projections().case(&CaseId::new(case_id.as_str()))? {
+            match engine.query(|p| p.case(&CaseId::new(case_id.as_str())))? {
                 Some(case) => {
                     if cli.json {
                         out(&view::case_json(&case))?;
@@ -400,9 +410,9 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                         eprintln!("error: unknown user {u}");
                         return Ok(1);
                     }
-                    engine.projections().cases_for_user(u, *include_closed)?
+                    engine.query(|p| p.cases_for_user(u, *include_closed))?
                 }
-                (None, Some(o)) => engine.projections().cases_by_owner(o, *include_closed)?,
+                (None, Some(o)) => engine.query(|p| p.cases_by_owner(o, *include_closed))?,
                 (None, None) => anyhow::bail!("give --user or --owner"),
             };
             if cli.json {
@@ -449,7 +459,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::Diagnostics => {
-            let rows = engine.projections().diagnostics()?;
+            let rows = engine.query(|p| p.diagnostics())?;
             if cli.json {
                 out(&Value::Array(
                     rows.iter().map(view::diagnostic_json).collect(),
@@ -487,7 +497,8 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Replay => replay(engine, cli),
+        Cmd::Replay { verify: false } => replay(engine, cli),
+        Cmd::Replay { verify: true } => verify(engine, cli),
         Cmd::Form(f) => {
             let (cmd, done) = match f {
                 FormCmd::Archive { form_id } => (
@@ -642,6 +653,31 @@ fn print_case(c: &caseledger::domain::Case) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `replay --verify`: every difference between the live projections and a rebuild, one per line
+/// (kind, id, live vs rebuilt); exit 1 when there is any.
+fn verify(engine: &Engine, cli: &Cli) -> Result<u8> {
+    let differences = engine
+        .verify(&mut |_, _| {})
+        .map_err(|e: EngineError| anyhow::anyhow!(e))?;
+    if cli.json {
+        out(&Value::Array(
+            differences
+                .iter()
+                .map(|d| json!({"kind": d.kind.to_string(), "id": d.id, "live": d.live, "rebuilt": d.rebuilt}))
+                .collect(),
+        ))?;
+    } else {
+        for d in &differences {
+            print_line(&d.to_string())?;
+        }
+        print_line(&format!(
+            "{} difference(s) between the live projections and a rebuild from the log",
+            differences.len()
+        ))?;
+    }
+    Ok(u8::from(!differences.is_empty()))
 }
 
 fn replay(engine: &Engine, cli: &Cli) -> Result<u8> {

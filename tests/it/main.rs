@@ -6,6 +6,7 @@
 mod cli;
 mod concurrency;
 mod conformance;
+mod damage;
 mod errors;
 mod fixtures;
 mod replay;
