@@ -413,3 +413,48 @@ fn i3_replay_verify_names_each_difference_and_swaps_nothing() {
     assert_eq!(live.case_id.0, "c000011");
     assert_eq!(engine.projections().generation_trees(), 1);
 }
+
+// I2: a submission that reads a damaged case value before anything is appended rebuilds the
+// projections and is decided on the sound state, once.
+#[test]
+fn i2_a_write_over_a_damaged_case_value_is_decided_on_rebuilt_projections() {
+    let dir = tempfile::tempdir().expect("tmp");
+    write_store(dir.path(), 200, None);
+    tamper(dir.path(), |t| {
+        t.insert(case_key("c000010"), &[0xff; 9][..])
+            .expect("insert");
+    });
+    let engine = open(dir.path());
+    let rt = crate::support::rt();
+    let head = engine.log().written_head();
+    let xml = form(
+        "f-after",
+        "u1",
+        &[Block {
+            case_id: "c000010",
+            user: "u1",
+            date: "2026-03-03T10:00:00Z",
+            create: None,
+            update: &[("n", "after")],
+            close: false,
+        }],
+    );
+    let outcome = rt
+        .block_on(engine.submit(xml, Some(AppId::new("a")), None))
+        .expect("submit");
+    assert_eq!(outcome.position, Position(head.0 + 1));
+    assert_eq!(engine.log().written_head(), Position(head.0 + 1));
+    assert!(
+        matches!(engine.repaired().as_slice(), [Damage::Value { .. }]),
+        "{:?}",
+        engine.repaired()
+    );
+    let case = engine
+        .projections()
+        .case(&CaseId::new("c000010"))
+        .expect("read")
+        .expect("case");
+    assert_eq!(case.properties.get("n").map(String::as_str), Some("after"));
+    assert_eq!(case.case_type, "t");
+    assert_eq!(engine.verify(&mut |_, _| {}).expect("verify"), Vec::new());
+}

@@ -271,7 +271,7 @@ impl Engine {
         // does, before answering. The old generation stays active until the new one is
         // installed; nobody can query it meanwhile, since the engine is not returned yet.
         let damage = engine.projections.damage().to_vec();
-        if !damage.is_empty() {
+        if damage.iter().any(Damage::needs_rebuild) {
             for d in &damage {
                 tracing::warn!(damage = %d, "projections damaged or outdated: rebuilding from the log");
             }
@@ -489,10 +489,28 @@ impl Engine {
     pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
         // Reading ahead and deciding block on sled and on the writer lock: on a multi-thread
         // runtime, hand this worker's other tasks to another worker meanwhile.
-        let (results, last, written) = blocking(|| {
-            let prefetched = self.prefetch(&requests)?;
-            self.decide_and_write(requests, prefetched)
-        })?;
+        let run = || {
+            blocking(|| {
+                let prefetched = self.prefetch(&requests)?;
+                self.decide_and_write(&requests, prefetched)
+            })
+        };
+        let before = self.log.written_head();
+        let (results, last, written) = match run() {
+            // A damaged projection met before anything was appended: rebuild from the log and
+            // decide again, as if the projections had been sound.
+            Err(EngineError::Projection(e))
+                if e.is_damage() && self.log.written_head() == before =>
+            {
+                tracing::warn!(error = %e, "damaged projection value: rebuilding from the log");
+                blocking(|| self.replay(&mut |_, _| {}))?;
+                self.note_repaired([Damage::Value {
+                    reason: e.to_string(),
+                }]);
+                run()?
+            }
+            other => other?,
+        };
         if let Some(last) = last {
             self.log.wait_durable(last).await?;
         }
@@ -530,7 +548,7 @@ impl Engine {
 
     fn decide_and_write(
         &self,
-        requests: Vec<Request>,
+        requests: &[Request],
         prefetched: Option<Prefetched>,
     ) -> Result<Written, EngineError> {
         let mut clock = self.lock();
@@ -600,11 +618,9 @@ impl Engine {
                     continue;
                 }
             };
-            if pending.failed() {
+            if let Some(e) = pending.take_error() {
                 // A read through the projections failed; nothing decided on it may be appended.
-                return Err(EngineError::Internal(
-                    "projection read failed while deciding; run `replay`".into(),
-                ));
+                return Err(EngineError::Projection(e));
             }
             if events.is_empty() {
                 results.push(Some(Ok(Outcome { events: Vec::new() })));

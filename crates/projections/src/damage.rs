@@ -67,6 +67,14 @@ impl std::fmt::Display for Damage {
     }
 }
 
+impl Damage {
+    /// True when the active projections cannot be trusted and must be rebuilt: everything but a
+    /// leftover tree, which nothing reads (the next replay numbers its generation past it).
+    pub fn needs_rebuild(&self) -> bool {
+        !matches!(self, Damage::Leftover { .. })
+    }
+}
+
 impl ProjectionError {
     /// True when the error means the stored projections are damaged (a value that does not
     /// decode, or sled reporting corruption or failing to read), so that rebuilding them from
