@@ -13,6 +13,10 @@
 //! - The case list of a user is computed at query time from the per-owner index and the user's
 //!   owner ids *now* (R35, R44): a membership change takes effect at once and rewrites nothing.
 //!
+//! - The meta tree records the active generation and the layout [`VERSION`]; [`Projections::open`]
+//!   reports damaged or outdated projections ([`Damage`]) instead of failing, and
+//!   [`Rebuild::compare`] diffs a rebuild with the live generation ([`Difference`]).
+//!
 //! Projections hold no truth of their own (I2): deleting every tree of this crate and replaying
 //! gives the same answers (I3).
 
