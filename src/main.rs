@@ -261,6 +261,16 @@ async fn run(cli: Cli) -> Result<u8> {
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);
     }
+    // The log alone: nothing derived from it (projections) can keep anyone from reading it.
+    if let Cmd::Log { from, limit } = cli.command {
+        let log = Engine::open_log(
+            &cli.data,
+            &cli.domain.as_str().into(),
+            &EngineConfig::default(),
+        )
+        .with_context(|| format!("opening {}", cli.data.display()))?;
+        return print_log(&log, &cli, from, limit);
+    }
     let engine = Engine::open(
         &cli.data,
         &cli.domain.as_str().into(),
@@ -478,25 +488,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Log { from, limit } => {
-            let events: Vec<_> = engine
-                .log()
-                .iter_from(Position(*from))
-                .take(*limit)
-                .collect::<Result<_, _>>()?;
-            if cli.json {
-                let entries: Vec<_> = events.iter().map(view::log_entry).collect();
-                out(&serde_json::to_value(entries)?)?;
-            } else {
-                for e in events.iter().map(view::log_entry) {
-                    print_line(&format!(
-                        "{:>8}  {}  {}/v{}  {}",
-                        e.position, e.recorded_at, e.kind, e.version, e.summary
-                    ))?;
-                }
-            }
-            Ok(0)
-        }
+        Cmd::Log { from, limit } => print_log(engine.log(), cli, *from, *limit),
         Cmd::Replay { verify: false } => replay(engine, cli),
         Cmd::Replay { verify: true } => verify(engine, cli),
         Cmd::Form(f) => {
@@ -653,6 +645,31 @@ fn print_case(c: &caseledger::domain::Case) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `log`: events from `from`, at most `limit`.
+fn print_log(
+    log: &caseledger::eventlog::SledLog,
+    cli: &Cli,
+    from: u64,
+    limit: usize,
+) -> Result<u8> {
+    let events: Vec<_> = log
+        .iter_from(Position(from))
+        .take(limit)
+        .collect::<Result<_, _>>()?;
+    if cli.json {
+        let entries: Vec<_> = events.iter().map(view::log_entry).collect();
+        out(&serde_json::to_value(entries)?)?;
+    } else {
+        for e in events.iter().map(view::log_entry) {
+            print_line(&format!(
+                "{:>8}  {}  {}/v{}  {}",
+                e.position, e.recorded_at, e.kind, e.version, e.summary
+            ))?;
+        }
+    }
+    Ok(0)
 }
 
 /// `replay --verify`: every difference between the live projections and a rebuild, one per line

@@ -163,6 +163,9 @@ pub struct Engine {
     config: EngineConfig,
     /// Damage found in the projections since open, each rebuilt from the log.
     repaired: Mutex<Vec<Damage>>,
+    /// The store directory when opened with [`Engine::open`], where [`Engine::flush`] records
+    /// the log head.
+    dir: Option<std::path::PathBuf>,
 }
 
 /// Guarded by the writer lock.
@@ -196,28 +199,11 @@ impl Engine {
         domain: &DomainName,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
-        let sled_config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(config.cache_capacity);
-        // sled 0.34 writes IO buffers on its own thread pool, and those tasks keep the database
-        // file (and its exclusive lock) for a moment after the last `Db` handle is dropped
-        // (pagecache/iobuf.rs, `maybe_seal_and_write_iobuf`). Reopening in the same process
-        // right after a drop therefore waits briefly for the lock instead of failing; a lock held
-        // by another live process still fails after the wait.
-        store::check_conf(dir)?;
-        let mut waited = std::time::Duration::ZERO;
-        let db = loop {
-            match store::open_sled(&sled_config, dir)? {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock") && waited < LOCK_WAIT =>
-                {
-                    std::thread::sleep(LOCK_POLL);
-                    waited += LOCK_POLL;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let db = Self::open_db(dir, &config)?;
+        // Before anything is folded or rebuilt from a log that lost its tail.
+        let log = SledLog::open(&db, domain, config.log)?;
+        store::check_head(dir, domain.as_str(), log.written_head().0)?;
+        drop(log);
         let fsync = config.fsync;
         let mut config = config;
         let scratch = config
@@ -228,11 +214,52 @@ impl Engine {
             std::fs::remove_dir_all(&*scratch)
                 .map_err(|e| EngineError::Internal(format!("{}: {e}", scratch.display())))?;
         }
-        let engine = Self::with_db(db, domain, config)?;
+        let mut engine = Self::with_db(db, domain, config)?;
+        engine.dir = Some(dir.to_path_buf());
         if fsync {
             engine.log.sync_data_file(dir)?;
         }
         Ok(engine)
+    }
+
+    /// Opens only the event log of the store in `dir`, for reading it (`caseledger log`): the
+    /// projections are not opened, so nothing derived from the log can keep anyone from it (I10).
+    pub fn open_log(
+        dir: &Path,
+        domain: &DomainName,
+        config: &EngineConfig,
+    ) -> Result<SledLog, EngineError> {
+        let db = Self::open_db(dir, config)?;
+        let log = SledLog::open(&db, domain, config.log)?;
+        store::check_head(dir, domain.as_str(), log.written_head().0)?;
+        Ok(log)
+    }
+
+    /// Opens sled in `dir`: `conf` checked first, damaged files as [`EngineError::DamagedFile`],
+    /// and a lock held by a store just dropped in this process waited for.
+    fn open_db(dir: &Path, config: &EngineConfig) -> Result<sled::Db, EngineError> {
+        let sled_config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(config.cache_capacity);
+        // sled 0.34 writes IO buffers on its own thread pool, and those tasks keep the database
+        // file (and its exclusive lock) for a moment after the last `Db` handle is dropped
+        // (pagecache/iobuf.rs, `maybe_seal_and_write_iobuf`). Reopening in the same process
+        // right after a drop therefore waits briefly for the lock instead of failing; a lock held
+        // by another live process still fails after the wait.
+        store::check_conf(dir)?;
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match store::open_sled(&sled_config, dir)? {
+                Ok(db) => return Ok(db),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && waited < LOCK_WAIT =>
+                {
+                    std::thread::sleep(LOCK_POLL);
+                    waited += LOCK_POLL;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Builds an engine over an open sled database (shared by several project spaces).
@@ -266,6 +293,7 @@ impl Engine {
             }),
             config,
             repaired: Mutex::new(Vec::new()),
+            dir: None,
         };
         // Damaged projections never keep anyone from the log (I2): rebuild them, as `replay`
         // does, before answering. The old generation stays active until the new one is
@@ -834,6 +862,12 @@ impl Engine {
     pub fn flush(&self) -> Result<(), EngineError> {
         Self::settle(&mut self.lock());
         self.db.flush()?;
+        if let Some(dir) = &self.dir {
+            // After the flush, so the record never runs ahead of what sled holds.
+            let head = self.log.written_head().0;
+            store::record_head(dir, self.domain.as_str(), head)
+                .map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?;
+        }
         Ok(())
     }
 }

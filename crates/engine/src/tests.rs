@@ -201,3 +201,22 @@ fn a_conf_file_with_a_bad_checksum_is_damaged() {
     assert_eq!(path, conf);
     assert!(reason.contains("checksum"), "{reason}");
 }
+
+// A log shorter than the head recorded at the last flush is a damaged data file (sled recovered
+// a prefix); as long or longer is sound.
+#[test]
+fn a_log_shorter_than_the_recorded_head_is_a_damaged_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    assert!(store::check_head(dir.path(), "d", 0).is_ok());
+    store::record_head(dir.path(), "d", 10).expect("record");
+    store::record_head(dir.path(), "other", 99).expect("record");
+    assert!(store::check_head(dir.path(), "d", 10).is_ok());
+    assert!(store::check_head(dir.path(), "d", 11).is_ok());
+    let got = store::check_head(dir.path(), "d", 9);
+    let Err(EngineError::DamagedFile { path, reason }) = got else {
+        panic!("expected DamagedFile, got {got:?}");
+    };
+    assert_eq!(path, dir.path().join("db"));
+    assert!(reason.contains("ends at position 9"), "{reason}");
+    assert!(reason.contains("held 10 events"), "{reason}");
+}
