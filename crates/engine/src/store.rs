@@ -197,7 +197,9 @@ pub(crate) fn check_head(dir: &Path, domain: &str, head: u64) -> Result<(), Engi
             reason: format!(
                 "the log of {domain} ends at position {head}, but it held {recorded} events when \
                  the store was last flushed ({}): sled recovered only the part of its data file \
-                 before a damaged or missing stretch, and has dropped the rest. {REMEDY}",
+                 before a damaged or missing stretch, and has dropped the rest. {REMEDY}. If \
+                 the data file is an older backup put back on purpose, delete {} first",
+                dir.join(HEADS).display(),
                 dir.join(HEADS).display()
             ),
         }),
