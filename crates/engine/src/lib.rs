@@ -238,6 +238,7 @@ impl Engine {
     /// Opens sled in `dir`: `conf` checked first, damaged files as [`EngineError::DamagedFile`],
     /// and a lock held by a store just dropped in this process waited for.
     fn open_db(dir: &Path, config: &EngineConfig) -> Result<sled::Db, EngineError> {
+        store::check_conf(dir)?;
         let sled_config = sled::Config::new()
             .path(dir)
             .cache_capacity(config.cache_capacity);
@@ -246,7 +247,6 @@ impl Engine {
         // (pagecache/iobuf.rs, `maybe_seal_and_write_iobuf`). Reopening in the same process
         // right after a drop therefore waits briefly for the lock instead of failing; a lock held
         // by another live process still fails after the wait.
-        store::check_conf(dir)?;
         let mut waited = std::time::Duration::ZERO;
         loop {
             match store::open_sled(&sled_config, dir)? {
@@ -298,11 +298,19 @@ impl Engine {
         // Damaged projections never keep anyone from the log (I2): rebuild them, as `replay`
         // does, before answering. The old generation stays active until the new one is
         // installed; nobody can query it meanwhile, since the engine is not returned yet.
-        let damage = engine.projections.damage().to_vec();
-        if damage.iter().any(Damage::needs_rebuild) {
-            for d in &damage {
-                tracing::warn!(damage = %d, "projections damaged or outdated: rebuilding from the log");
-            }
+        // (`Projections::open` has warned about each finding.)
+        let damage: Vec<Damage> = engine
+            .projections
+            .damage()
+            .iter()
+            .filter(|d| d.needs_rebuild())
+            .cloned()
+            .collect();
+        if !damage.is_empty() {
+            tracing::info!(
+                findings = damage.len(),
+                "rebuilding the projections from the log"
+            );
             engine.replay(&mut |_, _| {})?;
             engine.note_repaired(damage);
         }
@@ -806,7 +814,7 @@ impl Engine {
     }
 
     /// Builds a fresh generation from the log up to its head and returns it, not installed,
-    /// with the writer lock held and the live generation caught up to the same head.
+    /// with the writer lock held and the live generation's batch in flight written.
     fn rebuild(
         &self,
         progress: &mut dyn FnMut(Position, Position),
@@ -861,10 +869,11 @@ impl Engine {
     /// Flushes sled (projections included); used before a clean exit.
     pub fn flush(&self) -> Result<(), EngineError> {
         Self::settle(&mut self.lock());
+        // Read before the flush and recorded after it, so the record never runs ahead of what
+        // sled holds, whatever is appended meanwhile.
+        let head = self.log.written_head().0;
         self.db.flush()?;
         if let Some(dir) = &self.dir {
-            // After the flush, so the record never runs ahead of what sled holds.
-            let head = self.log.written_head().0;
             store::record_head(dir, self.domain.as_str(), head)
                 .map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?;
         }
