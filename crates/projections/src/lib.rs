@@ -275,7 +275,8 @@ pub struct Projections {
     meta: sled::Tree,
     current: RwLock<Arc<Generation>>,
     reader: RwLock<Option<LogReader>>,
-    /// What [`Projections::open`] found wrong; the owner rebuilds when it is not empty.
+    /// What [`Projections::open`] found wrong; the owner rebuilds when an entry
+    /// [`Damage::needs_rebuild`].
     found: Vec<Damage>,
 }
 
