@@ -142,7 +142,12 @@ enum Cmd {
         limit: usize,
     },
     /// Rebuild every projection from the log and swap it in.
-    Replay,
+    Replay {
+        /// Rebuild beside the live projections, report every key where they differ (exit 1 if
+        /// any), and swap nothing.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Archive or unarchive a form (R57).
     #[command(subcommand)]
     Form(FormCmd),
@@ -295,13 +300,28 @@ async fn run(cli: Cli) -> Result<u8> {
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);
     }
+    // The log alone: nothing derived from it (projections) can keep anyone from reading it.
+    if let Cmd::Log { from, limit } = cli.command {
+        let log = Engine::open_log(
+            &cli.data,
+            &cli.domain.as_str().into(),
+            &EngineConfig::default(),
+        )
+        .with_context(|| format!("opening {}", cli.data.display()))?;
+        return print_log(&log, &cli, from, limit);
+    }
     let engine = Engine::open(
         &cli.data,
         &cli.domain.as_str().into(),
         EngineConfig::default(),
     )
     .with_context(|| format!("opening {}", cli.data.display()))?;
-    let code = dispatch(&engine, &cli).await?;
+    let result = dispatch(&engine, &cli).await;
+    // Damaged projections were rebuilt from the log (on open or by a query); say so.
+    for d in engine.repaired() {
+        eprintln!("warning: damaged projections rebuilt from the log: {d}");
+    }
+    let code = result?;
     engine.flush()?;
     Ok(code)
 }
@@ -424,7 +444,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             show: None,
         } => travel::conflicts(engine, cli.json, case.as_deref(), user.as_deref()),
         Cmd::Case(CaseCmd::Show { case_id, .. }) => {
-            match engine.projections().case(&CaseId::new(case_id.as_str()))? {
+            match engine.query(|p| p.case(&CaseId::new(case_id.as_str())))? {
                 Some(case) => {
                     if cli.json {
                         out(&view::case_json(&case))?;
@@ -474,9 +494,9 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                             eprintln!("error: unknown user {u}");
                             return Ok(1);
                         }
-                        engine.projections().cases_for_user(u, *include_closed)?
+                        engine.query(|p| p.cases_for_user(u, *include_closed))?
                     }
-                    (None, Some(o)) => engine.projections().cases_by_owner(o, *include_closed)?,
+                    (None, Some(o)) => engine.query(|p| p.cases_by_owner(o, *include_closed))?,
                     (None, None) => anyhow::bail!("give --user or --owner"),
                 }
             };
@@ -504,9 +524,8 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
         }
         Cmd::Groups { user, at } => {
             let groups = if at.is_set() {
-                engine
-                    .projections()
-                    .groups_at(user.as_deref(), at.resolve(engine)?)?
+                let p = at.resolve(engine)?;
+                engine.query(|proj| proj.groups_at(user.as_deref(), p))?
             } else {
                 engine.projections().groups(user.as_deref())
             };
@@ -531,9 +550,10 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
         }
         Cmd::Diagnostics { at } => {
             let rows = if at.is_set() {
-                engine.projections().diagnostics_at(at.resolve(engine)?)?
+                let p = at.resolve(engine)?;
+                engine.query(|proj| proj.diagnostics_at(p))?
             } else {
-                engine.projections().diagnostics()?
+                engine.query(|p| p.diagnostics())?
             };
             if cli.json {
                 out(&Value::Array(
@@ -553,26 +573,9 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Log { from, limit } => {
-            let events: Vec<_> = engine
-                .log()
-                .iter_from(Position(*from))
-                .take(*limit)
-                .collect::<Result<_, _>>()?;
-            if cli.json {
-                let entries: Vec<_> = events.iter().map(view::log_entry).collect();
-                out(&serde_json::to_value(entries)?)?;
-            } else {
-                for e in events.iter().map(view::log_entry) {
-                    print_line(&format!(
-                        "{:>8}  {}  {}/v{}  {}",
-                        e.position, e.recorded_at, e.kind, e.version, e.summary
-                    ))?;
-                }
-            }
-            Ok(0)
-        }
-        Cmd::Replay => replay(engine, cli),
+        Cmd::Log { from, limit } => print_log(engine.log(), cli, *from, *limit),
+        Cmd::Replay { verify: false } => replay(engine, cli),
+        Cmd::Replay { verify: true } => verify(engine, cli),
         Cmd::Form(f) => {
             let (cmd, done) = match f {
                 FormCmd::Archive { form_id } => (
@@ -727,6 +730,56 @@ pub(crate) fn print_case(c: &caseledger::domain::Case) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `log`: events from `from`, at most `limit`.
+fn print_log(
+    log: &caseledger::eventlog::SledLog,
+    cli: &Cli,
+    from: u64,
+    limit: usize,
+) -> Result<u8> {
+    let events: Vec<_> = log
+        .iter_from(Position(from))
+        .take(limit)
+        .collect::<Result<_, _>>()?;
+    if cli.json {
+        let entries: Vec<_> = events.iter().map(view::log_entry).collect();
+        out(&serde_json::to_value(entries)?)?;
+    } else {
+        for e in events.iter().map(view::log_entry) {
+            print_line(&format!(
+                "{:>8}  {}  {}/v{}  {}",
+                e.position, e.recorded_at, e.kind, e.version, e.summary
+            ))?;
+        }
+    }
+    Ok(0)
+}
+
+/// `replay --verify`: every difference between the live projections and a rebuild, one per line
+/// (kind, id, live vs rebuilt); exit 1 when there is any.
+fn verify(engine: &Engine, cli: &Cli) -> Result<u8> {
+    let differences = engine
+        .verify(&mut |_, _| {})
+        .map_err(|e: EngineError| anyhow::anyhow!(e))?;
+    if cli.json {
+        out(&Value::Array(
+            differences
+                .iter()
+                .map(|d| json!({"kind": d.kind.to_string(), "id": d.id, "live": d.live, "rebuilt": d.rebuilt}))
+                .collect(),
+        ))?;
+    } else {
+        for d in &differences {
+            print_line(&d.to_string())?;
+        }
+        print_line(&format!(
+            "{} difference(s) between the live projections and a rebuild from the log",
+            differences.len()
+        ))?;
+    }
+    Ok(u8::from(!differences.is_empty()))
 }
 
 fn replay(engine: &Engine, cli: &Cli) -> Result<u8> {

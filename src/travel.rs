@@ -44,7 +44,7 @@ impl At {
 /// `case show ID --at`: the case as it was, or exit 1.
 pub fn case_show(engine: &Engine, json: bool, id: &str, at: &At) -> Result<u8> {
     let p = at.resolve(engine)?;
-    match engine.projections().case_at(&CaseId::new(id), p)? {
+    match engine.query(|proj| proj.case_at(&CaseId::new(id), p))? {
         CaseAt::Exists(case) => {
             if json {
                 out(&view::case_json(&case))?;
@@ -68,7 +68,7 @@ pub fn case_show(engine: &Engine, json: bool, id: &str, at: &At) -> Result<u8> {
 
 /// `case history ID`.
 pub fn case_history(engine: &Engine, json: bool, id: &str) -> Result<u8> {
-    let entries = engine.projections().case_history(&CaseId::new(id))?;
+    let entries = engine.query(|p| p.case_history(&CaseId::new(id)))?;
     if entries.is_empty() {
         eprintln!("error: no case {id}");
         return Ok(1);
@@ -125,12 +125,12 @@ fn print_history_entry(e: &HistoryEntry) -> Result<()> {
 pub fn who_could_see(engine: &Engine, json: bool, id: &str, at: &At) -> Result<u8> {
     let p = at.resolve(engine)?;
     let case = CaseId::new(id);
-    let state = engine.projections().case_at(&case, p)?;
+    let state = engine.query(|proj| proj.case_at(&case, p))?;
     if state == CaseAt::NotYet {
         eprintln!("error: case {id} did not exist yet at position {p}");
         return Ok(1);
     }
-    let viewers = engine.projections().who_could_see(&case, p)?;
+    let viewers = engine.query(|proj| proj.who_could_see(&case, p))?;
     if json {
         out(&json!({"case_id": id, "at": p, "viewers": viewers}))?;
     } else {
@@ -153,19 +153,18 @@ pub fn cases(
     at: &At,
 ) -> Result<Option<Vec<caseledger::domain::Case>>> {
     let p = at.resolve(engine)?;
-    let projections = engine.projections();
     Ok(match (user, owner) {
         (Some(u), _) => {
-            if !projections
-                .directory_at(p)?
+            if !engine
+                .query(|proj| proj.directory_at(p))?
                 .users
                 .contains_key(&UserId::new(u))
             {
                 return Ok(None);
             }
-            Some(projections.cases_for_user_at(u, include_closed, p)?)
+            Some(engine.query(|proj| proj.cases_for_user_at(u, include_closed, p))?)
         }
-        (None, Some(o)) => Some(projections.cases_by_owner_at(o, include_closed, p)?),
+        (None, Some(o)) => Some(engine.query(|proj| proj.cases_by_owner_at(o, include_closed, p))?),
         (None, None) => anyhow::bail!("give --user or --owner"),
     })
 }
@@ -179,13 +178,13 @@ pub fn conflicts(
 ) -> Result<u8> {
     let rows = match case {
         Some(c) => {
-            let mut rows = engine.projections().case_conflicts(&CaseId::new(c))?;
+            let mut rows = engine.query(|p| p.case_conflicts(&CaseId::new(c)))?;
             rows.retain(|r| {
                 user.is_none_or(|u| r.conflict.mine.user == u || r.conflict.theirs.user == u)
             });
             rows
         }
-        None => engine.projections().conflicts(user)?,
+        None => engine.query(|p| p.conflicts(user))?,
     };
     if json {
         out(&Value::Array(rows.iter().map(conflict_json).collect()))?;
@@ -215,8 +214,7 @@ pub fn conflicts(
 /// `conflicts show ID`: one conflict, three-way.
 pub fn conflict_show(engine: &Engine, json: bool, id: &str) -> Result<u8> {
     let Some(row) = engine
-        .projections()
-        .conflicts(None)?
+        .query(|p| p.conflicts(None))?
         .into_iter()
         .find(|r| r.id == id)
     else {

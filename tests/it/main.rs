@@ -1,11 +1,13 @@
 //! The one integration test binary: everything that crosses crates.
 //!
 //! Modules: `conformance` (the data-driven CommCare suite), `stories` (the seed page's stories
-//! through the facade), `cli` (the command-line contract), `replay` (replay == live, I3).
+//! through the facade), `cli` (the command-line contract), `damage` (damaged stores, I10),
+//! `replay` (replay == live, I3).
 
 mod cli;
 mod concurrency;
 mod conformance;
+mod damage;
 mod errors;
 mod fixtures;
 mod replay;

@@ -313,3 +313,30 @@ fn projections_folded_from_nothing_on_open_equal_the_writers() {
         assert_eq!(snapshot(&engine), expected, "bulk from {bulk_from}");
     }
 }
+
+/// R54, R57, I3: a new version of an archived form stays archived, so the cases it names only in
+/// that version are deleted; the bulk rebuild must know the flag even for a case the archive
+/// itself never touched (found by `replay_equals_live`).
+#[test]
+fn an_edit_of_an_archived_form_keeps_it_archived_in_a_replay() {
+    // Steps are numbered: the form of step 16 reuses the id the edit of step 2 submitted.
+    let mut steps = vec![Step::Join(0, 0); 17];
+    steps[2] = Step::Edit(16, 0);
+    steps[13] = Step::Archive(16, true);
+    steps[16] = Step::Form {
+        user: 0,
+        blocks: vec![(2, 1, 2), (1, 2, 12)],
+    };
+    let rt = support::rt();
+    let dir = tempfile::tempdir().expect("tmp");
+    let engine = Engine::open(dir.path(), &"p".into(), EngineConfig::default()).expect("open");
+    apply(&engine, &rt, &steps);
+    let p = engine.projections();
+    for c in ["c0", "c1", "c2"] {
+        assert!(p.case(&c.into()).expect("read").is_none(), "{c}");
+        assert!(p.is_deleted(&c.into()).expect("read"), "{c}");
+    }
+    let live = snapshot(&engine);
+    engine.replay(&mut |_, _| {}).expect("replay");
+    assert_eq!(snapshot(&engine), live);
+}

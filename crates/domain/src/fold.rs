@@ -230,6 +230,10 @@ pub enum CaseChange {
         original: Position,
         /// The version's blocks for this case.
         blocks: Vec<BlockApplied>,
+        /// The form's archived flag after the change: false for a first version, the flag in
+        /// force for an edit (R54 keeps it), which this case's own changes may not show (the
+        /// form was archived before its new version touched the case).
+        archived: bool,
     },
     /// The form was archived (`true`) or unarchived (R57).
     Archive {
@@ -279,16 +283,18 @@ impl CaseTimeline {
                 form,
                 original,
                 blocks,
+                archived,
             } => match self.versions.iter_mut().find(|v| v.form == form) {
                 Some(v) => {
                     v.position = position;
                     v.recorded_at = recorded_at;
                     v.blocks = blocks;
+                    v.archived = archived;
                     false
                 }
                 None => {
                     let last = self.versions.iter().map(|v| v.original).max();
-                    let forward = last.is_none_or(|l| l < original);
+                    let forward = !archived && last.is_none_or(|l| l < original);
                     let at = self
                         .versions
                         .iter()
@@ -302,7 +308,7 @@ impl CaseTimeline {
                             position,
                             recorded_at,
                             blocks,
-                            archived: false,
+                            archived,
                         },
                     );
                     forward

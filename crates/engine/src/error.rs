@@ -13,6 +13,16 @@ pub enum EngineError {
     /// A projection failed; `replay` rebuilds them from the log.
     #[error(transparent)]
     Projection(#[from] projections::ProjectionError),
+    /// A file of the store is damaged: sled's `conf` does not check, or sled could not recover
+    /// its data file `db` (it panicked, or found corrupted data). The message names the file and
+    /// what to do; nothing was written.
+    #[error("{path} is damaged: {reason}")]
+    DamagedFile {
+        /// The damaged file.
+        path: std::path::PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// sled failed to open or flush.
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),

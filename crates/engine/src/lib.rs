@@ -26,6 +26,7 @@
 mod committer;
 mod error;
 mod outcome;
+mod store;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -42,7 +43,7 @@ use domain::{
     RecordedEvent, Submission, Timestamp,
 };
 use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
-use projections::{Overlay, Prefetched, Projections, Touched};
+use projections::{Damage, Difference, Overlay, Prefetched, ProjectionError, Projections, Touched};
 
 pub use error::EngineError;
 pub use outcome::{Outcome, SubmitOutcome, SubmitStatus};
@@ -171,6 +172,11 @@ pub struct Engine {
     projections: Projections,
     writer: Mutex<Writer>,
     config: EngineConfig,
+    /// Damage found in the projections since open, each rebuilt from the log.
+    repaired: Mutex<Vec<Damage>>,
+    /// The store directory when opened with [`Engine::open`], where [`Engine::flush`] records
+    /// the log head.
+    dir: Option<std::path::PathBuf>,
 }
 
 /// Guarded by the writer lock.
@@ -204,27 +210,11 @@ impl Engine {
         domain: &DomainName,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
-        let sled_config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(config.cache_capacity);
-        // sled 0.34 writes IO buffers on its own thread pool, and those tasks keep the database
-        // file (and its exclusive lock) for a moment after the last `Db` handle is dropped
-        // (pagecache/iobuf.rs, `maybe_seal_and_write_iobuf`). Reopening in the same process
-        // right after a drop therefore waits briefly for the lock instead of failing; a lock held
-        // by another live process still fails after the wait.
-        let mut waited = std::time::Duration::ZERO;
-        let db = loop {
-            match sled_config.open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock") && waited < LOCK_WAIT =>
-                {
-                    std::thread::sleep(LOCK_POLL);
-                    waited += LOCK_POLL;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let db = Self::open_db(dir, &config)?;
+        // Before anything is folded or rebuilt from a log that lost its tail.
+        let log = SledLog::open(&db, domain, config.log)?;
+        store::check_head(dir, domain.as_str(), log.written_head().0)?;
+        drop(log);
         let fsync = config.fsync;
         let mut config = config;
         let scratch = config
@@ -235,11 +225,52 @@ impl Engine {
             std::fs::remove_dir_all(&*scratch)
                 .map_err(|e| EngineError::Internal(format!("{}: {e}", scratch.display())))?;
         }
-        let engine = Self::with_db(db, domain, config)?;
+        let mut engine = Self::with_db(db, domain, config)?;
+        engine.dir = Some(dir.to_path_buf());
         if fsync {
             engine.log.sync_data_file(dir)?;
         }
         Ok(engine)
+    }
+
+    /// Opens only the event log of the store in `dir`, for reading it (`caseledger log`): the
+    /// projections are not opened, so nothing derived from the log can keep anyone from it (I10).
+    pub fn open_log(
+        dir: &Path,
+        domain: &DomainName,
+        config: &EngineConfig,
+    ) -> Result<SledLog, EngineError> {
+        let db = Self::open_db(dir, config)?;
+        let log = SledLog::open(&db, domain, config.log)?;
+        store::check_head(dir, domain.as_str(), log.written_head().0)?;
+        Ok(log)
+    }
+
+    /// Opens sled in `dir`: `conf` checked first, damaged files as [`EngineError::DamagedFile`],
+    /// and a lock held by a store just dropped in this process waited for.
+    fn open_db(dir: &Path, config: &EngineConfig) -> Result<sled::Db, EngineError> {
+        store::check_conf(dir)?;
+        let sled_config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(config.cache_capacity);
+        // sled 0.34 writes IO buffers on its own thread pool, and those tasks keep the database
+        // file (and its exclusive lock) for a moment after the last `Db` handle is dropped
+        // (pagecache/iobuf.rs, `maybe_seal_and_write_iobuf`). Reopening in the same process
+        // right after a drop therefore waits briefly for the lock instead of failing; a lock held
+        // by another live process still fails after the wait.
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match store::open_sled(&sled_config, dir)? {
+                Ok(db) => return Ok(db),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && waited < LOCK_WAIT =>
+                {
+                    std::thread::sleep(LOCK_POLL);
+                    waited += LOCK_POLL;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Builds an engine over an open sled database (shared by several project spaces).
@@ -272,7 +303,28 @@ impl Engine {
                 recent: std::collections::VecDeque::new(),
             }),
             config,
+            repaired: Mutex::new(Vec::new()),
+            dir: None,
         };
+        // Damaged projections never keep anyone from the log (I2): rebuild them, as `replay`
+        // does, before answering. The old generation stays active until the new one is
+        // installed; nobody can query it meanwhile, since the engine is not returned yet.
+        // (`Projections::open` has warned about each finding.)
+        let damage: Vec<Damage> = engine
+            .projections
+            .damage()
+            .iter()
+            .filter(|d| d.needs_rebuild())
+            .cloned()
+            .collect();
+        if !damage.is_empty() {
+            tracing::info!(
+                findings = damage.len(),
+                "rebuilding the projections from the log"
+            );
+            engine.replay(&mut |_, _| {})?;
+            engine.note_repaired(damage);
+        }
         // Projections that have folded nothing over a long log (new store layout, deleted trees):
         // the bulk rebuild is several times faster than folding in chunks.
         let head = engine.log.written_head();
@@ -338,6 +390,43 @@ impl Engine {
                 .catch_up(events, self.config.replay_chunk)?;
         }
         Ok(())
+    }
+
+    fn note_repaired(&self, damage: impl IntoIterator<Item = Damage>) {
+        match self.repaired.lock() {
+            Ok(mut r) => r.extend(damage),
+            Err(poisoned) => poisoned.into_inner().extend(damage),
+        }
+    }
+
+    /// What was found wrong with the projections since the engine was opened (on open, or by a
+    /// [`Engine::query`]), each rebuilt from the log since. Empty on a sound store.
+    pub fn repaired(&self) -> Vec<Damage> {
+        match self.repaired.lock() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Runs a query over the projections. If it meets a damaged projection value (it does not
+    /// decode, or sled reports corruption), the projections are rebuilt from the log
+    /// ([`Engine::replay`]), the damage is noted in [`Engine::repaired`], and the query runs
+    /// once more on the rebuilt generation.
+    pub fn query<T>(
+        &self,
+        query: impl Fn(&Projections) -> Result<T, ProjectionError>,
+    ) -> Result<T, EngineError> {
+        match query(&self.projections) {
+            Err(e) if e.is_damage() => {
+                tracing::warn!(error = %e, "damaged projection value: rebuilding from the log");
+                self.replay(&mut |_, _| {})?;
+                self.note_repaired([Damage::Value {
+                    reason: e.to_string(),
+                }]);
+                Ok(query(&self.projections)?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The project space.
@@ -447,10 +536,28 @@ impl Engine {
     pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
         // Reading ahead and deciding block on sled and on the writer lock: on a multi-thread
         // runtime, hand this worker's other tasks to another worker meanwhile.
-        let (results, last, written) = blocking(|| {
-            let prefetched = self.prefetch(&requests)?;
-            self.decide_and_write(requests, prefetched)
-        })?;
+        let run = || {
+            blocking(|| {
+                let prefetched = self.prefetch(&requests)?;
+                self.decide_and_write(&requests, prefetched)
+            })
+        };
+        let before = self.log.written_head();
+        let (results, last, written) = match run() {
+            // A damaged projection met before anything was appended: rebuild from the log and
+            // decide again, as if the projections had been sound.
+            Err(EngineError::Projection(e))
+                if e.is_damage() && self.log.written_head() == before =>
+            {
+                tracing::warn!(error = %e, "damaged projection value: rebuilding from the log");
+                blocking(|| self.replay(&mut |_, _| {}))?;
+                self.note_repaired([Damage::Value {
+                    reason: e.to_string(),
+                }]);
+                run()?
+            }
+            other => other?,
+        };
         if let Some(last) = last {
             self.log.wait_durable(last).await?;
         }
@@ -488,7 +595,7 @@ impl Engine {
 
     fn decide_and_write(
         &self,
-        requests: Vec<Request>,
+        requests: &[Request],
         prefetched: Option<Prefetched>,
     ) -> Result<Written, EngineError> {
         let mut clock = self.lock();
@@ -558,11 +665,9 @@ impl Engine {
                     continue;
                 }
             };
-            if pending.failed() {
+            if let Some(e) = pending.take_error() {
                 // A read through the projections failed; nothing decided on it may be appended.
-                return Err(EngineError::Internal(
-                    "projection read failed while deciding; run `replay`".into(),
-                ));
+                return Err(EngineError::Projection(e));
             }
             if events.is_empty() {
                 results.push(Some(Ok(Outcome { events: Vec::new() })));
@@ -688,6 +793,43 @@ impl Engine {
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<ReplayStats, EngineError> {
         let started = Instant::now();
+        let (rebuild, _writer) = self.rebuild(progress)?;
+        let events = rebuild.checkpoint().0;
+        rebuild.install()?;
+        Ok(ReplayStats {
+            events,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Rebuilds every projection beside the live ones, exactly as [`Engine::replay`] does, and
+    /// compares the two key by key (cases, owner and reverse indexes, forms, diagnostics,
+    /// tombstones, directory, checkpoint). Returns every key where they differ (empty when the
+    /// live projections are what the log says, I3) and drops the rebuild: nothing is swapped.
+    pub fn verify(
+        &self,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<Vec<Difference>, EngineError> {
+        let (rebuild, writer) = self.rebuild(progress)?;
+        // A live generation behind the log (a failed batch) is caught up first, as the next
+        // command would; then both are at the log's head, and the lock keeps writers out.
+        let compared = self.catch_up().and_then(|()| Ok(rebuild.compare()?));
+        drop(writer);
+        let discarded = rebuild.discard();
+        let differences = compared?;
+        discarded?;
+        for d in &differences {
+            tracing::warn!(difference = %d, "live projections differ from a rebuild");
+        }
+        Ok(differences)
+    }
+
+    /// Builds a fresh generation from the log up to its head and returns it, not installed,
+    /// with the writer lock held and the live generation's batch in flight written.
+    fn rebuild(
+        &self,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<(projections::Rebuild<'_>, std::sync::MutexGuard<'_, Writer>), EngineError> {
         let mut rebuild = self.projections.begin_rebuild()?;
         let head = self.log.written_head();
         let chunk = self.config.replay_chunk;
@@ -721,7 +863,8 @@ impl Engine {
             "bulk rebuild"
         );
         let mut writer = self.lock();
-        // The old generation's last batch must land before that generation is reclaimed.
+        // The old generation's last batch must land before that generation is reclaimed (or
+        // compared).
         Self::settle(&mut writer);
         writer.recent.clear();
         let head = self.log.written_head();
@@ -731,12 +874,7 @@ impl Engine {
             chunk,
             &mut |p| progress(p, head),
         )?;
-        let events = rebuild.checkpoint().0;
-        rebuild.install()?;
-        Ok(ReplayStats {
-            events,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok((rebuild, writer))
     }
 
     /// The log position a time-travel query looks at: the head, a position (at most the head),
@@ -773,7 +911,14 @@ impl Engine {
     /// Flushes sled (projections included); used before a clean exit.
     pub fn flush(&self) -> Result<(), EngineError> {
         Self::settle(&mut self.lock());
+        // Read before the flush and recorded after it, so the record never runs ahead of what
+        // sled holds, whatever is appended meanwhile.
+        let head = self.log.written_head().0;
         self.db.flush()?;
+        if let Some(dir) = &self.dir {
+            store::record_head(dir, self.domain.as_str(), head)
+                .map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?;
+        }
         Ok(())
     }
 }

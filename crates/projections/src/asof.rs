@@ -363,12 +363,20 @@ impl Projections {
                     form: f.form.form_id.clone(),
                     original: p,
                     blocks: f.blocks.clone(),
+                    archived: false,
                 },
-                Event::FormEditedV1(f) => CaseChange::Version {
-                    form: f.form.form_id.clone(),
-                    original: self.form(&f.form.form_id)?.map_or(p, |e| e.original),
-                    blocks: f.blocks.clone(),
-                },
+                Event::FormEditedV1(f) => {
+                    // The entry in force: its place, and its archived flag, which is the one at
+                    // the edit unless an archive or unarchive of the form followed; those touch
+                    // this case too and come later in its history, so the final state is exact.
+                    let entry = self.form(&f.form.form_id)?;
+                    CaseChange::Version {
+                        form: f.form.form_id.clone(),
+                        original: entry.as_ref().map_or(p, |e| e.original),
+                        blocks: f.blocks.clone(),
+                        archived: entry.is_some_and(|e| e.archived),
+                    }
+                }
                 Event::FormArchivedV1(a) => CaseChange::Archive {
                     form: a.form_id.clone(),
                     archived: true,

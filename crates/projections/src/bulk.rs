@@ -47,11 +47,12 @@ enum CaseFact {
         form: FormId,
         block: Box<BlockApplied>,
     },
-    /// An edit (`archived` none) or an archive or unarchive of `form` at the record's position
-    /// touched the case.
+    /// An edit (`edit`) or an archive or unarchive of `form` at the record's position touched
+    /// the case; `archived` is the form's flag after it.
     Mark {
         form: FormId,
-        archived: Option<bool>,
+        edit: bool,
+        archived: bool,
     },
 }
 
@@ -220,7 +221,7 @@ where
             (None, None) => break,
         };
         let mut blocks: Vec<(u64, u32, FormId, BlockApplied)> = Vec::new();
-        let mut marks: Vec<(u64, FormId, Option<bool>)> = Vec::new();
+        let mut marks: Vec<(u64, FormId, bool, bool)> = Vec::new();
         let mut history: BTreeSet<u64> = BTreeSet::new();
         while let Some(r) = case_records.next_if(|r| r.as_ref().is_ok_and(|r| r.key == next_key)) {
             let r = r?;
@@ -232,8 +233,13 @@ where
         while let Some(r) = mark_records.next_if(|r| r.as_ref().is_ok_and(|r| r.key == next_key)) {
             let r = r?;
             history.insert(r.position);
-            if let CaseFact::Mark { form, archived } = codec::decode(&r.key, &r.payload)? {
-                marks.push((r.position, form, archived));
+            if let CaseFact::Mark {
+                form,
+                edit,
+                archived,
+            } = codec::decode(&r.key, &r.payload)?
+            {
+                marks.push((r.position, form, edit, archived));
             }
         }
         let id = String::from_utf8_lossy(&next_key).into_owned();
@@ -360,16 +366,14 @@ fn fold_form(
     let mut rewritten = false;
     let id = FormId::new(String::from_utf8_lossy(key).into_owned());
     for (p, fact) in facts.drain(..) {
-        let archived = match fact {
-            FormFact::Archived(a) => Some(a),
-            _ => None,
-        };
+        let edit = matches!(fact, FormFact::Edited(_));
         let step = FormEntry::fold(entry.as_ref(), fact, Position(p));
         if step.rebuild {
             rewritten = true;
             let mark = payload(&CaseFact::Mark {
                 form: id.clone(),
-                archived,
+                edit,
+                archived: step.entry.as_ref().is_some_and(|e| e.archived),
             });
             for c in &step.touched {
                 marks.push(Record {
@@ -398,7 +402,7 @@ fn fold_form(
 }
 
 /// A case from its blocks, `(position, seq, form, block)` in position order, and from the marks
-/// edits and archives left on it, `(position, form, archived)`: the case at the end and after
+/// edits and archives left on it, `(position, form, edit, archived after)`: the case at the end and after
 /// each position that touched it (time travel's version rows).
 ///
 /// When no form that touched it was edited or archived, every block is in force in received
@@ -409,7 +413,7 @@ fn fold_form(
 fn fold_case(
     id: &CaseId,
     blocks: Vec<(u64, u32, FormId, BlockApplied)>,
-    marks: Vec<(u64, FormId, Option<bool>)>,
+    marks: Vec<(u64, FormId, bool, bool)>,
     special: &HashMap<FormId, Special>,
 ) -> (Option<Case>, Vec<(u64, Option<Case>)>) {
     let mut versions: Vec<(u64, Option<Case>)> = Vec::new();
@@ -439,23 +443,31 @@ fn fold_case(
                         form,
                         original,
                         blocks: vec![block],
+                        archived: false,
                     },
                 );
             }
         }
     }
-    for (p, form, archived) in marks {
-        match archived {
-            Some(archived) => {
-                changes.insert(p, CaseChange::Archive { form, archived });
-            }
-            None => {
+    for (p, form, edit, archived) in marks {
+        if !edit {
+            changes.insert(p, CaseChange::Archive { form, archived });
+            continue;
+        }
+        // An edit keeps the form's archived flag (R54), which may predate this case's changes.
+        match changes.get_mut(&p) {
+            Some(CaseChange::Version { archived: a, .. }) => *a = archived,
+            _ => {
                 let original = special.get(&form).map_or(Position(p), |s| s.original);
-                changes.entry(p).or_insert(CaseChange::Version {
-                    form,
-                    original,
-                    blocks: Vec::new(),
-                });
+                changes.insert(
+                    p,
+                    CaseChange::Version {
+                        form,
+                        original,
+                        blocks: Vec::new(),
+                        archived,
+                    },
+                );
             }
         }
     }

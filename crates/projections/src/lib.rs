@@ -13,12 +13,18 @@
 //! - The case list of a user is computed at query time from the per-owner index and the user's
 //!   owner ids *now* (R35, R44): a membership change takes effect at once and rewrites nothing.
 //!
+//! - The meta tree records the active generation and the layout [`VERSION`]; [`Projections::open`]
+//!   reports damaged or outdated projections ([`Damage`]) instead of failing, and
+//!   [`Rebuild::compare`] diffs a rebuild with the live generation ([`Difference`]).
+//!
 //! Projections hold no truth of their own (I2): deleting every tree of this crate and replaying
 //! gives the same answers (I3).
 
 mod asof;
 mod bulk;
 mod codec;
+mod compare;
+mod damage;
 mod error;
 mod keys;
 mod pending;
@@ -40,6 +46,8 @@ use serde::{Deserialize, Serialize};
 
 pub use asof::{CaseAt, Change, ConflictRow, HistoryEntry, Viewer};
 pub use bulk::BulkStats;
+pub use compare::{Difference, KeyKind};
+pub use damage::Damage;
 pub use error::ProjectionError;
 pub use pending::{Overlay, Pending, Sealed};
 pub use prefetch::{Prefetched, Touched};
@@ -113,6 +121,19 @@ impl Generation {
             tree,
             directory: RwLock::new(Arc::new(directory)),
             checkpoint: AtomicU64::new(checkpoint),
+        })
+    }
+
+    /// A generation that answers nothing, standing in for a damaged one until a rebuild
+    /// replaces it. It uses a tree of its own, so nothing folded into it touches the damaged one.
+    fn blank(db: &sled::Db, domain: &DomainName, id: u64) -> Result<Self, ProjectionError> {
+        let tree = db.open_tree(format!("projblank/{}", domain.as_str()))?;
+        tree.clear()?;
+        Ok(Generation {
+            id,
+            tree,
+            directory: RwLock::new(Arc::new(Directory::default())),
+            checkpoint: AtomicU64::new(0),
         })
     }
 
@@ -212,6 +233,16 @@ fn meta_name(domain: &DomainName) -> String {
 }
 
 const ACTIVE: &[u8] = b"active";
+const VERSION_KEY: &[u8] = b"version";
+
+/// The layout version of the projections this code writes and reads: the key layout of
+/// `keys` and the value encodings of `codec`. Change it with any change to either; a store whose
+/// projections carry another version is rebuilt from the log on open (I2). A store written
+/// before versions were recorded has layout 1.
+///
+/// - 1: cases, owner and reverse indexes, forms, tombstones, diagnostics, directory, checkpoint.
+/// - 2: plus the time-travel rows (`v` case versions, `h` owner arrivals, `y` directory events).
+pub const VERSION: u64 = 2;
 
 /// The projections of one project space.
 pub struct Projections {
@@ -220,33 +251,143 @@ pub struct Projections {
     meta: sled::Tree,
     current: RwLock<Arc<Generation>>,
     reader: RwLock<Option<LogReader>>,
+    /// What [`Projections::open`] found wrong; the owner rebuilds when an entry
+    /// [`Damage::needs_rebuild`].
+    found: Vec<Damage>,
 }
 
 impl Projections {
     /// Opens the active generation (creating generation 1 on a fresh store) and drops leftovers
     /// of a replay that crashed before its swap.
+    ///
+    /// Damage to the projections does not fail the open: a projection is derived from the log
+    /// (I2), so nothing stored here may keep anyone from the log. What was found (an unreadable
+    /// record of the active generation, an undecodable directory or checkpoint, a leftover tree
+    /// that cannot be reclaimed, or projections of another [`VERSION`]) is listed by
+    /// [`Projections::damage`], and the caller rebuilds into a fresh generation
+    /// ([`Projections::begin_rebuild`]). Only an error of sled itself fails the open.
     pub fn open(db: &sled::Db, domain: &DomainName) -> Result<Self, ProjectionError> {
         let meta = db.open_tree(meta_name(domain))?;
-        let active = match meta.get(ACTIVE)? {
-            Some(bytes) => keys::trailing_u64(&bytes).unwrap_or(1),
-            None => 1,
+        let mut found = Vec::new();
+        let stored_active = match meta.get(ACTIVE) {
+            Ok(Some(bytes)) => match keys::trailing_u64(&bytes) {
+                Some(id) => Some(id),
+                None => {
+                    found.push(Damage::Meta {
+                        reason: format!("active generation record of {} bytes", bytes.len()),
+                    });
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                found.push(Damage::Meta {
+                    reason: e.to_string(),
+                });
+                None
+            }
         };
+        let stored_version = match meta.get(VERSION_KEY) {
+            Ok(Some(bytes)) => match keys::trailing_u64(&bytes) {
+                Some(v) => Some(v),
+                None => {
+                    found.push(Damage::Meta {
+                        reason: format!("version record of {} bytes", bytes.len()),
+                    });
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                found.push(Damage::Meta {
+                    reason: e.to_string(),
+                });
+                None
+            }
+        };
+        // Layout 1 predates the version record; a fresh store is at this code's version.
+        let version = match (stored_version, stored_active) {
+            (Some(v), _) => v,
+            (None, Some(_)) => 1,
+            (None, None) => VERSION,
+        };
+        if version != VERSION && found.is_empty() {
+            found.push(Damage::Version {
+                stored: version,
+                current: VERSION,
+            });
+        }
+        let active = stored_active.unwrap_or(1);
         let prefix = format!("proj/{}/", domain.as_str());
         for name in db.tree_names() {
             if let Some(rest) = name.strip_prefix(prefix.as_bytes()) {
                 if rest != active.to_string().as_bytes() {
-                    reclaim_tree(db, &name)?;
+                    if let Err(e) = reclaim_tree(db, &name) {
+                        // The tree is not active, so nothing reads it; a later replay numbers
+                        // its generation past it (`begin_rebuild`).
+                        found.push(Damage::Leftover {
+                            tree: String::from_utf8_lossy(&name).into_owned(),
+                            reason: e.to_string(),
+                        });
+                    }
                 }
             }
         }
-        let generation = Generation::open(db, domain, active)?;
+        let generation = match Generation::open(db, domain, active) {
+            Ok(g) => g,
+            Err(e @ (ProjectionError::Decode { .. } | ProjectionError::Storage(_))) => {
+                found.push(Damage::Generation {
+                    id: active,
+                    reason: e.to_string(),
+                });
+                // Answers nothing until the rebuild installs a generation in its place.
+                Generation::blank(db, domain, active)?
+            }
+            Err(e) => return Err(e),
+        };
+        if stored_active.is_none() && found.is_empty() {
+            let mut batch = sled::Batch::default();
+            batch.insert(ACTIVE, active.to_be_bytes().to_vec());
+            batch.insert(VERSION_KEY, VERSION.to_be_bytes().to_vec());
+            meta.apply_batch(batch)?;
+        } else if stored_version.is_none() && found.is_empty() {
+            meta.insert(VERSION_KEY, VERSION.to_be_bytes().to_vec())?;
+        }
+        for d in &found {
+            tracing::warn!(domain = domain.as_str(), damage = %d, "projections need a rebuild");
+        }
         Ok(Projections {
             db: db.clone(),
             domain: domain.clone(),
             meta,
             current: RwLock::new(Arc::new(generation)),
             reader: RwLock::new(None),
+            found,
         })
+    }
+
+    /// What [`Projections::open`] found wrong with the stored projections (empty when they are
+    /// sound as far as opening reads them). Each entry is a reason to rebuild from the log.
+    pub fn damage(&self) -> &[Damage] {
+        &self.found
+    }
+
+    /// The projection layout version recorded in the store (`None` before the first open of
+    /// this code wrote it, or when the record is unreadable).
+    pub fn stored_version(&self) -> Option<u64> {
+        match self.meta.get(VERSION_KEY) {
+            Ok(Some(bytes)) => keys::trailing_u64(&bytes),
+            _ => None,
+        }
+    }
+
+    /// Records `version` as the stored projection layout version; for tests of the upgrade path
+    /// and for tools, never needed in normal operation.
+    pub fn set_stored_version(&self, version: u64) -> Result<(), ProjectionError> {
+        self.meta
+            .insert(VERSION_KEY, version.to_be_bytes().to_vec())?;
+        self.meta.flush()?;
+        Ok(())
     }
 
     /// Gives the projections read access to the log, needed to rebuild cases after a form edit
@@ -445,7 +586,18 @@ impl Projections {
 
     /// Starts a rebuild into a fresh generation; the active one keeps answering meanwhile.
     pub fn begin_rebuild(&self) -> Result<Rebuild<'_>, ProjectionError> {
-        let next = self.current().id + 1;
+        // Past every generation tree in the store: a leftover that could not be reclaimed
+        // (damaged) keeps its number.
+        let prefix = format!("proj/{}/", self.domain.as_str());
+        let highest = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| n.strip_prefix(prefix.as_bytes()))
+            .filter_map(|rest| std::str::from_utf8(rest).ok()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        let next = highest.max(self.current().id) + 1;
         // A tree of that number can only be a leftover of a crashed replay.
         reclaim_tree(&self.db, tree_name(&self.domain, next).as_bytes())?;
         let generation = Arc::new(Generation::open(&self.db, &self.domain, next)?);
@@ -499,22 +651,43 @@ impl Rebuild<'_> {
         self.generation.checkpoint()
     }
 
+    /// Every key where the active generation and this rebuild differ (`replay --verify`).
+    /// Call it with both at the same checkpoint, while no writer can append (the engine's lock).
+    pub fn compare(&self) -> Result<Vec<Difference>, ProjectionError> {
+        compare::generations(&self.owner.current(), &self.generation)
+    }
+
+    /// Drops the new generation without installing it; the active one stays.
+    pub fn discard(self) -> Result<(), ProjectionError> {
+        let id = self.generation.id;
+        drop(self.generation);
+        reclaim_tree(&self.owner.db, tree_name(&self.owner.domain, id).as_bytes())
+    }
+
     /// Makes the new generation the active one and drops the old tree. Call it with the new
     /// generation caught up to the log head while no writer can append (the engine's lock).
     pub fn install(self) -> Result<(), ProjectionError> {
         let owner = self.owner;
         let old = owner.current();
         let old_id = old.id;
-        owner
-            .meta
-            .insert(ACTIVE, self.generation.id.to_be_bytes().to_vec())?;
+        let mut batch = sled::Batch::default();
+        batch.insert(ACTIVE, self.generation.id.to_be_bytes().to_vec());
+        batch.insert(VERSION_KEY, VERSION.to_be_bytes().to_vec());
+        owner.meta.apply_batch(batch)?;
         owner.meta.flush()?;
         match owner.current.write() {
             Ok(mut g) => *g = Arc::clone(&self.generation),
             Err(poisoned) => *poisoned.into_inner() = Arc::clone(&self.generation),
         }
         drop(old);
-        reclaim_tree(&owner.db, tree_name(&owner.domain, old_id).as_bytes())?;
+        // The new generation is installed; an old tree that cannot be reclaimed (damaged) is
+        // left for the next open to try again, never a reason to fail.
+        if let Err(e) = reclaim_tree(&owner.db, tree_name(&owner.domain, old_id).as_bytes()) {
+            tracing::warn!(generation = old_id, error = %e, "old projection generation not reclaimed");
+        }
+        let _ = owner
+            .db
+            .drop_tree(format!("projblank/{}", owner.domain.as_str()));
         Ok(())
     }
 }

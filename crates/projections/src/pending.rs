@@ -184,6 +184,11 @@ impl Pending {
         self.error.borrow().is_some()
     }
 
+    /// The read error [`Pending::failed`] reports, taken out.
+    pub fn take_error(&self) -> Option<ProjectionError> {
+        self.error.borrow_mut().take()
+    }
+
     /// The position of the last event folded.
     pub fn checkpoint(&self) -> Position {
         self.checkpoint
