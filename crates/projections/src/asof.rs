@@ -15,12 +15,103 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use domain::{
-    Case, CaseChange, CaseId, CaseTimeline, Conflict, Directory, Event, Index, Position,
-    RecordedEvent, Timestamp,
+    AppId, Case, CaseChange, CaseId, CaseTimeline, Conflict, Directory, Event, FormEntry, FormId,
+    Index, Position, RecordedEvent, Timestamp,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{codec, keys, DiagnosticRow, GroupView, ProjectionError, Projections};
+
+/// What a version row says about the event that made it, so that history needs no log read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct VersionMeta {
+    /// Server received time of the event.
+    pub(crate) recorded_at: Timestamp,
+    /// 0 accepted, 1 edited, 2 archived, 3 unarchived.
+    pub(crate) action: u8,
+    /// The form.
+    pub(crate) form: FormId,
+    /// Its `meta/userID`.
+    pub(crate) user: Option<String>,
+    /// The app it came through.
+    pub(crate) app: Option<AppId>,
+    /// For an edit, the version it replaced.
+    pub(crate) replaces: Option<Position>,
+}
+
+impl VersionMeta {
+    /// The metadata of a form event recorded at `ev`, with `entry` the form's entry after it
+    /// (archives carry no user or app of their own). `None` for events that touch no case.
+    pub(crate) fn of(ev: &RecordedEvent, entry: Option<&FormEntry>) -> Option<Self> {
+        let (action, form, user, app, replaces) = match &ev.event {
+            Event::FormAcceptedV1(f) => (
+                0,
+                &f.form.form_id,
+                f.form.user_id.clone(),
+                f.form.app_id.clone(),
+                None,
+            ),
+            Event::FormEditedV1(f) => (
+                1,
+                &f.form.form_id,
+                f.form.user_id.clone(),
+                f.form.app_id.clone(),
+                Some(f.replaces),
+            ),
+            Event::FormArchivedV1(a) | Event::FormUnarchivedV1(a) => (
+                if matches!(ev.event, Event::FormArchivedV1(_)) {
+                    2
+                } else {
+                    3
+                },
+                &a.form_id,
+                entry.and_then(|e| e.user_id.clone()),
+                entry.and_then(|e| e.app_id.clone()),
+                None,
+            ),
+            _ => return None,
+        };
+        Some(VersionMeta {
+            recorded_at: ev.recorded_at,
+            action,
+            form: form.clone(),
+            user,
+            app,
+            replaces,
+        })
+    }
+
+    fn action_name(&self) -> &'static str {
+        match self.action {
+            0 => "accepted",
+            1 => "edited",
+            2 => "archived",
+            _ => "unarchived",
+        }
+    }
+}
+
+/// A version row's value: its metadata, then the case (nothing once deleted).
+pub(crate) fn encode_version(meta: &VersionMeta, case: Option<&Case>) -> Vec<u8> {
+    let mut out = codec::encode(meta);
+    if let Some(case) = case {
+        out.extend_from_slice(&codec::encode(case));
+    }
+    out
+}
+
+fn decode_version(
+    key: &[u8],
+    value: &[u8],
+) -> Result<(VersionMeta, Option<Case>), ProjectionError> {
+    let (meta, rest) = codec::decode_prefix::<VersionMeta>(key, value)?;
+    let case = if rest.is_empty() {
+        None
+    } else {
+        Some(codec::decode(key, rest)?)
+    };
+    Ok((meta, case))
+}
 
 /// A case as of a position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,20 +224,16 @@ impl Projections {
         let generation = self.current();
         let prefix = keys::version_prefix(id.as_str());
         let end = keys::version(id.as_str(), at.0);
-        let mut first_seen = None;
-        let mut iter = generation.tree.range(prefix.clone()..=end);
-        if let Some(item) = iter.next_back() {
-            let (key, value) = item?;
-            let since = Position(keys::trailing_u64(&key).unwrap_or(0));
-            if value.is_empty() {
-                first_seen = Some(since);
-            } else {
-                return Ok(CaseAt::Exists(Box::new(codec::decode(&key, &value)?)));
-            }
-        }
-        Ok(match first_seen {
-            Some(since) => CaseAt::Deleted { since },
-            None => CaseAt::NotYet,
+        let mut iter = generation.tree.range(prefix..=end);
+        let Some(item) = iter.next_back() else {
+            return Ok(CaseAt::NotYet);
+        };
+        let (key, value) = item?;
+        Ok(match decode_version(&key, &value)?.1 {
+            Some(case) => CaseAt::Exists(Box::new(case)),
+            None => CaseAt::Deleted {
+                since: Position(keys::trailing_u64(&key).unwrap_or(0)),
+            },
         })
     }
 
@@ -156,6 +243,19 @@ impl Projections {
         id: &CaseId,
         at: Position,
     ) -> Result<Vec<(Position, Option<Case>)>, ProjectionError> {
+        Ok(self
+            .versions_with_meta(id, at)?
+            .into_iter()
+            .map(|(p, _, case)| (p, case))
+            .collect())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn versions_with_meta(
+        &self,
+        id: &CaseId,
+        at: Position,
+    ) -> Result<Vec<(Position, VersionMeta, Option<Case>)>, ProjectionError> {
         let generation = self.current();
         let prefix = keys::version_prefix(id.as_str());
         let end = keys::version(id.as_str(), at.0);
@@ -163,12 +263,8 @@ impl Projections {
         for item in generation.tree.range(prefix..=end) {
             let (key, value) = item?;
             let p = Position(keys::trailing_u64(&key).unwrap_or(0));
-            let case = if value.is_empty() {
-                None
-            } else {
-                Some(codec::decode(&key, &value)?)
-            };
-            out.push((p, case));
+            let (meta, case) = decode_version(&key, &value)?;
+            out.push((p, meta, case));
         }
         Ok(out)
     }
@@ -315,36 +411,21 @@ impl Projections {
         })
     }
 
-    /// Every change to a case, oldest first: the event that made it and what it changed.
+    /// Every change to a case, oldest first: the event that made it and what it changed. Reads
+    /// the case's version rows only, not the log.
     pub fn case_history(&self, id: &CaseId) -> Result<Vec<HistoryEntry>, ProjectionError> {
-        let versions = self.case_versions(id, Position(u64::MAX))?;
+        let versions = self.versions_with_meta(id, Position(u64::MAX))?;
         let mut out = Vec::with_capacity(versions.len());
         let mut before: Option<Case> = None;
-        for (p, after) in versions {
-            let ev = self.read_event(id, p)?;
-            let (action, form_id, replaces) = match &ev.event {
-                Event::FormAcceptedV1(f) => ("accepted", f.form.form_id.clone(), None),
-                Event::FormEditedV1(f) => ("edited", f.form.form_id.clone(), Some(f.replaces)),
-                Event::FormArchivedV1(a) => ("archived", a.form_id.clone(), None),
-                Event::FormUnarchivedV1(a) => ("unarchived", a.form_id.clone(), None),
-                other => (other.type_name(), domain::FormId::new(""), None),
-            };
-            let (user, app) = match &ev.event {
-                Event::FormAcceptedV1(f) => (f.form.user_id.clone(), f.form.app_id.clone()),
-                Event::FormEditedV1(f) => (f.form.user_id.clone(), f.form.app_id.clone()),
-                _ => match self.form(&form_id)? {
-                    Some(e) => (e.user_id, e.app_id),
-                    None => (None, None),
-                },
-            };
+        for (p, meta, after) in versions {
             out.push(HistoryEntry {
                 position: p,
-                received_at: ev.recorded_at,
-                action,
-                form_id: form_id.0,
-                user,
-                app: app.map(|a| a.0),
-                replaces,
+                received_at: meta.recorded_at,
+                action: meta.action_name(),
+                form_id: meta.form.0,
+                user: meta.user,
+                app: meta.app.map(|a| a.0),
+                replaces: meta.replaces,
                 changes: diff(before.as_ref(), after.as_ref()),
             });
             before = after;

@@ -32,6 +32,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::asof::{encode_version, VersionMeta};
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
 use crate::{codec, keys, DiagnosticRow, Generation, ProjectionError};
@@ -42,15 +43,15 @@ const WRITE_BATCH: usize = 512;
 /// A case fact of phase 1 or 2, in the case sorters.
 #[derive(Serialize, Deserialize)]
 enum CaseFact {
-    /// A block of the form version recorded at the record's position.
+    /// A block of the form version recorded at the record's position (`meta.form`).
     Block {
-        form: FormId,
+        meta: Box<VersionMeta>,
         block: Box<BlockApplied>,
     },
     /// An edit (`edit`) or an archive or unarchive of `form` at the record's position touched
     /// the case; `archived` is the form's flag after it.
     Mark {
-        form: FormId,
+        meta: Box<VersionMeta>,
         edit: bool,
         archived: bool,
     },
@@ -153,10 +154,16 @@ where
         }
         let p = ev.position.0;
         if let Some((form_id, fact)) = FormFact::of(&ev.event, ev.position) {
-            if let Some((form_id, blocks)) = ev.event.form_blocks() {
-                push_blocks(&mut cases, form_id, blocks, p)?;
+            if let Some((_, blocks)) = ev.event.form_blocks() {
+                if let Some(meta) = VersionMeta::of(&ev, None) {
+                    push_blocks(&mut cases, &meta, blocks, p)?;
+                }
             }
-            push_form(&mut forms, form_id, p, &fact)?;
+            let replaces = match &ev.event {
+                Event::FormEditedV1(f) => Some(f.replaces),
+                _ => None,
+            };
+            push_form(&mut forms, form_id, p, &(fact, ev.recorded_at, replaces))?;
         } else {
             match &ev.event {
                 Event::DiagnosticRaisedV1(d) => {
@@ -184,7 +191,7 @@ where
     // Phase 2: forms, in form-id order; marks for the cases edits and archives touched.
     let mut marks = Sorter::new(scratch, "marks", budget);
     let mut special: HashMap<FormId, Special> = HashMap::new();
-    let mut group: Vec<(u64, FormFact)> = Vec::new();
+    let mut group: Vec<(u64, FormRecordFact)> = Vec::new();
     let mut current: Option<Vec<u8>> = None;
     let forms = forms.finish()?;
     stats.runs += forms.runs();
@@ -220,26 +227,26 @@ where
             (None, Some(Ok(b))) => b.key.clone(),
             (None, None) => break,
         };
-        let mut blocks: Vec<(u64, u32, FormId, BlockApplied)> = Vec::new();
-        let mut marks: Vec<(u64, FormId, bool, bool)> = Vec::new();
+        let mut blocks: Vec<(u64, u32, VersionMeta, BlockApplied)> = Vec::new();
+        let mut marks: Vec<(u64, VersionMeta, bool, bool)> = Vec::new();
         let mut history: BTreeSet<u64> = BTreeSet::new();
         while let Some(r) = case_records.next_if(|r| r.as_ref().is_ok_and(|r| r.key == next_key)) {
             let r = r?;
             history.insert(r.position);
-            if let CaseFact::Block { form, block } = codec::decode(&r.key, &r.payload)? {
-                blocks.push((r.position, r.seq, form, *block));
+            if let CaseFact::Block { meta, block } = codec::decode(&r.key, &r.payload)? {
+                blocks.push((r.position, r.seq, *meta, *block));
             }
         }
         while let Some(r) = mark_records.next_if(|r| r.as_ref().is_ok_and(|r| r.key == next_key)) {
             let r = r?;
             history.insert(r.position);
             if let CaseFact::Mark {
-                form,
+                meta,
                 edit,
                 archived,
             } = codec::decode(&r.key, &r.payload)?
             {
-                marks.push((r.position, form, edit, archived));
+                marks.push((r.position, *meta, edit, archived));
             }
         }
         let id = String::from_utf8_lossy(&next_key).into_owned();
@@ -247,10 +254,13 @@ where
         let case_id = domain::CaseId::new(id.clone());
         let (case, versions) = fold_case(&case_id, blocks, marks, &special);
         let mut owner: Option<String> = None;
-        for (p, version) in &versions {
+        for (p, meta, version) in &versions {
+            writer.insert(
+                keys::version(&id, *p),
+                encode_version(meta, version.as_ref()),
+            )?;
             match version {
                 Some(c) => {
-                    writer.insert(keys::version(&id, *p), codec::encode(c))?;
                     if owner.as_deref() != Some(c.owner_id.as_str()) {
                         index.push(Record {
                             key: keys::owned(&c.owner_id, &id, *p),
@@ -261,10 +271,7 @@ where
                         owner = Some(c.owner_id.clone());
                     }
                 }
-                None => {
-                    writer.insert(keys::version(&id, *p), Vec::new())?;
-                    owner = None;
-                }
+                None => owner = None,
             }
         }
         match case {
@@ -321,7 +328,7 @@ fn take_err(records: &mut std::iter::Peekable<crate::sorter::Merge>) -> Projecti
 
 fn push_blocks(
     cases: &mut Sorter,
-    form: &FormId,
+    meta: &VersionMeta,
     blocks: &[BlockApplied],
     position: u64,
 ) -> Result<(), ProjectionError> {
@@ -331,7 +338,7 @@ fn push_blocks(
             position,
             seq: u32::try_from(seq).unwrap_or(u32::MAX),
             payload: payload(&CaseFact::Block {
-                form: form.clone(),
+                meta: Box::new(meta.clone()),
                 block: Box::new(block.clone()),
             }),
         })?;
@@ -339,11 +346,15 @@ fn push_blocks(
     Ok(())
 }
 
+/// A form fact with the received time of its event and, for an edit, the version it replaced:
+/// what the marks of edits and archives need for their version rows.
+type FormRecordFact = (FormFact, Timestamp, Option<Position>);
+
 fn push_form(
     forms: &mut Sorter,
     form: &FormId,
     position: u64,
-    fact: &FormFact,
+    fact: &FormRecordFact,
 ) -> Result<(), ProjectionError> {
     forms.push(Record {
         key: form.as_str().as_bytes().to_vec(),
@@ -357,7 +368,7 @@ fn push_form(
 /// and marks the cases its edits and archives touched. Returns 1 when an entry was written.
 fn fold_form(
     key: &[u8],
-    facts: &mut Vec<(u64, FormFact)>,
+    facts: &mut Vec<(u64, FormRecordFact)>,
     writer: &mut Writer<'_>,
     marks: &mut Sorter,
     special: &mut HashMap<FormId, Special>,
@@ -365,15 +376,29 @@ fn fold_form(
     let mut entry: Option<FormEntry> = None;
     let mut rewritten = false;
     let id = FormId::new(String::from_utf8_lossy(key).into_owned());
-    for (p, fact) in facts.drain(..) {
+    for (p, (fact, recorded_at, replaces)) in facts.drain(..) {
         let edit = matches!(fact, FormFact::Edited(_));
         let step = FormEntry::fold(entry.as_ref(), fact, Position(p));
         if step.rebuild {
             rewritten = true;
-            let mark = payload(&CaseFact::Mark {
+            let after = step.entry.as_ref();
+            let archived = after.is_some_and(|e| e.archived);
+            let meta = VersionMeta {
+                recorded_at,
+                action: match (edit, archived) {
+                    (true, _) => 1,
+                    (false, true) => 2,
+                    (false, false) => 3,
+                },
                 form: id.clone(),
+                user: after.and_then(|e| e.user_id.clone()),
+                app: after.and_then(|e| e.app_id.clone()),
+                replaces,
+            };
+            let mark = payload(&CaseFact::Mark {
+                meta: Box::new(meta),
                 edit,
-                archived: step.entry.as_ref().is_some_and(|e| e.archived),
+                archived,
             });
             for c in &step.touched {
                 marks.push(Record {
@@ -412,69 +437,72 @@ fn fold_form(
 #[allow(clippy::type_complexity)]
 fn fold_case(
     id: &CaseId,
-    blocks: Vec<(u64, u32, FormId, BlockApplied)>,
-    marks: Vec<(u64, FormId, bool, bool)>,
+    blocks: Vec<(u64, u32, VersionMeta, BlockApplied)>,
+    marks: Vec<(u64, VersionMeta, bool, bool)>,
     special: &HashMap<FormId, Special>,
-) -> (Option<Case>, Vec<(u64, Option<Case>)>) {
-    let mut versions: Vec<(u64, Option<Case>)> = Vec::new();
-    let rebuilt = !marks.is_empty() || blocks.iter().any(|(_, _, f, _)| special.contains_key(f));
+) -> (Option<Case>, Vec<(u64, VersionMeta, Option<Case>)>) {
+    let mut versions: Vec<(u64, VersionMeta, Option<Case>)> = Vec::new();
+    let rebuilt = !marks.is_empty()
+        || blocks
+            .iter()
+            .any(|(_, _, m, _)| special.contains_key(&m.form));
     if !rebuilt {
         let mut case: Option<Case> = None;
-        for (p, _, form, block) in &blocks {
-            case = Some(apply_block(case, block, form));
+        for (p, _, meta, block) in blocks {
+            case = Some(apply_block(case, &block, &meta.form));
             match versions.last_mut() {
-                Some((last, v)) if *last == *p => *v = case.clone(),
-                _ => versions.push((*p, case.clone())),
+                Some((last, _, v)) if *last == p => *v = case.clone(),
+                _ => versions.push((p, meta, case.clone())),
             }
         }
         return (case, versions);
     }
     // Changes in position order: the blocks of one form version at a position, an edit whose
-    // new version has no block for this case, or an archive.
-    let mut changes: BTreeMap<u64, CaseChange> = BTreeMap::new();
-    for (p, _, form, block) in blocks {
+    // new version has no block for this case, or an archive; each with its event's metadata.
+    let mut changes: BTreeMap<u64, (VersionMeta, CaseChange)> = BTreeMap::new();
+    for (p, _, meta, block) in blocks {
         match changes.get_mut(&p) {
-            Some(CaseChange::Version { blocks, .. }) => blocks.push(block),
+            Some((_, CaseChange::Version { blocks, .. })) => blocks.push(block),
             _ => {
-                let original = special.get(&form).map_or(Position(p), |s| s.original);
-                changes.insert(
-                    p,
-                    CaseChange::Version {
-                        form,
-                        original,
-                        blocks: vec![block],
-                        archived: false,
-                    },
-                );
+                let original = special.get(&meta.form).map_or(Position(p), |s| s.original);
+                let change = CaseChange::Version {
+                    form: meta.form.clone(),
+                    original,
+                    blocks: vec![block],
+                    archived: false,
+                };
+                changes.insert(p, (meta, change));
             }
         }
     }
-    for (p, form, edit, archived) in marks {
+    for (p, meta, edit, archived) in marks {
         if !edit {
-            changes.insert(p, CaseChange::Archive { form, archived });
+            let change = CaseChange::Archive {
+                form: meta.form.clone(),
+                archived,
+            };
+            changes.insert(p, (meta, change));
             continue;
         }
         // An edit keeps the form's archived flag (R54), which may predate this case's changes.
         match changes.get_mut(&p) {
-            Some(CaseChange::Version { archived: a, .. }) => *a = archived,
+            Some((_, CaseChange::Version { archived: a, .. })) => *a = archived,
             _ => {
-                let original = special.get(&form).map_or(Position(p), |s| s.original);
-                changes.insert(
-                    p,
-                    CaseChange::Version {
-                        form,
-                        original,
-                        blocks: Vec::new(),
-                        archived,
-                    },
-                );
+                let original = special.get(&meta.form).map_or(Position(p), |s| s.original);
+                let change = CaseChange::Version {
+                    form: meta.form.clone(),
+                    original,
+                    blocks: Vec::new(),
+                    archived,
+                };
+                changes.insert(p, (meta, change));
             }
         }
     }
     let mut timeline = CaseTimeline::new(id.clone());
-    for (p, change) in changes {
-        timeline.apply(Position(p), Timestamp(0), change);
-        versions.push((p, timeline.case().cloned()));
+    for (p, (meta, change)) in changes {
+        timeline.apply(Position(p), meta.recorded_at, change);
+        versions.push((p, meta, timeline.case().cloned()));
     }
     (timeline.case().cloned(), versions)
 }

@@ -22,7 +22,7 @@ pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, Projec
 }
 
 /// Decodes a value from the front of `bytes`; returns it and the bytes after it.
-fn decode_prefix<'b, T: DeserializeOwned>(
+pub fn decode_prefix<'b, T: DeserializeOwned>(
     key: &[u8],
     bytes: &'b [u8],
 ) -> Result<(T, &'b [u8]), ProjectionError> {

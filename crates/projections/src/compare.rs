@@ -26,6 +26,12 @@ pub enum KeyKind {
     Directory,
     /// The checkpoint.
     Checkpoint,
+    /// A case as of an event (time travel).
+    CaseVersion,
+    /// A case coming to an owner (time travel).
+    OwnerArrival,
+    /// A directory event (time travel).
+    DirectoryEvent,
     /// A key this code does not know.
     Other,
 }
@@ -41,6 +47,9 @@ impl std::fmt::Display for KeyKind {
             KeyKind::Tombstone => "tombstone",
             KeyKind::Directory => "directory",
             KeyKind::Checkpoint => "checkpoint",
+            KeyKind::CaseVersion => "case-version",
+            KeyKind::OwnerArrival => "owner-arrival",
+            KeyKind::DirectoryEvent => "directory-event",
             KeyKind::Other => "other",
         })
     }
@@ -155,6 +164,9 @@ fn kind(key: &[u8]) -> KeyKind {
         Some(&keys::FORM) => KeyKind::Form,
         Some(&keys::DIAGNOSTIC) => KeyKind::Diagnostic,
         Some(&keys::TOMBSTONE) => KeyKind::Tombstone,
+        Some(&keys::VERSION) => KeyKind::CaseVersion,
+        Some(&keys::OWNED) => KeyKind::OwnerArrival,
+        Some(&keys::DIRECTORY_EVENT) => KeyKind::DirectoryEvent,
         _ => KeyKind::Other,
     }
 }
@@ -192,6 +204,14 @@ fn id(kind: KeyKind, key: &[u8]) -> String {
             format!("@{position}#{n}")
         }
         KeyKind::Directory | KeyKind::Checkpoint => String::new(),
+        KeyKind::CaseVersion | KeyKind::OwnerArrival | KeyKind::DirectoryEvent => {
+            // The id (or owner and id) then a big-endian position.
+            let split = rest.len().saturating_sub(8);
+            let (name, position) = rest.split_at(split);
+            let position = <[u8; 8]>::try_from(position).map_or(0, u64::from_be_bytes);
+            let name: Vec<u8> = name.iter().copied().filter(|b| *b != 0).collect();
+            format!("{}@{position}", String::from_utf8_lossy(&name))
+        }
         KeyKind::Other => String::from_utf8_lossy(key).into_owned(),
     }
 }
@@ -280,10 +300,12 @@ fn describe(kind: KeyKind, key: &[u8], bytes: &[u8]) -> Described {
                 full: None,
             },
         },
-        KeyKind::Other => Described {
-            summary: format!("{} bytes", bytes.len()),
-            full: Some(format!("{bytes:?}")),
-        },
+        KeyKind::CaseVersion | KeyKind::OwnerArrival | KeyKind::DirectoryEvent | KeyKind::Other => {
+            Described {
+                summary: format!("{} bytes", bytes.len()),
+                full: Some(format!("{bytes:?}")),
+            }
+        }
     }
 }
 

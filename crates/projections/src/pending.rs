@@ -14,6 +14,7 @@ use domain::{
     RecordedEvent, Relationship, State, Timestamp,
 };
 
+use crate::asof::{encode_version, VersionMeta};
 use crate::{
     codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, Prefetched, ProjectionError,
     StoredCase, Touched,
@@ -53,8 +54,9 @@ struct CaseSlot {
     /// The generation held a tombstone for it when it was loaded.
     tombstone: bool,
     dirty: bool,
-    /// The case after each event of this batch that touched it (time travel's version rows).
-    versions: Vec<(Position, Option<Case>)>,
+    /// The case after each event of this batch that touched it, with what the event was (time
+    /// travel's version rows).
+    versions: Vec<(Position, Arc<VersionMeta>, Option<Case>)>,
 }
 
 /// The effects of a sealed batch whose sled write may still be running: the next batch reads
@@ -285,10 +287,23 @@ impl Pending {
                     slot.dirty = true;
                 }
             }
-            for c in &step.touched {
-                let slot = self.slot(c)?;
-                let version = slot.current.clone();
-                slot.versions.push((ev.position, version));
+            if !step.touched.is_empty() {
+                let meta = VersionMeta::of(ev, self.forms.get(form_id)).ok_or_else(|| {
+                    ProjectionError::Decode {
+                        key: form_id.0.clone(),
+                        reason: format!(
+                            "event at {} touched cases but is no form event",
+                            ev.position
+                        ),
+                    }
+                })?;
+                let meta = Arc::new(meta);
+                for c in &step.touched {
+                    let slot = self.slot(c)?;
+                    let version = slot.current.clone();
+                    slot.versions
+                        .push((ev.position, Arc::clone(&meta), version));
+                }
             }
         } else {
             match &ev.event {
@@ -419,19 +434,19 @@ impl Pending {
         let mut diag_seq: HashMap<Position, u32> = HashMap::new();
         for (id, slot) in &self.cases {
             let mut owner = slot.stored.as_ref().map(|s| s.owner.as_str());
-            for (p, version) in &slot.versions {
+            for (p, meta, version) in &slot.versions {
+                batch.insert(
+                    keys::version(id.as_str(), p.0),
+                    encode_version(meta, version.as_ref()),
+                );
                 match version {
                     Some(case) => {
-                        batch.insert(keys::version(id.as_str(), p.0), codec::encode(case));
                         if owner != Some(case.owner_id.as_str()) {
                             batch.insert(keys::owned(&case.owner_id, id.as_str(), p.0), vec![]);
                         }
                         owner = Some(case.owner_id.as_str());
                     }
-                    None => {
-                        batch.insert(keys::version(id.as_str(), p.0), vec![]);
-                        owner = None;
-                    }
+                    None => owner = None,
                 }
             }
             if !slot.dirty {
