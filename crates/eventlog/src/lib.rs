@@ -40,6 +40,7 @@
 //! let first = sub.next().await?;
 //! ```
 
+pub mod chain;
 mod commit;
 mod envelope;
 mod error;
@@ -49,10 +50,15 @@ mod subscription;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_chain;
 
+pub use chain::{
+    chain_hash, read_head_file, AcknowledgedHead, Chain, ChainEntry, Hash, Verified, GENESIS,
+};
 pub use envelope::{
-    decode_envelope, decode_header, encode_envelope, EnvelopeHeader, COMPRESS_FROM,
-    ENVELOPE_FORMAT, MAX_BODY, PLAIN_FORMAT,
+    decode_envelope, decode_header, encode_envelope, encode_envelope_chained, EnvelopeHeader,
+    COMPRESS_FROM, ENVELOPE_FORMAT, LZ4_FORMAT, MAX_BODY, PLAIN_FORMAT,
 };
 pub use error::LogError;
 pub use sled_log::{LogConfig, SledLog};
