@@ -50,6 +50,9 @@ pub enum AuditError {
     /// There is no store in the data directory.
     #[error("no store in {0}")]
     NoStore(PathBuf),
+    /// sled found a bad checksum in its own files (data, blobs, snapshot, config).
+    #[error("the store is damaged: sled found a bad checksum in its files ({0})")]
+    StorageDamaged(String),
     /// sled panicked while reading the store: damage sled did not report as an error.
     #[error("storage damaged: sled panicked: {0}")]
     Panicked(String),
@@ -75,10 +78,9 @@ impl From<LogError> for AuditError {
                 position: position.0,
                 reason: format!("unknown envelope format {version}"),
             },
-            LogError::Storage(sled::Error::Corruption { at, .. }) => AuditError::Damaged {
-                position: 0,
-                reason: format!("sled reports corruption at {at:?}"),
-            },
+            LogError::Storage(e @ sled::Error::Corruption { .. }) => {
+                AuditError::StorageDamaged(e.to_string())
+            }
             other => AuditError::Log(other),
         }
     }
@@ -89,7 +91,10 @@ impl AuditError {
     pub fn is_damage(&self) -> bool {
         matches!(
             self,
-            AuditError::Damaged { .. } | AuditError::Refused { .. } | AuditError::Panicked(_)
+            AuditError::Damaged { .. }
+                | AuditError::Refused { .. }
+                | AuditError::StorageDamaged(_)
+                | AuditError::Panicked(_)
         )
     }
 }

@@ -1,8 +1,10 @@
 //! The one integration test binary: everything that crosses crates.
 //!
 //! Modules: `conformance` (the data-driven CommCare suite), `stories` (the seed page's stories
-//! through the facade), `cli` (the command-line contract), `replay` (replay == live, I3).
+//! through the facade), `cli` (the command-line contract), `replay` (replay == live, I3),
+//! `audit` (verify, export, import and damaged stores).
 
+mod audit;
 mod cli;
 mod concurrency;
 mod conformance;
