@@ -2,7 +2,8 @@
 //!
 //! Exit status (a contract scripts depend on): 0 when everything went through (duplicates
 //! included), 2 when a submission was rejected (it is still stored), 1 for usage, IO or
-//! unknown-id errors (nothing appended).
+//! unknown-id errors (nothing appended), 3 when `verify`, `export` or `import` found damage or
+//! a modified export.
 //!
 //! One file past 600 lines: the argument definitions and their printing are the CLI contract and
 //! read best together; the logic lives in the crates.

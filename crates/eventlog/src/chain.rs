@@ -31,10 +31,14 @@ use std::path::{Path, PathBuf};
 
 use domain::{DomainName, Position, RecordedEvent};
 use sha2::{Digest, Sha256};
+use sled::IVec;
 
 use crate::envelope::{decode_envelope, decode_header};
 use crate::sled_log::key_position;
 use crate::{LogError, SledLog};
+
+/// Entries the reader thread of [`SledLog::verify`] hands over at a time.
+const VERIFY_CHUNK: usize = 256;
 
 /// A SHA-256 chain hash.
 pub type Hash = [u8; 32];
@@ -118,7 +122,8 @@ impl ChainEntry {
 /// Entries of a position range in order, each checked against the chain; the first gap, bad
 /// envelope or broken link yields one `Err` naming its position and ends the iteration.
 pub struct Chain {
-    iter: sled::Iter,
+    /// `None` once [`SledLog::verify`] has handed it to its reader thread.
+    iter: Option<sled::Iter>,
     expect: u64,
     end: u64,
     prev: Hash,
@@ -131,9 +136,10 @@ impl Chain {
         self.prev
     }
 
-    fn step(&mut self) -> Result<ChainEntry, LogError> {
+    /// Checks the next item read from the range (`None`: the range ended) and advances.
+    fn check(&mut self, item: Option<sled::Result<(IVec, IVec)>>) -> Result<ChainEntry, LogError> {
         let position = Position(self.expect);
-        let (key, envelope) = match self.iter.next() {
+        let (key, envelope) = match item {
             None => {
                 return Err(LogError::corrupt(
                     position,
@@ -163,6 +169,7 @@ impl Chain {
             }
         }
         let hash = chain_hash(&self.prev, position, &envelope);
+        self.expect += 1;
         Ok(ChainEntry {
             position,
             prev: std::mem::replace(&mut self.prev, hash),
@@ -180,11 +187,9 @@ impl Iterator for Chain {
         if self.failed || self.expect > self.end {
             return None;
         }
-        let item = self.step();
-        match item {
-            Ok(_) => self.expect += 1,
-            Err(_) => self.failed = true,
-        }
+        let next = self.iter.as_mut().and_then(Iterator::next);
+        let item = self.check(next);
+        self.failed = item.is_err();
         Some(item)
     }
 }
@@ -335,7 +340,7 @@ impl SledLog {
                 .range(from.to_be_bytes()..from.to_be_bytes())
         };
         Chain {
-            iter,
+            iter: Some(iter),
             expect: from.0,
             end: to.0,
             prev,
@@ -355,11 +360,37 @@ impl SledLog {
         let from = from.max(Position(1));
         let mut chain = self.chain_from(from)?;
         let (mut entries, mut unchained, mut bytes) = (0u64, 0u64, 0u64);
-        for entry in &mut chain {
-            let entry = entry?;
+        let mut count = |entry: ChainEntry| {
             entries += 1;
             unchained += u64::from(!entry.chained);
             bytes += entry.envelope.len() as u64;
+        };
+        // sled's tree walk costs about as much as the hashing: one thread reads, this one checks.
+        let iter = chain.iter.take();
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<sled::Result<(IVec, IVec)>>>(8);
+            scope.spawn(move || {
+                let mut chunk = Vec::with_capacity(VERIFY_CHUNK);
+                for item in iter.into_iter().flatten() {
+                    let failed = item.is_err();
+                    chunk.push(item);
+                    if chunk.len() == VERIFY_CHUNK || failed {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(VERIFY_CHUNK));
+                        // A send fails when the checker stopped at an error.
+                        if tx.send(full).is_err() || failed {
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(chunk);
+            });
+            for item in rx.iter().flatten() {
+                count(chain.check(Some(item))?);
+            }
+            Ok::<_, LogError>(())
+        })?;
+        if chain.expect <= chain.end {
+            count(chain.check(None)?);
         }
         let head = self.head_hash();
         let head_hash = chain.last_hash();
