@@ -435,3 +435,70 @@ fn a_lost_tail_is_reported_by_verify_export_and_open() {
         assert!(out.stdout.is_empty(), "{command:?} printed nothing");
     }
 }
+
+/// The checked-in format-1/2 envelopes of `tests/data/fixtures/events-v1.bin` (I6), as stored
+/// before the chain: length-prefixed, positions 1 to 15.
+fn legacy_envelopes() -> Vec<Vec<u8>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures/events-v1.bin");
+    let stored = std::fs::read(path).expect("fixture present");
+    let mut rest = stored.as_slice();
+    let mut out = Vec::new();
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let (one, tail) = tail.split_at(u32::from_le_bytes(*len) as usize);
+        out.push(one.to_vec());
+        rest = tail;
+    }
+    out
+}
+
+#[test]
+fn i6_a_legacy_log_verifies_unchained_and_chains_on_from_its_head() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("legacy");
+    let legacy = legacy_envelopes();
+    assert_eq!(legacy.len(), 15);
+    {
+        // A store written before format 3: only legacy envelopes, no head file.
+        let db = sled::open(&data).expect("open");
+        let tree = db.open_tree("log/demo").expect("log tree");
+        for (p, envelope) in (1u64..).zip(&legacy) {
+            assert!(matches!(envelope[0], 1 | 2), "legacy format");
+            tree.insert(p.to_be_bytes(), envelope.as_slice())
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    let before = json(&data, &["verify"]);
+    assert_eq!(
+        (before["entries"].clone(), before["unchained"].clone()),
+        (15.into(), 15.into())
+    );
+    assert_eq!(before["acknowledged"], Value::Null, "no head file yet");
+    // The first command through the engine writes the head file and a chained entry.
+    ok(
+        &data,
+        &["user", "create", "--id", "u-new", "--username", "new"],
+    );
+    let after = json(&data, &["verify"]);
+    assert_eq!(after["head"], 16);
+    assert_eq!(after["unchained"], 15);
+    assert_eq!(after["acknowledged"]["hash"], after["head_hash"]);
+    let export = ok(&data, &["export"]);
+    let line16: Value =
+        serde_json::from_slice(export.split(|b| *b == b'\n').nth(15).expect("line 16"))
+            .expect("JSON");
+    assert_eq!(line16["format"], 3);
+    assert_eq!(line16["prev"], {
+        let line15: Value =
+            serde_json::from_slice(export.split(|b| *b == b'\n').nth(14).expect("line 15"))
+                .expect("JSON");
+        line15["hash"].clone()
+    });
+    // Legacy lines import as they are and export to the same bytes.
+    let file = dir.path().join("legacy.jsonl");
+    std::fs::write(&file, &export).expect("write");
+    let copy = dir.path().join("copy");
+    ok(&copy, &["import", file.to_str().expect("utf-8")]);
+    assert_eq!(ok(&copy, &["export"]), export);
+    assert_eq!(json(&copy, &["verify"])["head_hash"], after["head_hash"]);
+}

@@ -328,16 +328,12 @@ impl SledLog {
     }
 
     fn range(&self, from: Position, to: Position, prev: Hash) -> Chain {
-        // An empty range when from > to: sled's `range` panics on a reversed range.
-        let upper = to.max(Position(from.0.saturating_sub(1)));
+        let tree = &self.inner.tree;
         let iter = if from <= to {
-            self.inner
-                .tree
-                .range(from.to_be_bytes()..=upper.to_be_bytes())
+            tree.range(from.to_be_bytes()..=to.to_be_bytes())
         } else {
-            self.inner
-                .tree
-                .range(from.to_be_bytes()..from.to_be_bytes())
+            // Empty: sled's `range` panics on a reversed range.
+            tree.range(from.to_be_bytes()..from.to_be_bytes())
         };
         Chain {
             iter: Some(iter),
