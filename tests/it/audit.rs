@@ -502,3 +502,46 @@ fn i6_a_legacy_log_verifies_unchained_and_chains_on_from_its_head() {
     assert_eq!(ok(&copy, &["export"]), export);
     assert_eq!(json(&copy, &["verify"])["head_hash"], after["head_hash"]);
 }
+
+#[test]
+fn verify_names_the_first_bad_position_of_a_changed_entry() {
+    let (dir, data) = store();
+    let head = json(&data, &["verify"])["head"].as_u64().expect("head");
+    // Two copies: one byte of entry 5 changed as is (the crc32 catches it at 5), and with its
+    // crc32 recomputed (only the chain catches it, at 6, whose stored previous hash no longer
+    // matches).
+    for (name, fix_crc, at) in [("plain", false, 5u64), ("crc-fixed", true, 6)] {
+        let copy = dir.path().join(name);
+        copy_dir(&data, &copy);
+        {
+            let db = sled::open(&copy).expect("open copy");
+            let tree = db.open_tree("log/demo").expect("log tree");
+            let mut value = tree
+                .get(5u64.to_be_bytes())
+                .expect("get")
+                .expect("present")
+                .to_vec();
+            let last = value.len() - 1;
+            value[last] ^= 0x01;
+            if fix_crc {
+                let crc = crc32fast::hash(&value[5..]);
+                value[1..5].copy_from_slice(&crc.to_le_bytes());
+            }
+            tree.insert(5u64.to_be_bytes(), value).expect("insert");
+            db.flush().expect("flush");
+        }
+        let out = run(&copy, &["--json", "verify"]);
+        assert_eq!(out.status.code(), Some(DAMAGE), "{name}: {}", stderr(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(report["ok"], false);
+        assert_eq!(report["position"], at, "{name}: {report}");
+        assert!(
+            stderr(&out).contains(&format!("damaged at position {at}")),
+            "{name}: {}",
+            stderr(&out)
+        );
+        // Checking only after the damage passes, and says so by its range.
+        let later = json(&copy, &["verify", "--from", &(at + 1).to_string()]);
+        assert_eq!(later["entries"], head - at);
+    }
+}
