@@ -128,6 +128,8 @@ pub struct Chain {
     end: u64,
     prev: Hash,
     failed: bool,
+    /// The written head and its hash when the range was taken (what `verify` must arrive at).
+    head: AcknowledgedHead,
 }
 
 impl Chain {
@@ -299,13 +301,16 @@ impl SledLog {
     /// read. From a later legacy entry, which stores none, the entries before it are hashed
     /// (and checked) first.
     ///
+    /// Past the head the range is empty.
+    ///
     /// # Errors
-    /// [`LogError::Corrupt`] when `from` is past the head or the entry at `from` is missing or
-    /// damaged, [`LogError::Storage`] if sled fails; later errors come from the iterator.
+    /// [`LogError::Corrupt`] when the entry at `from` (or, for a legacy one, an entry before
+    /// it) is missing or damaged, [`LogError::Storage`] if sled fails; later errors come from
+    /// the iterator.
     pub fn chain_from(&self, from: Position) -> Result<Chain, LogError> {
         let from = from.max(Position(1));
-        let head = self.written_head();
-        let start = if from == Position(1) || from > head {
+        let head = self.head_hash();
+        let start = if from == Position(1) || from > head.position {
             GENESIS
         } else {
             let envelope = self
@@ -316,7 +321,7 @@ impl SledLog {
             match decode_header(&envelope).map_err(|e| e.at(from))?.prev {
                 Some(prev) => *prev,
                 None => {
-                    let mut before = self.range(Position(1), Position(from.0 - 1), GENESIS);
+                    let mut before = self.range(Position(1), Position(from.0 - 1), GENESIS, head);
                     for entry in &mut before {
                         entry?;
                     }
@@ -324,10 +329,10 @@ impl SledLog {
                 }
             }
         };
-        Ok(self.range(from, head, start))
+        Ok(self.range(from, head.position, start, head))
     }
 
-    fn range(&self, from: Position, to: Position, prev: Hash) -> Chain {
+    fn range(&self, from: Position, to: Position, prev: Hash, head: AcknowledgedHead) -> Chain {
         let tree = &self.inner.tree;
         let iter = if from <= to {
             tree.range(from.to_be_bytes()..=to.to_be_bytes())
@@ -341,6 +346,7 @@ impl SledLog {
             end: to.0,
             prev,
             failed: false,
+            head,
         }
     }
 
@@ -388,13 +394,13 @@ impl SledLog {
         if chain.expect <= chain.end {
             count(chain.check(None)?);
         }
-        let head = self.head_hash();
+        let head = chain.head;
         let head_hash = chain.last_hash();
         if entries > 0 && head_hash != head.hash {
             return Err(LogError::corrupt(
                 head.position,
                 format!(
-                    "the log hashes to {} but the writer holds {}: changed while open",
+                    "the log hashes to {} but the writer holds {}: changed under the open log",
                     to_hex(&head_hash),
                     to_hex(&head.hash)
                 ),
@@ -435,7 +441,7 @@ impl SledLog {
                 return Ok(*prev);
             }
         }
-        let mut chain = self.range(Position(1), position, GENESIS);
+        let mut chain = self.range(Position(1), position, GENESIS, head);
         for entry in &mut chain {
             entry?;
         }
