@@ -12,7 +12,11 @@
 //!
 //! What must hold: positions are gapless from 1; `written_head >= durable_head`; everything at or
 //! below `durable_head` has been through a successful `Db::flush` that started after it was
-//! written; after a failed write or flush nothing more is written (poisoned).
+//! written; after a failed write or flush nothing more is written (poisoned); the writer's head
+//! hash is always the chain hash of the written head (`chain.rs`).
+//!
+//! One file past 600 lines: opening, staging (with its chaining), verbatim import and reading
+//! all work on the private `Writer` and `Inner` state; the chain's reading side is in `chain.rs`.
 
 use std::collections::HashMap;
 use std::fmt;
