@@ -226,7 +226,13 @@ pub struct AcknowledgedHead {
 pub(crate) struct HeadFile {
     file: std::fs::File,
     written: Position,
+    /// When the file was last synced.
+    synced: std::time::Instant,
 }
+
+/// How often a flush that syncs the data file also syncs the head file: after a power loss the
+/// file can lag the log by the appends of about this long, and costs one extra sync that often.
+pub const HEAD_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Bytes of one head record: `{position:020} {hash hex}\n`.
 const HEAD_RECORD: usize = 20 + 1 + 64 + 1;
@@ -482,8 +488,9 @@ impl SledLog {
     /// Keeps the acknowledged head in `dir`/[`head_file_name`]: checks the one already there
     /// against the log ([`SledLog::check_acknowledged`]), then rewrites it in place after every
     /// successful flush from now on. The file is created (and synced) if missing; later
-    /// rewrites are not synced on their own, so a power loss can leave it behind the log, never
-    /// ahead of what was flushed.
+    /// rewrites are synced at most every [`HEAD_SYNC_EVERY`], and only when the log syncs its
+    /// data file ([`SledLog::sync_data_file`]), so a power loss can leave it behind the log,
+    /// never ahead of what was flushed.
     ///
     /// # Errors
     /// [`LogError::Corrupt`] when the recorded head is lost or differs, [`LogError::Storage`]
@@ -505,6 +512,7 @@ impl SledLog {
         let mut head_file = HeadFile {
             file: file.try_clone().map_err(io)?,
             written: Position::ZERO,
+            synced: std::time::Instant::now(),
         };
         write_head(&mut head_file, self.acknowledged(head)?).map_err(io)?;
         file.set_len(HEAD_RECORD as u64).map_err(io)?;
@@ -532,17 +540,28 @@ impl SledLog {
         })
     }
 
-    /// After a successful flush up to `head`: records it in the head file, if one is pinned.
-    pub(crate) fn record_acknowledged(&self, head: AcknowledgedHead) -> std::io::Result<()> {
+    /// After a successful flush up to `head`: records it in the head file, if one is pinned,
+    /// and with `sync` (the log syncs its data file) `fdatasync`s it at most every
+    /// [`HEAD_SYNC_EVERY`].
+    pub(crate) fn record_acknowledged(
+        &self,
+        head: AcknowledgedHead,
+        sync: bool,
+    ) -> std::io::Result<()> {
         let mut slot = self
             .inner
             .head_file
             .lock()
             .map_err(|_| std::io::Error::other("head file lock poisoned"))?;
-        match slot.as_mut() {
-            Some(file) => write_head(file, head),
-            None => Ok(()),
+        let Some(file) = slot.as_mut() else {
+            return Ok(());
+        };
+        write_head(file, head)?;
+        if sync && file.synced.elapsed() >= HEAD_SYNC_EVERY {
+            file.file.sync_data()?;
+            file.synced = std::time::Instant::now();
         }
+        Ok(())
     }
 }
 

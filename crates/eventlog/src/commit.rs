@@ -248,11 +248,12 @@ impl SledLog {
             if let Some(file) = file.as_ref() {
                 file.sync_data().map_err(sled::Error::Io)?;
             }
-            self.record_acknowledged(crate::AcknowledgedHead {
+            let head = crate::AcknowledgedHead {
                 position: target,
                 hash,
-            })
-            .map_err(sled::Error::Io)?;
+            };
+            self.record_acknowledged(head, file.is_some())
+                .map_err(sled::Error::Io)?;
             Ok(bytes)
         });
         match flushed {
