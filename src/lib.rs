@@ -9,6 +9,7 @@
 //! let outcome = engine.submit(xml_bytes, Some("app-anc".into()), None).await?;
 //! ```
 
+pub mod audit;
 pub mod demo;
 pub mod view;
 

@@ -2,7 +2,8 @@
 //!
 //! Exit status (a contract scripts depend on): 0 when everything went through (duplicates
 //! included), 2 when a submission was rejected (it is still stored), 1 for usage, IO or
-//! unknown-id errors (nothing appended).
+//! unknown-id errors (nothing appended), 3 when `verify`, `export` or `import` found damage or
+//! a modified export.
 //!
 //! One file past 600 lines: the argument definitions and their printing are the CLI contract and
 //! read best together; the logic lives in the crates.
@@ -148,6 +149,33 @@ enum Cmd {
         #[arg(long)]
         verify: bool,
     },
+    /// Check every envelope and the hash chain from a position; print the head and its hash
+    /// (exit 3 naming the first bad position).
+    Verify {
+        /// First position to check (its stored previous hash is taken on trust).
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+    },
+    /// Export the log as JSON lines, one per event, with hashes and raw submissions.
+    Export {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// First position.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Last position (default: the head).
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Rebuild an empty data dir (`--data`) from an export, checking every line's chain.
+    Import {
+        /// The export (JSON lines).
+        file: PathBuf,
+        /// Refuse unless the export ends at this head hash (hex), e.g. a published one.
+        #[arg(long)]
+        head: Option<String>,
+    },
     /// Archive or unarchive a form (R57).
     #[command(subcommand)]
     Form(FormCmd),
@@ -167,6 +195,11 @@ enum Cmd {
     },
     /// Run the seed's case-sharing stories in a fresh data dir and show what each user sees.
     Demo,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ExportFormat {
+    Jsonl,
 }
 
 #[derive(Subcommand, Debug)]
@@ -299,6 +332,12 @@ pub(crate) fn print_line(line: &str) -> Result<()> {
 async fn run(cli: Cli) -> Result<u8> {
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);
+    }
+    if matches!(
+        cli.command,
+        Cmd::Verify { .. } | Cmd::Export { .. } | Cmd::Import { .. }
+    ) {
+        return audit(&cli);
     }
     // The log alone: nothing derived from it (projections) can keep anyone from reading it.
     if let Cmd::Log { from, limit } = cli.command {
@@ -611,8 +650,85 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Demo => Ok(0),
+        Cmd::Demo | Cmd::Verify { .. } | Cmd::Export { .. } | Cmd::Import { .. } => Ok(0),
     }
+}
+
+/// `verify`, `export`, `import`: on the log alone, without opening the engine (exit 3: damage
+/// or a refused export).
+fn audit(cli: &Cli) -> Result<u8> {
+    use caseledger::audit::{self, AuditError};
+    use caseledger::eventlog::chain::to_hex;
+    enum Done {
+        Verified(audit::VerifyReport),
+        Exported,
+        Imported(audit::ImportReport),
+    }
+    let domain = cli.domain.as_str().into();
+    let result = match &cli.command {
+        Cmd::Verify { from } => {
+            audit::verify(&cli.data, &domain, Position(*from)).map(Done::Verified)
+        }
+        Cmd::Export {
+            format: ExportFormat::Jsonl,
+            from,
+            to,
+        } => {
+            let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+            let from = Position(*from);
+            audit::export(&cli.data, &domain, from, to.map(Position), &mut stdout)
+                .map(|_| Done::Exported)
+        }
+        Cmd::Import { file, head } => {
+            let head = head
+                .as_deref()
+                .map(|h| audit::parse_head(h).context("--head wants 64 hex digits"))
+                .transpose()?;
+            audit::import(file, &cli.data, &domain, head).map(Done::Imported)
+        }
+        _ => Ok(Done::Exported),
+    };
+    match result {
+        Ok(Done::Verified(r)) if cli.json => out(&r.to_json())?,
+        Ok(Done::Verified(r)) => {
+            let v = &r.verified;
+            print_line(&format!(
+                "ok: {} entries checked from position {} ({} unchained)",
+                v.entries, v.from, v.unchained
+            ))?;
+            print_line(&format!("head {} {}", v.head, to_hex(&v.head_hash)))?;
+            if let Some(a) = r.acknowledged {
+                print_line(&format!("acknowledged {} {}", a.position, to_hex(&a.hash)))?;
+            }
+        }
+        Ok(Done::Exported) => {}
+        Ok(Done::Imported(r)) if cli.json => out(&json!({
+            "ok": true,
+            "events": r.events,
+            "head": r.head.position.0,
+            "head_hash": to_hex(&r.head.hash),
+        }))?,
+        Ok(Done::Imported(r)) => print_line(&format!(
+            "imported {} events into {}; head {} {}",
+            r.events,
+            cli.data.display(),
+            r.head.position,
+            to_hex(&r.head.hash)
+        ))?,
+        Err(e) if e.is_damage() => {
+            if cli.json && matches!(cli.command, Cmd::Verify { .. }) {
+                let position = match &e {
+                    AuditError::Damaged { position, .. } => Some(*position),
+                    _ => None,
+                };
+                out(&json!({"ok": false, "position": position, "error": e.to_string()}))?;
+            }
+            eprintln!("error: {e}");
+            return Ok(3);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(0)
 }
 
 /// Bodies up to this many times `Limits::max_bytes` are stored even when rejected as too large.

@@ -2,8 +2,9 @@
 //!
 //! Modules: `conformance` (the data-driven CommCare suite), `stories` (the seed page's stories
 //! through the facade), `cli` (the command-line contract), `damage` (damaged stores, I10),
-//! `replay` (replay == live, I3).
+//! `replay` (replay == live, I3), `audit` (verify, export, import, I12), `timetravel` (I11).
 
+mod audit;
 mod cli;
 mod concurrency;
 mod conformance;

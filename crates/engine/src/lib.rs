@@ -230,6 +230,8 @@ impl Engine {
         if fsync {
             engine.log.sync_data_file(dir)?;
         }
+        // Refuses a log that lost acknowledged entries (docs/AUDIT.md), then keeps the record.
+        engine.log.pin_head_file(dir)?;
         Ok(engine)
     }
 

@@ -130,7 +130,7 @@ impl SledLog {
             // The flush runs to the end even if this future is dropped.
             let joined = tokio::task::spawn_blocking(move || {
                 log.check_poison()?;
-                Ok::<_, LogError>(log.flush_to(log.written_head())?)
+                Ok::<_, LogError>(log.flush_to().map(|_| ())?)
             })
             .await;
             match joined {
@@ -206,9 +206,9 @@ impl SledLog {
                     .collect()
             }
         };
-        let target = self.written_head();
+        let mut target = self.written_head();
         let flushed = if target > self.durable_head() {
-            self.flush_to(target)
+            self.flush_to().map(|flushed| target = flushed)
         } else {
             Ok(())
         };
@@ -231,12 +231,15 @@ impl SledLog {
     /// [`LogError::Poisoned`].
     pub fn flush_blocking(&self) -> Result<(), LogError> {
         self.check_poison()?;
-        Ok(self.flush_to(self.written_head())?)
+        self.flush_to()?;
+        Ok(())
     }
 
-    /// `Db::flush`, then the durable head moves to `target` (read before the flush started).
-    fn flush_to(&self, target: Position) -> Result<(), sled::Error> {
+    /// `Db::flush`, then the durable head moves to the written head read before the flush
+    /// started (returned), which is recorded in the acknowledged-head file if one is pinned.
+    fn flush_to(&self) -> Result<Position, sled::Error> {
         let inner = &*self.inner;
+        let (target, hash) = self.written_mark();
         let flushed = inner.db.flush().and_then(|bytes| {
             // The real sync that sled's flush does not do on Linux (sled#1452).
             let file = inner.data_file.lock().map_err(|_| {
@@ -245,6 +248,12 @@ impl SledLog {
             if let Some(file) = file.as_ref() {
                 file.sync_data().map_err(sled::Error::Io)?;
             }
+            let head = crate::AcknowledgedHead {
+                position: target,
+                hash,
+            };
+            self.record_acknowledged(head, file.is_some())
+                .map_err(sled::Error::Io)?;
             Ok(bytes)
         });
         match flushed {
@@ -253,7 +262,7 @@ impl SledLog {
                 inner.durable.fetch_max(target.0, Ordering::AcqRel);
                 inner.durable_tx.send_modify(|d| *d = (*d).max(target.0));
                 tracing::info!(to = target.0, bytes, "flushed");
-                Ok(())
+                Ok(target)
             }
             Err(e) => {
                 self.poison("flush", &e);

@@ -1,29 +1,34 @@
 //! The stored form of one event: a self-describing header, a crc32, and the bincode body.
 //!
-//! Two formats share one header and differ in the body:
-//! - format 1: the bincode body as is;
-//! - format 2: the bincode body compressed with LZ4 (block format, `lz4_flex`), preceded by its
-//!   uncompressed length as a u32. A CommCare form is XML and its raw bytes are most of an event;
-//!   LZ4 stores it in a fraction of the space, which sled 0.34.7 then rewrites and caches that many
-//!   fewer times (docs/PERFORMANCE.md).
+//! Three formats share one header and differ in what follows the crc and in the body:
+//! - format 1 (legacy, read only): the bincode body as is;
+//! - format 2 (legacy, read only): the bincode body compressed with LZ4 (block format,
+//!   `lz4_flex`), preceded by its uncompressed length as a u32. A CommCare form is XML and its
+//!   raw bytes are most of an event; LZ4 stores it in a fraction of the space, which sled 0.34.7
+//!   then rewrites and caches that many fewer times (docs/PERFORMANCE.md);
+//! - format 3 (written by this build): the chain hash of the previous entry (32 bytes, see
+//!   [`crate::chain`]) and a body-encoding byte, then the header and a body as in format 1
+//!   (encoding 0) or format 2 (encoding 1, for bodies of [`COMPRESS_FROM`] bytes or more).
 //!
-//! This build writes format 2 for bodies of [`COMPRESS_FROM`] bytes or more and format 1 below
-//! that (a short body does not shrink); it reads both, so logs written before format 2 stay
-//! readable (I6, `tests/data/fixtures/events-v1.bin`).
+//! Logs written before format 3 stay readable (I6, `tests/data/fixtures/events-v1.bin`); their
+//! entries are "unchained": they carry no previous hash, but the chain still runs through their
+//! bytes (docs/AUDIT.md).
 //!
-//! Layout (all integers little-endian):
+//! Layout (all integers little-endian); `h` is 0 for formats 1 and 2 and 33 for format 3:
 //!
 //! | offset    | size | field                                                       |
 //! |-----------|------|-------------------------------------------------------------|
-//! | 0         | 1    | format version, `1` or `2`                                  |
+//! | 0         | 1    | format version, `1`, `2` or `3`                             |
 //! | 1         | 4    | crc32 (IEEE, `crc32fast`) of every byte from offset 5 on    |
-//! | 5         | 1    | `n`, length of the type name                                |
-//! | 6         | n    | type name, UTF-8 ([`domain::Event::type_name`])             |
-//! | 6+n       | 2    | type version ([`domain::Event::type_version`])              |
-//! | 8+n       | 8    | `recorded_at`, milliseconds since the Unix epoch (i64)      |
-//! | 16+n      | rest | format 1: `bincode` 2, `config::standard()`, serde, of `RecordedEvent` |
-//! | 16+n      | 4    | format 2: length of the bincode body                        |
-//! | 20+n      | rest | format 2: that body, LZ4 block-compressed                   |
+//! | 5         | 32   | format 3 only: chain hash of the previous position (SHA-256) |
+//! | 37        | 1    | format 3 only: body encoding, `0` plain, `1` LZ4            |
+//! | 5+h       | 1    | `n`, length of the type name                                |
+//! | 6+h       | n    | type name, UTF-8 ([`domain::Event::type_name`])             |
+//! | 6+h+n     | 2    | type version ([`domain::Event::type_version`])              |
+//! | 8+h+n     | 8    | `recorded_at`, milliseconds since the Unix epoch (i64)      |
+//! | 16+h+n    | rest | plain: `bincode` 2, `config::standard()`, serde, of `RecordedEvent` |
+//! | 16+h+n    | 4    | LZ4: length of the bincode body                             |
+//! | 20+h+n    | rest | LZ4: that body, LZ4 block-compressed                        |
 //!
 //! What must hold: the header repeats what the body says (type, version, time), so an audit tool
 //! or [`crate::SledLog::first_at_or_after`] can read it without decoding the body, and a decoder
@@ -33,46 +38,60 @@
 use domain::{CommandId, Event, Position, RecordedEvent, Timestamp};
 use serde::Serialize;
 
+use crate::chain::Hash;
 use crate::LogError;
 
-/// The envelope format this build writes for bodies of [`COMPRESS_FROM`] bytes or more.
-pub const ENVELOPE_FORMAT: u8 = 2;
+/// The envelope format this build writes: chained (previous hash in the header).
+pub const ENVELOPE_FORMAT: u8 = 3;
 
-/// The format of an uncompressed body, written for short bodies and read from older logs.
+/// Legacy format of an uncompressed body, read from logs written before format 3.
 pub const PLAIN_FORMAT: u8 = 1;
 
-/// Bodies at least this long are compressed (format 2).
+/// Legacy format of an LZ4-compressed body, read from logs written before format 3.
+pub const LZ4_FORMAT: u8 = 2;
+
+/// Bodies at least this long are compressed (body encoding 1).
 pub const COMPRESS_FROM: usize = 256;
 
-/// The largest uncompressed body a format-2 envelope may claim. Forms are limited far below this
-/// (`casexml::Limits`); the cap keeps a damaged length from allocating without bound.
+/// The largest uncompressed body a compressed envelope may claim. Forms are limited far below
+/// this (`casexml::Limits`); the cap keeps a damaged length from allocating without bound.
 pub const MAX_BODY: usize = 1 << 30;
 
 /// Bytes before the crc-covered part: the format byte and the crc itself.
 const CRC_END: usize = 5;
 
+/// Format-3 body encodings.
+const PLAIN_BODY: u8 = 0;
+const LZ4_BODY: u8 = 1;
+
 /// The header of an envelope, readable without decoding the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EnvelopeHeader<'a> {
-    /// Envelope format: [`PLAIN_FORMAT`] or [`ENVELOPE_FORMAT`] (compressed body).
+    /// Envelope format: [`ENVELOPE_FORMAT`], or legacy [`PLAIN_FORMAT`] / [`LZ4_FORMAT`].
     pub format: u8,
+    /// The chain hash of the previous position, stored by format 3; `None` in legacy formats
+    /// (an unchained entry).
+    pub prev: Option<&'a Hash>,
+    /// Whether the body is LZ4-compressed.
+    pub compressed: bool,
     /// The event type's name, e.g. `FormAccepted`.
     pub type_name: &'a str,
     /// The event type's version.
     pub type_version: u16,
     /// When the command that produced the event was received.
     pub recorded_at: Timestamp,
-    /// The body as stored: bincode, LZ4-compressed in format 2 ([`EnvelopeHeader::bincode_body`]).
+    /// The body as stored: bincode, LZ4-compressed when `compressed`
+    /// ([`EnvelopeHeader::bincode_body`]).
     pub body: &'a [u8],
 }
 
 impl EnvelopeHeader<'_> {
-    /// The bincode body, decompressed when the envelope is format 2.
+    /// The bincode body, decompressed when it is stored compressed.
     ///
     /// # Errors
-    /// [`LogError::Corrupt`] when a format-2 body does not decompress to its stated length.
+    /// [`LogError::Corrupt`] when a compressed body does not decompress to its stated length.
     pub fn bincode_body(&self) -> Result<std::borrow::Cow<'_, [u8]>, LogError> {
-        if self.format == PLAIN_FORMAT {
+        if !self.compressed {
             return Ok(std::borrow::Cow::Borrowed(self.body));
         }
         let bad = |reason: String| LogError::corrupt(Position::ZERO, reason);
@@ -106,9 +125,11 @@ struct RecordedRef<'a> {
     event: &'a Event,
 }
 
-/// Encodes one event into `buf` (cleared first), reusing its allocation.
+/// Encodes one event into `buf` (cleared first), reusing its allocation: format 3 chained to
+/// `prev` when it is given, else a legacy format 1 or 2 envelope (for tests of old logs).
 pub(crate) fn encode_into(
     buf: &mut Vec<u8>,
+    prev: Option<&Hash>,
     position: Position,
     recorded_at: Timestamp,
     command_id: &CommandId,
@@ -118,8 +139,13 @@ pub(crate) fn encode_into(
     let name_len = u8::try_from(name.len())
         .map_err(|_| LogError::Encode(format!("type name {name:?} is over 255 bytes")))?;
     buf.clear();
-    buf.push(PLAIN_FORMAT);
+    buf.push(prev.map_or(PLAIN_FORMAT, |_| ENVELOPE_FORMAT));
     buf.extend_from_slice(&[0; 4]);
+    let encoding_at = prev.map(|prev| {
+        buf.extend_from_slice(prev);
+        buf.push(PLAIN_BODY);
+        buf.len() - 1
+    });
     buf.push(name_len);
     buf.extend_from_slice(name.as_bytes());
     buf.extend_from_slice(&event.type_version().to_le_bytes());
@@ -149,33 +175,53 @@ pub(crate) fn encode_into(
         let written = lz4_flex::block::compress_into(&plain, &mut buf[start..])
             .map_err(|e| LogError::Encode(format!("body does not compress: {e}")))?;
         buf.truncate(start + written);
-        buf[0] = ENVELOPE_FORMAT;
+        match encoding_at {
+            Some(at) => buf[at] = LZ4_BODY,
+            None => buf[0] = LZ4_FORMAT,
+        }
     }
     let crc = crc32fast::hash(&buf[CRC_END..]);
     buf[1..CRC_END].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
-/// Encodes a recorded event as an envelope (see the module docs for the layout).
+/// Encodes a recorded event as a format-3 envelope chained to `prev`, the chain hash of the
+/// position before it ([`crate::GENESIS`] before position 1); see the module docs for the layout.
+///
+/// # Errors
+/// [`LogError::Encode`] if bincode fails or the type name is over 255 bytes.
+pub fn encode_envelope_chained(e: &RecordedEvent, prev: &Hash) -> Result<Vec<u8>, LogError> {
+    let mut buf = Vec::new();
+    encode_into(
+        &mut buf,
+        Some(prev),
+        e.position,
+        e.recorded_at,
+        &e.command_id,
+        &e.event,
+    )?;
+    Ok(buf)
+}
+
+/// Encodes a recorded event as a format-3 envelope whose previous hash is [`crate::GENESIS`]
+/// (right for position 1; for measuring and tests elsewhere).
 ///
 /// # Errors
 /// [`LogError::Encode`] if bincode fails or the type name is over 255 bytes.
 pub fn encode_envelope(e: &RecordedEvent) -> Result<Vec<u8>, LogError> {
-    let mut buf = Vec::new();
-    encode_into(&mut buf, e.position, e.recorded_at, &e.command_id, &e.event)?;
-    Ok(buf)
+    encode_envelope_chained(e, &crate::GENESIS)
 }
 
 /// Reads and checks an envelope's header: format, crc32 over everything after it, and bounds.
 ///
 /// # Errors
 /// [`LogError::UnsupportedEnvelope`] for an unknown format byte, [`LogError::Corrupt`] for a crc
-/// mismatch or a truncated header. Positions are [`Position::ZERO`]: the bytes alone do not say
-/// where they were stored.
+/// mismatch, an unknown body encoding or a truncated header. Positions are [`Position::ZERO`]:
+/// the bytes alone do not say where they were stored.
 pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
     let bad = |reason: &str| LogError::corrupt(Position::ZERO, reason);
     let (&format, rest) = bytes.split_first().ok_or_else(|| bad("empty envelope"))?;
-    if format != ENVELOPE_FORMAT && format != PLAIN_FORMAT {
+    if !matches!(format, PLAIN_FORMAT | LZ4_FORMAT | ENVELOPE_FORMAT) {
         return Err(LogError::UnsupportedEnvelope {
             position: Position::ZERO,
             version: format,
@@ -191,7 +237,23 @@ pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
             "crc32 mismatch: stored {stored:#010x}, computed {actual:#010x}"
         )));
     }
-    let (&name_len, rest) = covered
+    let (prev, compressed, rest) = if format == ENVELOPE_FORMAT {
+        let (prev, rest) = covered
+            .split_first_chunk::<32>()
+            .ok_or_else(|| bad("header truncated inside the previous hash"))?;
+        let (&encoding, rest) = rest
+            .split_first()
+            .ok_or_else(|| bad("header truncated before the body encoding"))?;
+        let compressed = match encoding {
+            PLAIN_BODY => false,
+            LZ4_BODY => true,
+            other => return Err(bad(&format!("unknown body encoding {other}"))),
+        };
+        (Some(prev), compressed, rest)
+    } else {
+        (None, format == LZ4_FORMAT, covered)
+    };
+    let (&name_len, rest) = rest
         .split_first()
         .ok_or_else(|| bad("header truncated before the type name"))?;
     let (name, rest) = rest
@@ -206,6 +268,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
         .ok_or_else(|| bad("header truncated before recorded_at"))?;
     Ok(EnvelopeHeader {
         format,
+        prev,
+        compressed,
         type_name,
         type_version: u16::from_le_bytes(*version),
         recorded_at: Timestamp(i64::from_le_bytes(*recorded_at)),

@@ -9,18 +9,24 @@
 //!   [`SledLog::write_group`], [`SledLog::flush_blocking`], [`SledLog::iter_from`]) serves the
 //!   engine, replay and tools, with [`SledLog::wait_durable`] as their group commit.
 //! - [`encode_envelope`] / [`decode_envelope`] are the stored form of one event.
+//! - [`chain`]: every entry is chained by SHA-256 to the one before ([`chain_hash`]);
+//!   [`SledLog::verify`] checks it, [`SledLog::pin_head_file`] keeps the acknowledged head outside
+//!   sled so that a lost tail is found (`docs/AUDIT.md`).
 //!
 //! The log *is*: the single source of truth (I2), gapless positions from 1, one atomic sled batch
-//! per append (events plus idempotency entry), crc32 on every event, poisoned after a failed
-//! write or flush. It is *not*: a hash chain (yet), a place for snapshots or projection state, or
+//! per append (events plus idempotency entry), crc32 on every event, a hash chain over every
+//! entry, poisoned after a failed write or flush. It is *not*: a place for snapshots or
+//! projection state, proof against someone who rewrites the whole store and its head file, or
 //! proof against power loss on a disk with a volatile write cache (`docs/DURABILITY.md`).
 //!
-//! # Envelope format 1
+//! # Envelope format 3
 //!
-//! `[format u8 = 1][crc32 u32 LE of the rest][type name len u8][type name][type version u16 LE]
-//! [recorded_at i64 LE][bincode 2 standard(RecordedEvent)]`. The header lets an audit tool see
-//! type and version ([`decode_header`]) without decoding the body; a crc mismatch is
-//! [`LogError::Corrupt`] naming the position. The full table is in `envelope.rs`.
+//! `[format u8 = 3][crc32 u32 LE of the rest][previous chain hash, 32 bytes][body encoding u8]
+//! [type name len u8][type name][type version u16 LE][recorded_at i64 LE][body]`, the body being
+//! bincode 2 standard(RecordedEvent), LZ4-compressed from 256 bytes. Formats 1 and 2 (no
+//! previous hash) stay readable. The header lets an audit tool see type and version
+//! ([`decode_header`]) without decoding the body; a crc mismatch is [`LogError::Corrupt`] naming
+//! the position. The full table is in `envelope.rs`.
 //!
 //! # Example
 //!
@@ -40,6 +46,7 @@
 //! let first = sub.next().await?;
 //! ```
 
+pub mod chain;
 mod commit;
 mod envelope;
 mod error;
@@ -49,10 +56,15 @@ mod subscription;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_chain;
 
+pub use chain::{
+    chain_hash, read_head_file, AcknowledgedHead, Chain, ChainEntry, Hash, Verified, GENESIS,
+};
 pub use envelope::{
-    decode_envelope, decode_header, encode_envelope, EnvelopeHeader, COMPRESS_FROM,
-    ENVELOPE_FORMAT, MAX_BODY, PLAIN_FORMAT,
+    decode_envelope, decode_header, encode_envelope, encode_envelope_chained, EnvelopeHeader,
+    COMPRESS_FROM, ENVELOPE_FORMAT, LZ4_FORMAT, MAX_BODY, PLAIN_FORMAT,
 };
 pub use error::LogError;
 pub use sled_log::{LogConfig, SledLog};

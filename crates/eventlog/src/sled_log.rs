@@ -12,7 +12,11 @@
 //!
 //! What must hold: positions are gapless from 1; `written_head >= durable_head`; everything at or
 //! below `durable_head` has been through a successful `Db::flush` that started after it was
-//! written; after a failed write or flush nothing more is written (poisoned).
+//! written; after a failed write or flush nothing more is written (poisoned); the writer's head
+//! hash is always the chain hash of the written head (`chain.rs`).
+//!
+//! One file past 600 lines: opening, staging (with its chaining), verbatim import and reading
+//! all work on the private `Writer` and `Inner` state; the chain's reading side is in `chain.rs`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,12 +28,13 @@ use domain::{DomainName, Position, RecordedEvent, Timestamp};
 use sled::IVec;
 use tokio::sync::watch;
 
+use crate::chain::{chain_hash, Hash, HeadFile, GENESIS};
 use crate::commit::CommitQueue;
 use crate::envelope::{decode_envelope, decode_header, encode_into};
 use crate::{AppendOutcome, AppendRequest, EventStore, Expected, LogError, Subscription};
 
 /// First byte of every non-event key; event keys sort below it.
-const META: u8 = 0xFF;
+pub(crate) const META: u8 = 0xFF;
 /// Prefix of idempotency entries.
 const IDEMPOTENCY: [u8; 2] = [META, b'i'];
 /// The largest position whose key still sorts below [`META`].
@@ -82,13 +87,17 @@ pub struct SledLog {
 
 pub(crate) struct Inner {
     pub(crate) db: sled::Db,
-    tree: sled::Tree,
+    pub(crate) tree: sled::Tree,
     pub(crate) domain: DomainName,
     pub(crate) config: LogConfig,
     /// Sequencing: held while positions are assigned and the batch is applied.
     writer: Mutex<Writer>,
     /// Last position applied to sled.
     written: AtomicU64,
+    /// The written head with its chain hash, updated together with `written`.
+    mark: Mutex<(Position, Hash)>,
+    /// Where flushes record the acknowledged head (see [`SledLog::pin_head_file`]).
+    pub(crate) head_file: Mutex<Option<HeadFile>>,
     /// Last position known flushed.
     pub(crate) durable: AtomicU64,
     /// Notified on every flush and on poisoning; subscriptions wait on it.
@@ -107,6 +116,8 @@ pub(crate) struct Inner {
 
 struct Writer {
     head: Position,
+    /// The chain hash of `head`.
+    hash: Hash,
     /// Reused encode buffer.
     scratch: Vec<u8>,
     /// Reused list of staged key/value pairs.
@@ -136,7 +147,7 @@ impl SledLog {
     /// [`LogError::Storage`] if sled fails.
     pub fn open(db: &sled::Db, domain: &DomainName, config: LogConfig) -> Result<Self, LogError> {
         let tree = db.open_tree(format!("log/{domain}"))?;
-        let head = recover_head(&tree)?;
+        let (head, hash) = recover_head(&tree)?;
         db.flush()?;
         tracing::info!(domain = %domain, head = head.0, "opened event log");
         let (durable_tx, _) = watch::channel(head.0);
@@ -149,10 +160,13 @@ impl SledLog {
                 config,
                 writer: Mutex::new(Writer {
                     head,
+                    hash,
                     scratch: Vec::with_capacity(4096),
                     staged: Vec::new(),
                 }),
                 written: AtomicU64::new(head.0),
+                mark: Mutex::new((head, hash)),
+                head_file: Mutex::new(None),
                 durable: AtomicU64::new(head.0),
                 durable_tx,
                 poisoned: AtomicBool::new(false),
@@ -228,13 +242,14 @@ impl SledLog {
         let mut writer = inner.writer.lock().map_err(|_| LogError::Poisoned)?;
         self.check_poison()?;
         let writer = &mut *writer;
-        let mut head = writer.head;
+        let mut head = (writer.head, writer.hash);
         let mut keys_in_group = HashMap::new();
         writer.staged.clear();
         let outcomes: Vec<_> = requests
             .into_iter()
             .map(|req| self.stage(writer, &mut head, &mut keys_in_group, req.borrow()))
             .collect();
+        let (head, hash) = head;
         let applied = match writer.staged.len() {
             0 => Ok(()),
             1 => {
@@ -265,17 +280,96 @@ impl SledLog {
                 appends = outcomes.len(),
                 "written"
             );
-            writer.head = head;
-            inner.written.store(head.0, Ordering::Release);
+            self.advance(writer, head, hash);
         }
         Ok(outcomes)
     }
 
-    /// Checks one append and stages its entries; leaves nothing staged if it fails.
+    /// Appends stored envelopes verbatim, as one batch (an import of an export): each must be
+    /// at the next position, decode, say that position, and, when it stores a previous hash
+    /// (format 3), store the hash of the entries before it. Legacy envelopes are taken as they
+    /// are and chained by their bytes like any other. Not durable when it returns, like `write`.
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] naming the first entry that fails a check (nothing is written);
+    /// [`LogError::Storage`] (the log is poisoned from then on); [`LogError::Poisoned`].
+    pub fn append_verbatim(
+        &self,
+        entries: &[(Position, Vec<u8>)],
+    ) -> Result<crate::AcknowledgedHead, LogError> {
+        let inner = &*self.inner;
+        self.check_poison()?;
+        let mut writer = inner.writer.lock().map_err(|_| LogError::Poisoned)?;
+        let (mut head, mut hash) = (writer.head, writer.hash);
+        let mut batch = sled::Batch::default();
+        for (position, envelope) in entries {
+            let position = *position;
+            if position != head.next() {
+                return Err(LogError::corrupt(
+                    position,
+                    format!("out of order: the log's next position is {}", head.next()),
+                ));
+            }
+            let header = decode_header(envelope).map_err(|e| e.at(position))?;
+            if let Some(prev) = header.prev {
+                if *prev != hash {
+                    return Err(LogError::corrupt(
+                        position,
+                        format!(
+                            "hash chain broken: the entry stores previous hash {}, the entries before it hash to {}",
+                            crate::chain::to_hex(prev),
+                            crate::chain::to_hex(&hash)
+                        ),
+                    ));
+                }
+            }
+            let event = decode_envelope(envelope).map_err(|e| e.at(position))?;
+            if event.position != position {
+                return Err(LogError::corrupt(
+                    position,
+                    format!("the envelope says position {}", event.position),
+                ));
+            }
+            hash = chain_hash(&hash, position, envelope);
+            head = position;
+            batch.insert(&position.to_be_bytes()[..], &envelope[..]);
+        }
+        if let Err(e) = inner.tree.apply_batch(batch) {
+            self.poison("apply_batch", &e);
+            return Err(e.into());
+        }
+        self.advance(&mut writer, head, hash);
+        Ok(crate::AcknowledgedHead {
+            position: head,
+            hash,
+        })
+    }
+
+    /// Moves the written head (and its hash) after a batch was applied, under the writer lock.
+    fn advance(&self, writer: &mut Writer, head: Position, hash: Hash) {
+        writer.head = head;
+        writer.hash = hash;
+        match self.inner.mark.lock() {
+            Ok(mut mark) => *mark = (head, hash),
+            Err(poisoned) => *poisoned.into_inner() = (head, hash),
+        }
+        self.inner.written.store(head.0, Ordering::Release);
+    }
+
+    /// The written head and its chain hash, read together.
+    pub(crate) fn written_mark(&self) -> (Position, Hash) {
+        match self.inner.mark.lock() {
+            Ok(mark) => *mark,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Checks one append and stages its entries, each chained to the one before; leaves nothing
+    /// staged (and `head` unchanged) if it fails.
     fn stage(
         &self,
         writer: &mut Writer,
-        head: &mut Position,
+        head: &mut (Position, Hash),
         keys_in_group: &mut HashMap<String, (Position, Position)>,
         req: &AppendRequest,
     ) -> Result<AppendOutcome, LogError> {
@@ -293,27 +387,30 @@ impl SledLog {
             }
         }
         if let Expected::Head(expected) = req.expected {
-            if expected != *head {
+            if expected != head.0 {
                 return Err(LogError::WrongExpectedPosition {
                     expected,
-                    actual: *head,
+                    actual: head.0,
                 });
             }
         }
         let count = u64::try_from(req.events.len())
             .map_err(|_| LogError::Encode("too many events".into()))?;
-        let first = head.next();
+        let first = head.0.next();
         let last = head
             .0
+             .0
             .checked_add(count)
             .filter(|last| *last <= MAX_POSITION)
             .map(Position)
             .ok_or_else(|| LogError::Encode("the position space is exhausted".into()))?;
         let mark = writer.staged.len();
         let mut position = first;
+        let mut hash = head.1;
         for event in &req.events {
             if let Err(e) = encode_into(
                 &mut writer.scratch,
+                Some(&hash),
                 position,
                 req.recorded_at,
                 &req.command_id,
@@ -322,6 +419,7 @@ impl SledLog {
                 writer.staged.truncate(mark);
                 return Err(e);
             }
+            hash = chain_hash(&hash, position, &writer.scratch);
             writer.staged.push((
                 IVec::from(&position.to_be_bytes()[..]),
                 IVec::from(&writer.scratch[..]),
@@ -337,7 +435,7 @@ impl SledLog {
                 .push((IVec::from(idempotency_key(key)), IVec::from(&value[..])));
             keys_in_group.insert(key.clone(), (first, last));
         }
-        *head = last;
+        *head = (last, hash);
         Ok(AppendOutcome::Appended { first, last })
     }
 
@@ -528,7 +626,7 @@ impl Iterator for Events {
     }
 }
 
-fn key_position(key: &[u8]) -> Result<Position, LogError> {
+pub(crate) fn key_position(key: &[u8]) -> Result<Position, LogError> {
     let bytes: [u8; 8] = key.try_into().map_err(|_| {
         LogError::corrupt(Position::ZERO, format!("event key {key:?} is not 8 bytes"))
     })?;
@@ -573,11 +671,14 @@ fn decode_idempotency(value: &[u8]) -> Result<(Position, Position), LogError> {
     ))
 }
 
-/// Finds the head and checks the start and the tail of the log.
-fn recover_head(tree: &sled::Tree) -> Result<Position, LogError> {
+/// Finds the head and its chain hash, and checks the start and the tail of the log.
+///
+/// The hash comes from the last entry's stored previous hash; only when the last entry is a
+/// legacy one (a log last written before format 3) is the whole log hashed.
+fn recover_head(tree: &sled::Tree) -> Result<(Position, Hash), LogError> {
     let mut events = tree.range(..[META]);
     let Some(last) = events.next_back().transpose()? else {
-        return Ok(Position::ZERO);
+        return Ok((Position::ZERO, GENESIS));
     };
     let head = key_position(&last.0)?;
     decode_stored(head, &last.0, &last.1)?;
@@ -604,5 +705,25 @@ fn recover_head(tree: &sled::Tree) -> Result<Position, LogError> {
             "missing: the log does not start at position 1",
         ));
     }
-    Ok(head)
+    let header = decode_header(&last.1).map_err(|e| e.at(head))?;
+    let hash = match header.prev {
+        Some(prev) => chain_hash(prev, head, &last.1),
+        None => {
+            tracing::info!(
+                head = head.0,
+                "last entry is unchained (legacy): hashing the log"
+            );
+            let mut prev = GENESIS;
+            for (expect, item) in (1u64..).zip(tree.range(..[META])) {
+                let (key, value) = item?;
+                let position = Position(expect);
+                if key_position(&key)? != position {
+                    return Err(LogError::corrupt(position, "missing: gap in the log"));
+                }
+                prev = chain_hash(&prev, position, &value);
+            }
+            prev
+        }
+    };
+    Ok((head, hash))
 }
