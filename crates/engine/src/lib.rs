@@ -213,7 +213,7 @@ impl Engine {
         let db = Self::open_db(dir, &config)?;
         // Before anything is folded or rebuilt from a log that lost its tail.
         let log = SledLog::open(&db, domain, config.log)?;
-        store::check_head(dir, domain.as_str(), log.written_head().0)?;
+        store::check_head(dir, &log)?;
         drop(log);
         let fsync = config.fsync;
         let mut config = config;
@@ -244,7 +244,7 @@ impl Engine {
     ) -> Result<SledLog, EngineError> {
         let db = Self::open_db(dir, config)?;
         let log = SledLog::open(&db, domain, config.log)?;
-        store::check_head(dir, domain.as_str(), log.written_head().0)?;
+        store::check_head(dir, &log)?;
         Ok(log)
     }
 
@@ -913,14 +913,7 @@ impl Engine {
     /// Flushes sled (projections included); used before a clean exit.
     pub fn flush(&self) -> Result<(), EngineError> {
         Self::settle(&mut self.lock());
-        // Read before the flush and recorded after it, so the record never runs ahead of what
-        // sled holds, whatever is appended meanwhile.
-        let head = self.log.written_head().0;
         self.db.flush()?;
-        if let Some(dir) = &self.dir {
-            store::record_head(dir, self.domain.as_str(), head)
-                .map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?;
-        }
         Ok(())
     }
 }

@@ -151,58 +151,25 @@ pub(crate) fn guard(
 const REMEDY: &str = "Restore the store directory from a backup (or import an export of its \
                       log); keep the damaged copy, and do not write to it";
 
-/// The file in a store directory recording, per project space, the log head at the last
-/// [`crate::Engine::flush`]: a lower bound of what the log holds, since the head is written
-/// there only after sled's flush returned. sled's recovery stops quietly at the first message
-/// that fails its checksum and takes what comes before it as the whole store (one flipped byte
-/// in the data file lost 20 of 24 events in a test, with no error); this record is what tells
-/// that apart from a sound store.
-const HEADS: &str = "caseledger-heads";
-
-/// The heads recorded in `dir`, as `(domain, head)`; a line that does not parse is skipped.
-fn read_heads(dir: &Path) -> Vec<(String, u64)> {
-    let Ok(text) = std::fs::read_to_string(dir.join(HEADS)) else {
-        return Vec::new();
+/// Fails when the log ends before, or hashes differently at, the acknowledged head that the
+/// log keeps outside sled after every flush (`eventlog::read_head_file`, docs/AUDIT.md): sled's
+/// recovery stops quietly at the first message that fails its checksum and takes what comes
+/// before it as the whole store (one flipped byte in the data file lost 20 of 24 events in a
+/// test, with no error), and this record is what tells that apart from a sound store.
+pub(crate) fn check_head(dir: &Path, log: &eventlog::SledLog) -> Result<(), EngineError> {
+    let damaged = |e: eventlog::LogError| EngineError::DamagedFile {
+        path: dir.join("db"),
+        reason: format!(
+            "{e}: sled recovered only the part of its data file before a damaged or missing \
+             stretch, and has dropped the rest ({}). {REMEDY}. If the data file is an older \
+             backup put back on purpose, delete {} first",
+            dir.join(eventlog::head_file_name(log.domain())).display(),
+            dir.join(eventlog::head_file_name(log.domain())).display()
+        ),
     };
-    text.lines()
-        .filter_map(|l| {
-            let (domain, head) = l.rsplit_once('\t')?;
-            Some((domain.to_owned(), head.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Records `head` as the log head of `domain` in `dir` (write to a temporary file, rename).
-pub(crate) fn record_head(dir: &Path, domain: &str, head: u64) -> std::io::Result<()> {
-    let mut heads = read_heads(dir);
-    heads.retain(|(d, _)| d != domain);
-    heads.push((domain.to_owned(), head));
-    heads.sort();
-    let text: String = heads.iter().map(|(d, h)| format!("{d}\t{h}\n")).collect();
-    let tmp = dir.join(format!("{HEADS}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, dir.join(HEADS))
-}
-
-/// Fails when the log of `domain` ends before the head recorded at the last flush: sled
-/// recovered only a prefix of a damaged data file.
-pub(crate) fn check_head(dir: &Path, domain: &str, head: u64) -> Result<(), EngineError> {
-    let recorded = read_heads(dir)
-        .into_iter()
-        .find(|(d, _)| d == domain)
-        .map(|(_, h)| h);
-    match recorded {
-        Some(recorded) if head < recorded => Err(EngineError::DamagedFile {
-            path: dir.join("db"),
-            reason: format!(
-                "the log of {domain} ends at position {head}, but it held {recorded} events when \
-                 the store was last flushed ({}): sled recovered only the part of its data file \
-                 before a damaged or missing stretch, and has dropped the rest. {REMEDY}. If \
-                 the data file is an older backup put back on purpose, delete {} first",
-                dir.join(HEADS).display(),
-                dir.join(HEADS).display()
-            ),
-        }),
-        _ => Ok(()),
+    match eventlog::read_head_file(dir, log.domain()) {
+        Ok(Some(acked)) => log.check_acknowledged(acked).map_err(damaged),
+        Ok(None) => Ok(()),
+        Err(e) => Err(damaged(e)),
     }
 }

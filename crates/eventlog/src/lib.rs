@@ -60,7 +60,8 @@ mod tests;
 mod tests_chain;
 
 pub use chain::{
-    chain_hash, read_head_file, AcknowledgedHead, Chain, ChainEntry, Hash, Verified, GENESIS,
+    chain_hash, head_file_name, read_head_file, AcknowledgedHead, Chain, ChainEntry, Hash,
+    Verified, GENESIS,
 };
 pub use envelope::{
     decode_envelope, decode_header, encode_envelope, encode_envelope_chained, EnvelopeHeader,
