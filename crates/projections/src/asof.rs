@@ -1,10 +1,14 @@
 //! Time travel: every projection as of a log position, case history and conflict forensics.
 //!
 //! The fold writes three kinds of rows beside the current state (see `keys`):
-//! - a **version row** per (case, event that touched it): the case as that event left it, or
-//!   empty once deleted. `case_at` is one reverse seek; history diffs consecutive rows.
-//! - an **owner row** each time a case comes to an owner (created, revived or moved): the
-//!   candidates of an owner's case list at any position, checked against their version rows.
+//! - a **version row** per event that touched cases, keyed by its position: the event's time,
+//!   form, user and app, and every case it touched as it left them (`None` once deleted). A
+//!   case's history (already in its value) names its events, so `case_at` is two point reads;
+//!   history diffs consecutive rows. Keyed by position, the live fold appends them at the end
+//!   of the tree: per (case, event) keys cost the forms bench a third of its throughput.
+//! - a **departure row** each time a case leaves an owner (moved, or deleted): with the owner
+//!   index of now, the candidates of an owner's case list at any position, each checked
+//!   against its version then.
 //! - a **directory row** per directory event: memberships and sharing flags at any position
 //!   are a fold of those few rows, without reading the log.
 //!
@@ -91,26 +95,43 @@ impl VersionMeta {
     }
 }
 
-/// A version row's value: its metadata, then the case (nothing once deleted).
-pub(crate) fn encode_version(meta: &VersionMeta, case: Option<&Case>) -> Vec<u8> {
+/// A version row's value: the event's metadata, then every case it touched (sorted by id) as
+/// it left them, `None` once deleted.
+pub(crate) fn encode_version(meta: &VersionMeta, cases: &[(&str, Option<&Case>)]) -> Vec<u8> {
     let mut out = codec::encode(meta);
-    if let Some(case) = case {
-        out.extend_from_slice(&codec::encode(case));
+    out.extend_from_slice(&codec::encode(&cases));
+    out
+}
+
+type VersionRow = (VersionMeta, Vec<(String, Option<Case>)>);
+
+/// The cases of one version row as the fold collects them: id and state after the event.
+pub(crate) type RowCases<'a> = Vec<(&'a str, Option<&'a Case>)>;
+
+/// The owners a case left, and where: given its owner before (`None`: absent or deleted) and its
+/// versions in position order, each change of owner or deletion is a departure of the owner it
+/// had.
+pub(crate) fn departures<'a>(
+    before: Option<&'a str>,
+    versions: impl IntoIterator<Item = (Position, Option<&'a Case>)>,
+) -> Vec<(&'a str, Position)> {
+    let mut owner = before;
+    let mut out = Vec::new();
+    for (p, case) in versions {
+        let now = case.map(|c| c.owner_id.as_str());
+        if let Some(o) = owner {
+            if now != Some(o) {
+                out.push((o, p));
+            }
+        }
+        owner = now;
     }
     out
 }
 
-fn decode_version(
-    key: &[u8],
-    value: &[u8],
-) -> Result<(VersionMeta, Option<Case>), ProjectionError> {
+fn decode_version(key: &[u8], value: &[u8]) -> Result<VersionRow, ProjectionError> {
     let (meta, rest) = codec::decode_prefix::<VersionMeta>(key, value)?;
-    let case = if rest.is_empty() {
-        None
-    } else {
-        Some(codec::decode(key, rest)?)
-    };
-    Ok((meta, case))
+    Ok((meta, codec::decode(key, rest)?))
 }
 
 /// A case as of a position.
@@ -219,22 +240,43 @@ pub struct ConflictRow {
 }
 
 impl Projections {
-    /// The case as of `at` (after the event at `at`).
+    /// The case as of `at` (after the event at `at`): the case's history gives the last event
+    /// that touched it up to `at`, whose version row holds it as that event left it.
     pub fn case_at(&self, id: &CaseId, at: Position) -> Result<CaseAt, ProjectionError> {
         let generation = self.current();
-        let prefix = keys::version_prefix(id.as_str());
-        let end = keys::version(id.as_str(), at.0);
-        let mut iter = generation.tree.range(prefix..=end);
-        let Some(item) = iter.next_back() else {
+        let history = generation.history(id)?;
+        let Some(last) = history.iter().rev().find(|p| **p <= at) else {
             return Ok(CaseAt::NotYet);
         };
-        let (key, value) = item?;
-        Ok(match decode_version(&key, &value)?.1 {
+        Ok(match self.version_of(id, *last)?.1 {
             Some(case) => CaseAt::Exists(Box::new(case)),
-            None => CaseAt::Deleted {
-                since: Position(keys::trailing_u64(&key).unwrap_or(0)),
-            },
+            None => CaseAt::Deleted { since: *last },
         })
+    }
+
+    /// The case as the event at `p` left it, with the event's metadata.
+    fn version_of(
+        &self,
+        id: &CaseId,
+        p: Position,
+    ) -> Result<(VersionMeta, Option<Case>), ProjectionError> {
+        let key = keys::version(p.0);
+        let missing = |what: &str| ProjectionError::Decode {
+            key: format!("version @{p}"),
+            reason: format!("{what} for case {id}, which names it in its history"),
+        };
+        let value = self
+            .current()
+            .tree
+            .get(&key)?
+            .ok_or_else(|| missing("no row"))?;
+        let (meta, cases) = decode_version(&key, &value)?;
+        let case = cases
+            .into_iter()
+            .find(|(c, _)| c == id.as_str())
+            .ok_or_else(|| missing("no entry"))?
+            .1;
+        Ok((meta, case))
     }
 
     /// The case after each event that touched it up to `at`, in position order (`None`: deleted).
@@ -256,14 +298,10 @@ impl Projections {
         id: &CaseId,
         at: Position,
     ) -> Result<Vec<(Position, VersionMeta, Option<Case>)>, ProjectionError> {
-        let generation = self.current();
-        let prefix = keys::version_prefix(id.as_str());
-        let end = keys::version(id.as_str(), at.0);
-        let mut out = Vec::new();
-        for item in generation.tree.range(prefix..=end) {
-            let (key, value) = item?;
-            let p = Position(keys::trailing_u64(&key).unwrap_or(0));
-            let (meta, case) = decode_version(&key, &value)?;
+        let history = self.current().history(id)?;
+        let mut out = Vec::with_capacity(history.len());
+        for p in history.into_iter().filter(|p| *p <= at) {
+            let (meta, case) = self.version_of(id, p)?;
             out.push((p, meta, case));
         }
         Ok(out)
@@ -299,7 +337,9 @@ impl Projections {
         Ok(crate::group_views(&self.directory_at(at)?, user))
     }
 
-    /// Cases owned by `owner` as of `at`, sorted by case id; closed ones only when asked.
+    /// Cases owned by `owner` as of `at`, sorted by case id; closed ones only when asked. The
+    /// candidates are the cases it owns now and those that left it (moved or deleted) since;
+    /// each is kept when its version at `at` is owned by `owner`.
     pub fn cases_by_owner_at(
         &self,
         owner: &str,
@@ -307,19 +347,19 @@ impl Projections {
         at: Position,
     ) -> Result<Vec<Case>, ProjectionError> {
         let generation = self.current();
-        let prefix = keys::owned_prefix(owner);
         let mut candidates: BTreeSet<String> = BTreeSet::new();
+        let prefix = keys::owner_prefix(owner);
+        for item in generation.tree.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            let id = key.get(prefix.len()..).unwrap_or_default();
+            candidates.insert(String::from_utf8_lossy(id).into_owned());
+        }
+        let prefix = keys::departed_prefix(owner);
         for item in generation.tree.scan_prefix(&prefix) {
             let (key, _) = item?;
             let rest = key.get(prefix.len()..).unwrap_or_default();
-            let Some(split) = rest.len().checked_sub(8) else {
-                continue;
-            };
-            let came = keys::trailing_u64(rest).unwrap_or(u64::MAX);
-            if came <= at.0 {
-                let id = rest.get(..split).unwrap_or_default();
-                candidates.insert(String::from_utf8_lossy(id).into_owned());
-            }
+            let id = rest.get(..rest.len().saturating_sub(8)).unwrap_or_default();
+            candidates.insert(String::from_utf8_lossy(id).into_owned());
         }
         let mut out = Vec::new();
         for id in candidates {

@@ -32,7 +32,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::asof::{encode_version, VersionMeta};
+use crate::asof::{departures, encode_version, VersionMeta};
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
 use crate::{codec, keys, DiagnosticRow, Generation, ProjectionError};
@@ -213,6 +213,7 @@ where
 
     // Phase 3: cases, in case-id order, blocks and marks merged.
     let mut index = Sorter::new(scratch, "index", budget);
+    let mut rows = Sorter::new(scratch, "versions", budget);
     let (cases, marks) = (cases.finish()?, marks.finish()?);
     stats.runs += cases.runs() + marks.runs();
     let mut case_records = cases.peekable();
@@ -253,26 +254,25 @@ where
         let history: Vec<Position> = history.into_iter().map(Position).collect();
         let case_id = domain::CaseId::new(id.clone());
         let (case, versions) = fold_case(&case_id, blocks, marks, &special);
-        let mut owner: Option<String> = None;
-        for (p, meta, version) in &versions {
-            writer.insert(
-                keys::version(&id, *p),
-                encode_version(meta, version.as_ref()),
-            )?;
-            match version {
-                Some(c) => {
-                    if owner.as_deref() != Some(c.owner_id.as_str()) {
-                        index.push(Record {
-                            key: keys::owned(&c.owner_id, &id, *p),
-                            position: 0,
-                            seq: 0,
-                            payload: Vec::new(),
-                        })?;
-                        owner = Some(c.owner_id.clone());
-                    }
-                }
-                None => owner = None,
-            }
+        for (owner, p) in departures(
+            None,
+            versions.iter().map(|(p, _, v)| (Position(*p), v.as_ref())),
+        ) {
+            index.push(Record {
+                key: keys::departed(owner, &id, p.0),
+                position: 0,
+                seq: 0,
+                payload: Vec::new(),
+            })?;
+        }
+        for (p, meta, version) in versions {
+            // Version rows are keyed by position: they go through a sorter of their own.
+            rows.push(Record {
+                key: keys::version(p),
+                position: 0,
+                seq: 0,
+                payload: payload(&(meta, id.as_str(), version)),
+            })?;
         }
         match case {
             Some(case) => {
@@ -308,12 +308,50 @@ where
         let record = record?;
         writer.insert(record.key, record.payload)?;
     }
+    // Version rows: the cases of one event gathered, in position order (I11).
+    let rows = rows.finish()?;
+    stats.runs += rows.runs();
+    let mut row: Option<(Vec<u8>, VersionMeta, OwnedRow)> = None;
+    for record in rows {
+        let record = record?;
+        let (meta, id, case): (VersionMeta, String, Option<Case>) =
+            codec::decode(&record.key, &record.payload)?;
+        match &mut row {
+            Some((key, _, cases)) if *key == record.key => cases.push((id, case)),
+            _ => {
+                if let Some((key, meta, cases)) = row.take() {
+                    write_version_row(&mut writer, key, &meta, cases)?;
+                }
+                row = Some((record.key, meta, vec![(id, case)]));
+            }
+        }
+    }
+    if let Some((key, meta, cases)) = row.take() {
+        write_version_row(&mut writer, key, &meta, cases)?;
+    }
     writer.insert(keys::DIRECTORY.to_vec(), codec::encode(&directory))?;
     writer.insert(keys::CHECKPOINT.to_vec(), checkpoint.to_be_bytes().to_vec())?;
     writer.flush()?;
     generation.published(Arc::new(directory), checkpoint);
     progress(checkpoint);
     Ok(stats)
+}
+
+/// The cases of a version row being gathered from the sorter.
+type OwnedRow = Vec<(String, Option<Case>)>;
+
+fn write_version_row(
+    writer: &mut Writer<'_>,
+    key: Vec<u8>,
+    meta: &VersionMeta,
+    mut cases: Vec<(String, Option<Case>)>,
+) -> Result<(), ProjectionError> {
+    cases.sort_by(|a, b| a.0.cmp(&b.0));
+    let cases: Vec<(&str, Option<&Case>)> = cases
+        .iter()
+        .map(|(id, c)| (id.as_str(), c.as_ref()))
+        .collect();
+    writer.insert(key, encode_version(meta, &cases))
 }
 
 fn take_err(records: &mut std::iter::Peekable<crate::sorter::Merge>) -> ProjectionError {

@@ -1,9 +1,9 @@
-//! bincode helpers for projection values, and the layout of a stored case: the bincode case
-//! followed by its history.
+//! bincode helpers for projection values, and the layout of a stored case: its history, then
+//! the bincode case.
 //!
 //! A case's history (positions of the events that touched it) lives in the case's own value, as
-//! 8-byte big-endian positions after the bincode [`domain::Case`], and moves into the tombstone's
-//! value when the case is deleted. A fold rewrites a case's value on every visit anyway, so the
+//! a count and 8-byte big-endian positions before the bincode [`domain::Case`], and moves into
+//! the tombstone's value when the case is deleted. A fold rewrites a case's value on every visit anyway, so the
 //! history costs no extra write; one sled entry per (case, event) cost replay about a quarter of
 //! its time (docs/PERFORMANCE.md).
 
@@ -38,11 +38,19 @@ fn decode_error(key: &[u8], reason: String) -> ProjectionError {
     }
 }
 
-/// A case value: the bincode case, then `history` as 8-byte big-endian positions.
+/// A case value: its history (a u32 big-endian count, then that many 8-byte big-endian
+/// positions), then the bincode case. History first, so that time travel reads it without
+/// decoding the case.
 pub fn encode_case(case: &Case, history: &[Position]) -> Vec<u8> {
-    let mut out = encode(case);
-    out.reserve(8 * history.len());
+    let mut out = Vec::with_capacity(4 + 8 * history.len() + 256);
+    out.extend_from_slice(
+        &u32::try_from(history.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     encode_history_into(&mut out, history);
+    bincode::serde::encode_into_std_write(case, &mut out, bincode::config::standard())
+        .unwrap_or_default();
     out
 }
 
@@ -53,9 +61,40 @@ pub fn encode_history_into(out: &mut Vec<u8>, history: &[Position]) {
     }
 }
 
+/// Splits a case value into its history bytes and its case bytes.
+fn split_case<'b>(key: &[u8], bytes: &'b [u8]) -> Result<(&'b [u8], &'b [u8]), ProjectionError> {
+    let count = bytes
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| decode_error(key, format!("case value of {} bytes", bytes.len())))?;
+    let end = usize::try_from(count)
+        .ok()
+        .and_then(|n| n.checked_mul(8))
+        .and_then(|n| n.checked_add(4))
+        .filter(|end| *end <= bytes.len())
+        .ok_or_else(|| {
+            decode_error(
+                key,
+                format!("history of {count} positions overruns the value"),
+            )
+        })?;
+    Ok((
+        bytes.get(4..end).unwrap_or_default(),
+        bytes.get(end..).unwrap_or_default(),
+    ))
+}
+
 /// The case of a case value, without decoding its history.
 pub fn decode_case(key: &[u8], bytes: &[u8]) -> Result<Case, ProjectionError> {
-    decode(key, bytes)
+    let (_, case) = split_case(key, bytes)?;
+    decode(key, case)
+}
+
+/// The history of a case value, without decoding the case.
+pub fn decode_case_history(key: &[u8], bytes: &[u8]) -> Result<Vec<Position>, ProjectionError> {
+    let (history, _) = split_case(key, bytes)?;
+    decode_history(key, history)
 }
 
 /// The case and the history of a case value.
@@ -63,8 +102,8 @@ pub fn decode_case_with_history(
     key: &[u8],
     bytes: &[u8],
 ) -> Result<(Case, Vec<Position>), ProjectionError> {
-    let (case, rest) = decode_prefix(key, bytes)?;
-    Ok((case, decode_history(key, rest)?))
+    let (history, case) = split_case(key, bytes)?;
+    Ok((decode(key, case)?, decode_history(key, history)?))
 }
 
 /// Positions written by [`encode_history_into`].

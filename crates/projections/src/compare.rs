@@ -28,8 +28,8 @@ pub enum KeyKind {
     Checkpoint,
     /// A case as of an event (time travel).
     CaseVersion,
-    /// A case coming to an owner (time travel).
-    OwnerArrival,
+    /// A case leaving an owner (time travel).
+    OwnerDeparture,
     /// A directory event (time travel).
     DirectoryEvent,
     /// A key this code does not know.
@@ -48,7 +48,7 @@ impl std::fmt::Display for KeyKind {
             KeyKind::Directory => "directory",
             KeyKind::Checkpoint => "checkpoint",
             KeyKind::CaseVersion => "case-version",
-            KeyKind::OwnerArrival => "owner-arrival",
+            KeyKind::OwnerDeparture => "owner-departure",
             KeyKind::DirectoryEvent => "directory-event",
             KeyKind::Other => "other",
         })
@@ -165,7 +165,7 @@ fn kind(key: &[u8]) -> KeyKind {
         Some(&keys::DIAGNOSTIC) => KeyKind::Diagnostic,
         Some(&keys::TOMBSTONE) => KeyKind::Tombstone,
         Some(&keys::VERSION) => KeyKind::CaseVersion,
-        Some(&keys::OWNED) => KeyKind::OwnerArrival,
+        Some(&keys::DEPARTED) => KeyKind::OwnerDeparture,
         Some(&keys::DIRECTORY_EVENT) => KeyKind::DirectoryEvent,
         _ => KeyKind::Other,
     }
@@ -204,7 +204,7 @@ fn id(kind: KeyKind, key: &[u8]) -> String {
             format!("@{position}#{n}")
         }
         KeyKind::Directory | KeyKind::Checkpoint => String::new(),
-        KeyKind::CaseVersion | KeyKind::OwnerArrival | KeyKind::DirectoryEvent => {
+        KeyKind::CaseVersion | KeyKind::OwnerDeparture | KeyKind::DirectoryEvent => {
             // The id (or owner and id) then a big-endian position.
             let split = rest.len().saturating_sub(8);
             let (name, position) = rest.split_at(split);
@@ -300,7 +300,7 @@ fn describe(kind: KeyKind, key: &[u8], bytes: &[u8]) -> Described {
                 full: None,
             },
         },
-        KeyKind::CaseVersion | KeyKind::OwnerArrival | KeyKind::DirectoryEvent | KeyKind::Other => {
+        KeyKind::CaseVersion | KeyKind::OwnerDeparture | KeyKind::DirectoryEvent | KeyKind::Other => {
             Described {
                 summary: format!("{} bytes", bytes.len()),
                 full: Some(format!("{bytes:?}")),

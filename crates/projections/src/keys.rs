@@ -3,14 +3,14 @@
 //!
 //! | prefix | key rest | value |
 //! | --- | --- | --- |
-//! | `c` | case id | bincode [`domain::Case`], then its history: positions BE (`codec`) |
+//! | `c` | case id | its history (u32 BE count, positions BE), then bincode [`domain::Case`] (`codec`) |
 //! | `o` | u32 BE owner length, owner id, case id | one byte: 1 = closed |
 //! | `f` | form id | bincode `FormEntry` |
 //! | `d` | position BE, u32 BE index | bincode diagnostic row |
 //! | `r` | u32 BE target length, target case id, case id | 1 = extension, 0 = child |
 //! | `x` | case id | history of a deleted case: positions BE (its tombstone) |
-//! | `v` | case id, 0x00, position BE | the case as of that position: bincode [`domain::Case`], empty once deleted |
-//! | `h` | u32 BE owner length, owner id, case id, position BE | empty: the case came to this owner at that position |
+//! | `v` | position BE | the event at that position and every case it touched as it left them (`asof`) |
+//! | `h` | u32 BE owner length, owner id, case id, position BE | empty: the case left this owner at that position (moved or deleted) |
 //! | `y` | position BE | bincode [`domain::RecordedEvent`] of a directory event |
 //! | `D` | — | bincode [`domain::Directory`] |
 //! | `K` | — | checkpoint position BE |
@@ -24,7 +24,7 @@ pub const DIAGNOSTIC: u8 = b'd';
 pub const REVERSE: u8 = b'r';
 pub const TOMBSTONE: u8 = b'x';
 pub const VERSION: u8 = b'v';
-pub const OWNED: u8 = b'h';
+pub const DEPARTED: u8 = b'h';
 pub const DIRECTORY_EVENT: u8 = b'y';
 pub const DIRECTORY: &[u8] = b"D";
 pub const CHECKPOINT: &[u8] = b"K";
@@ -93,32 +93,23 @@ pub fn tombstone(id: &str) -> Vec<u8> {
     k
 }
 
-/// Prefix of a case's version rows. The id ends at a NUL, which no case id holds (XML cannot
-/// carry U+0000, and casexml refuses it), so the rows sort in case-id order as the bulk rebuild
-/// writes them and one id's prefix never takes in another's rows.
-pub fn version_prefix(case: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + case.len() + 8);
+/// The version row of the event at `position`. Keyed by position, so the live fold appends it
+/// at the end of the tree (a random key costs sled several times more).
+pub fn version(position: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
     k.push(VERSION);
-    k.extend_from_slice(case.as_bytes());
-    k.push(0);
-    k
-}
-
-/// The row holding a case as of `position`.
-pub fn version(case: &str, position: u64) -> Vec<u8> {
-    let mut k = version_prefix(case);
     k.extend_from_slice(&position.to_be_bytes());
     k
 }
 
-/// Prefix of the rows of cases that came to `owner`.
-pub fn owned_prefix(owner: &str) -> Vec<u8> {
-    len_prefixed(OWNED, owner)
+/// Prefix of the rows of cases that left `owner`.
+pub fn departed_prefix(owner: &str) -> Vec<u8> {
+    len_prefixed(DEPARTED, owner)
 }
 
-/// The row saying `case` came to `owner` at `position`.
-pub fn owned(owner: &str, case: &str, position: u64) -> Vec<u8> {
-    let mut k = owned_prefix(owner);
+/// The row saying `case` left `owner` at `position`.
+pub fn departed(owner: &str, case: &str, position: u64) -> Vec<u8> {
+    let mut k = departed_prefix(owner);
     k.extend_from_slice(case.as_bytes());
     k.extend_from_slice(&position.to_be_bytes());
     k

@@ -164,14 +164,6 @@ impl Generation {
         }
     }
 
-    /// The case (if not deleted) and its history, which a deleted case keeps in its tombstone.
-    fn load_case_with_history(
-        &self,
-        id: &CaseId,
-    ) -> Result<(Option<Case>, Vec<Position>), ProjectionError> {
-        self.load_stored(id).map(|s| (s.case, s.history))
-    }
-
     /// Everything stored about a case id: the case, its history, and whether it is a tombstone.
     /// Absent ids cost two point reads, present ones one.
     fn load_stored(&self, id: &CaseId) -> Result<StoredCase, ProjectionError> {
@@ -199,8 +191,17 @@ impl Generation {
         }
     }
 
+    /// The positions of the events that touched a case (deleted or not), without decoding it.
     fn history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
-        self.load_case_with_history(id).map(|(_, history)| history)
+        let key = keys::case(id.as_str());
+        if let Some(bytes) = self.tree.get(&key)? {
+            return codec::decode_case_history(&key, &bytes);
+        }
+        let key = keys::tombstone(id.as_str());
+        match self.tree.get(&key)? {
+            Some(bytes) => codec::decode_history(&key, &bytes),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn is_deleted(&self, id: &CaseId) -> Result<bool, ProjectionError> {
@@ -241,7 +242,8 @@ const VERSION_KEY: &[u8] = b"version";
 /// before versions were recorded has layout 1.
 ///
 /// - 1: cases, owner and reverse indexes, forms, tombstones, diagnostics, directory, checkpoint.
-/// - 2: plus the time-travel rows (`v` case versions, `h` owner arrivals, `y` directory events).
+/// - 2: case values hold their history first; plus the time-travel rows (`v` version rows by
+///   position, `h` owner departures, `y` directory events).
 pub const VERSION: u64 = 2;
 
 /// The projections of one project space.

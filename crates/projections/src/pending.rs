@@ -14,7 +14,7 @@ use domain::{
     RecordedEvent, Relationship, State, Timestamp,
 };
 
-use crate::asof::{encode_version, VersionMeta};
+use crate::asof::{departures, encode_version, RowCases, VersionMeta};
 use crate::{
     codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, Prefetched, ProjectionError,
     StoredCase, Touched,
@@ -432,23 +432,26 @@ impl Pending {
         }
         let mut batch = sled::Batch::default();
         let mut diag_seq: HashMap<Position, u32> = HashMap::new();
+        // Time travel: one version row per event, every case it touched in it (sorted by id).
+        let mut rows: BTreeMap<Position, (&VersionMeta, RowCases<'_>)> = BTreeMap::new();
         for (id, slot) in &self.cases {
-            let mut owner = slot.stored.as_ref().map(|s| s.owner.as_str());
             for (p, meta, version) in &slot.versions {
-                batch.insert(
-                    keys::version(id.as_str(), p.0),
-                    encode_version(meta, version.as_ref()),
-                );
-                match version {
-                    Some(case) => {
-                        if owner != Some(case.owner_id.as_str()) {
-                            batch.insert(keys::owned(&case.owner_id, id.as_str(), p.0), vec![]);
-                        }
-                        owner = Some(case.owner_id.as_str());
-                    }
-                    None => owner = None,
-                }
+                rows.entry(*p)
+                    .or_insert_with(|| (meta, Vec::new()))
+                    .1
+                    .push((id.as_str(), version.as_ref()));
             }
+            let stored = slot.stored.as_ref().map(|s| s.owner.as_str());
+            let versions = slot.versions.iter().map(|(p, _, v)| (*p, v.as_ref()));
+            for (owner, p) in departures(stored, versions) {
+                batch.insert(keys::departed(owner, id.as_str(), p.0), Vec::new());
+            }
+        }
+        for (p, (meta, mut cases)) in rows {
+            cases.sort_by(|a, b| a.0.cmp(b.0));
+            batch.insert(keys::version(p.0), encode_version(meta, &cases));
+        }
+        for (id, slot) in &self.cases {
             if !slot.dirty {
                 continue;
             }
