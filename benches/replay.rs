@@ -777,7 +777,8 @@ fn main() -> BenchResult<()> {
         return Err("replay and the raw fold disagree".into());
     }
     let _ = peak;
-    time_travel(&engine, &mut out, generated.cases)?;
+    watch.enter("time travel");
+    time_travel(&engine, &mut out, generated.cases, &watch.progress)?;
     drop(engine);
 
     // The memory figure that matters is a process that opens a 1M-event store and replays it,
@@ -874,7 +875,12 @@ fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
 /// Issue 9 §6: time-travel queries through the library on this log, beside the same queries at
 /// the head: `case_at` and `cases_for_user_at` over random (case or user, position) pairs, and
 /// the history of the hot case (about 1 000 changes).
-fn time_travel(engine: &Engine, out: &mut impl Write, cases: u64) -> BenchResult<()> {
+fn time_travel(
+    engine: &Engine,
+    out: &mut impl Write,
+    cases: u64,
+    progress: &AtomicU64,
+) -> BenchResult<()> {
     let p = engine.projections();
     let head = p.checkpoint().0;
     let mut rng = Rng(0x71ae);
@@ -885,6 +891,7 @@ fn time_travel(engine: &Engine, out: &mut impl Write, cases: u64) -> BenchResult
             let t = Instant::now();
             total += f()?;
             samples.push(t.elapsed());
+            progress.fetch_add(1, Ordering::Relaxed);
         }
         Ok((samples, total))
     };

@@ -246,9 +246,9 @@ pub enum CaseChange {
 
 /// One case folded change by change, so that after the changes recorded up to a position it is
 /// what a replay of the log up to that position leaves.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CaseTimeline {
-    id: Option<CaseId>,
+    id: CaseId,
     versions: Vec<LiveVersion>,
     case: Option<Case>,
 }
@@ -257,7 +257,7 @@ impl CaseTimeline {
     /// A case before anything touched it.
     pub fn new(id: CaseId) -> Self {
         CaseTimeline {
-            id: Some(id),
+            id,
             versions: Vec::new(),
             case: None,
         }
@@ -321,7 +321,7 @@ impl CaseTimeline {
                 false
             }
         };
-        let Some(id) = &self.id else { return };
+        let id = &self.id;
         if forward {
             if let Some(v) = self.versions.last() {
                 let mut case = self.case.take();
@@ -427,4 +427,170 @@ pub fn conflicts(id: &CaseId, versions: &[LiveVersion]) -> Vec<Conflict> {
         }
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::{Actions, FormRecord};
+
+    fn record(id: &str, hash: u8) -> FormRecord {
+        FormRecord {
+            form_id: FormId::new(id),
+            xmlns: "x".into(),
+            app_id: None,
+            user_id: Some("u".into()),
+            content_hash: [hash; 32],
+            raw: Vec::new(),
+        }
+    }
+
+    fn entry(id: &str, hash: u8, p: u64, cases: &[&str]) -> FormEntry {
+        FormEntry {
+            case_ids: cases.iter().map(|c| CaseId::new(*c)).collect(),
+            ..FormEntry::recorded(&record(id, hash), Position(p), true)
+        }
+    }
+
+    fn block(case: &str, date: i64, user: &str, update: &[(&str, &str)]) -> BlockApplied {
+        BlockApplied {
+            case_id: CaseId::new(case),
+            date: Timestamp(date),
+            user: user.into(),
+            actions: Actions {
+                update: update
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..Actions::default()
+            },
+        }
+    }
+
+    /// R54: an edit keeps the old version's place and archived flag, and touches the cases of
+    /// both versions, which are rebuilt.
+    #[test]
+    fn r54_an_edit_keeps_place_and_archived_flag_and_rebuilds_both_versions_cases() {
+        let mut old = entry("f", 1, 3, &["a", "b"]);
+        old.archived = true;
+        let step = FormEntry::fold(
+            Some(&old),
+            FormFact::Edited(entry("f", 2, 9, &["b", "c"])),
+            Position(9),
+        );
+        let new = step.entry.expect("entry");
+        assert_eq!(
+            (new.position, new.original, new.archived),
+            (Position(9), Position(3), true)
+        );
+        assert_eq!(
+            step.touched,
+            [CaseId::new("a"), CaseId::new("b"), CaseId::new("c")]
+        );
+        assert!(step.rebuild);
+    }
+
+    /// R54: a rejected edit leaves the accepted version in force; R56: a rejected form that was
+    /// never accepted is recorded as rejected.
+    #[test]
+    fn r54_a_rejected_edit_leaves_the_accepted_version_in_force() {
+        let accepted = entry("f", 1, 3, &["a"]);
+        let mut rejected = entry("f", 2, 5, &[]);
+        rejected.accepted = false;
+        let step = FormEntry::fold(
+            Some(&accepted),
+            FormFact::Rejected(rejected.clone()),
+            Position(5),
+        );
+        assert_eq!(step.entry, None);
+        assert!(step.touched.is_empty());
+        let step = FormEntry::fold(None, FormFact::Rejected(rejected.clone()), Position(5));
+        assert_eq!(step.entry, Some(rejected));
+    }
+
+    /// R57, R58: archiving removes a form's blocks from the rebuild; the timeline of a case
+    /// folds forward while forms arrive in order and rebuilds on an archive.
+    #[test]
+    fn r58_the_timeline_rebuilds_from_live_forms_on_archive() {
+        let mut t = CaseTimeline::new(CaseId::new("a"));
+        let change = |form: &str, original: u64, b: BlockApplied| CaseChange::Version {
+            form: FormId::new(form),
+            original: Position(original),
+            blocks: vec![b],
+            archived: false,
+        };
+        t.apply(
+            Position(1),
+            Timestamp(1),
+            change("f1", 1, block("a", 1, "u", &[("p", "1")])),
+        );
+        t.apply(
+            Position(2),
+            Timestamp(2),
+            change("f2", 2, block("a", 2, "u", &[("p", "2")])),
+        );
+        assert_eq!(t.case().map(|c| c.properties["p"].as_str()), Some("2"));
+        t.apply(
+            Position(3),
+            Timestamp(3),
+            CaseChange::Archive {
+                form: FormId::new("f2"),
+                archived: true,
+            },
+        );
+        assert_eq!(t.case().map(|c| c.properties["p"].as_str()), Some("1"));
+        t.apply(
+            Position(4),
+            Timestamp(4),
+            CaseChange::Archive {
+                form: FormId::new("f1"),
+                archived: true,
+            },
+        );
+        assert!(t.case().is_none(), "no live form left: deleted");
+    }
+
+    /// Issue 9 §4: a block made earlier on the phone than the change it overwrote is a conflict
+    /// (base, theirs, mine, result); the same form, or a later phone time, is not.
+    #[test]
+    fn a_late_arriving_earlier_edit_is_a_conflict_with_base_theirs_mine() {
+        let v = |form: &str, p: u64, blocks: Vec<BlockApplied>| LiveVersion {
+            form: FormId::new(form),
+            original: Position(p),
+            position: Position(p),
+            recorded_at: Timestamp(p as i64),
+            blocks,
+            archived: false,
+        };
+        let versions = vec![
+            v("reg", 1, vec![block("a", 10, "david", &[("risk", "none")])]),
+            v(
+                "maria",
+                2,
+                vec![block("a", 40, "maria", &[("risk", "low"), ("x", "1")])],
+            ),
+            v(
+                "david",
+                3,
+                vec![block("a", 30, "david", &[("risk", "high")])],
+            ),
+            v("later", 4, vec![block("a", 50, "ana", &[("x", "2")])]),
+        ];
+        let found = conflicts(&CaseId::new("a"), &versions);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        let c = &found[0];
+        assert_eq!(c.property, "risk");
+        assert_eq!(c.base.as_deref(), Some("none"));
+        assert_eq!(
+            (c.theirs.value.as_str(), c.theirs.user.as_str()),
+            ("low", "maria")
+        );
+        assert_eq!(
+            (c.mine.value.as_str(), c.mine.user.as_str()),
+            ("high", "david")
+        );
+        assert_eq!(c.result, "high");
+        assert_eq!(c.base_position, Position(1));
+    }
 }

@@ -244,7 +244,18 @@ impl Projections {
     /// that touched it up to `at`, whose version row holds it as that event left it.
     pub fn case_at(&self, id: &CaseId, at: Position) -> Result<CaseAt, ProjectionError> {
         let generation = self.current();
-        let history = generation.history(id)?;
+        let key = keys::case(id.as_str());
+        let history = match generation.tree.get(&key)? {
+            Some(value) => {
+                let history = codec::decode_case_history(&key, &value)?;
+                if history.last().is_some_and(|last| *last <= at) {
+                    // Nothing touched it since: the case now is the case then.
+                    return Ok(CaseAt::Exists(Box::new(codec::decode_case(&key, &value)?)));
+                }
+                history
+            }
+            None => generation.history(id)?,
+        };
         let Some(last) = history.iter().rev().find(|p| **p <= at) else {
             return Ok(CaseAt::NotYet);
         };

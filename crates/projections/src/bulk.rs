@@ -32,7 +32,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::asof::{departures, encode_version, VersionMeta};
+use crate::asof::{departures, VersionMeta};
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
 use crate::{codec, keys, DiagnosticRow, Generation, ProjectionError};
@@ -266,12 +266,20 @@ where
             })?;
         }
         for (p, meta, version) in versions {
-            // Version rows are keyed by position: they go through a sorter of their own.
+            // Version rows are keyed by position: they go through a sorter of their own, keyed
+            // by position then case id, each record already encoded as its part of the row.
+            let mut key = keys::version(p);
+            key.extend_from_slice(id.as_bytes());
+            let meta = codec::encode(&meta);
+            let mut part = Vec::with_capacity(4 + meta.len() + 512);
+            part.extend_from_slice(&u32::try_from(meta.len()).unwrap_or(u32::MAX).to_be_bytes());
+            part.extend_from_slice(&meta);
+            part.extend_from_slice(&codec::encode(&(id.as_str(), version.as_ref())));
             rows.push(Record {
-                key: keys::version(p),
+                key,
                 position: 0,
                 seq: 0,
-                payload: payload(&(meta, id.as_str(), version)),
+                payload: part,
             })?;
         }
         match case {
@@ -311,24 +319,20 @@ where
     // Version rows: the cases of one event gathered, in position order (I11).
     let rows = rows.finish()?;
     stats.runs += rows.runs();
-    let mut row: Option<(Vec<u8>, VersionMeta, OwnedRow)> = None;
+    // Each record is its meta's length and bytes, then its (case id, case) part of the row: a
+    // row is the meta once, the count, then the parts in case-id order (bincode's encoding of
+    // the meta and the list), so nothing is decoded again here.
+    let mut row = RowBuilder::default();
     for record in rows {
         let record = record?;
-        let (meta, id, case): (VersionMeta, String, Option<Case>) =
-            codec::decode(&record.key, &record.payload)?;
-        match &mut row {
-            Some((key, _, cases)) if *key == record.key => cases.push((id, case)),
-            _ => {
-                if let Some((key, meta, cases)) = row.take() {
-                    write_version_row(&mut writer, key, &meta, cases)?;
-                }
-                row = Some((record.key, meta, vec![(id, case)]));
-            }
+        let position = record.key.get(..9).unwrap_or_default().to_vec();
+        if row.key != position {
+            row.write(&mut writer)?;
+            row.key = position;
         }
+        row.push(&record.key, &record.payload)?;
     }
-    if let Some((key, meta, cases)) = row.take() {
-        write_version_row(&mut writer, key, &meta, cases)?;
-    }
+    row.write(&mut writer)?;
     writer.insert(keys::DIRECTORY.to_vec(), codec::encode(&directory))?;
     writer.insert(keys::CHECKPOINT.to_vec(), checkpoint.to_be_bytes().to_vec())?;
     writer.flush()?;
@@ -337,21 +341,48 @@ where
     Ok(stats)
 }
 
-/// The cases of a version row being gathered from the sorter.
-type OwnedRow = Vec<(String, Option<Case>)>;
-
-fn write_version_row(
-    writer: &mut Writer<'_>,
+/// A version row gathered from the sorted parts of its cases.
+#[derive(Default)]
+struct RowBuilder {
     key: Vec<u8>,
-    meta: &VersionMeta,
-    mut cases: Vec<(String, Option<Case>)>,
-) -> Result<(), ProjectionError> {
-    cases.sort_by(|a, b| a.0.cmp(&b.0));
-    let cases: Vec<(&str, Option<&Case>)> = cases
-        .iter()
-        .map(|(id, c)| (id.as_str(), c.as_ref()))
-        .collect();
-    writer.insert(key, encode_version(meta, &cases))
+    meta: Vec<u8>,
+    parts: Vec<u8>,
+    count: u64,
+}
+
+impl RowBuilder {
+    fn push(&mut self, key: &[u8], record: &[u8]) -> Result<(), ProjectionError> {
+        let bad = || ProjectionError::Scratch {
+            path: String::from_utf8_lossy(key).into_owned(),
+            reason: "version part without its meta".into(),
+        };
+        let len = record
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(bad)?;
+        let meta = record.get(4..4 + len).ok_or_else(bad)?;
+        if self.count == 0 {
+            self.meta = meta.to_vec();
+        }
+        self.parts
+            .extend_from_slice(record.get(4 + len..).unwrap_or_default());
+        self.count += 1;
+        Ok(())
+    }
+
+    fn write(&mut self, writer: &mut Writer<'_>) -> Result<(), ProjectionError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let mut value = std::mem::take(&mut self.meta);
+        value.extend_from_slice(&codec::encode(&self.count));
+        value.extend_from_slice(&self.parts);
+        self.parts.clear();
+        self.count = 0;
+        writer.insert(std::mem::take(&mut self.key), value)
+    }
 }
 
 fn take_err(records: &mut std::iter::Peekable<crate::sorter::Merge>) -> ProjectionError {
