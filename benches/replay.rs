@@ -950,6 +950,22 @@ fn time_travel(
         history,
         format!("{changes} changes"),
     ));
+    // A floor for the history: the same number of random point reads, of the hot case's own
+    // events from the log tree (read, crc, decode), doing nothing else.
+    let positions = p.history(&hot)?;
+    let mut floor = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        for q in &positions {
+            let _ = engine.log().iter_from(*q).next().transpose()?;
+        }
+        floor.push(t.elapsed());
+    }
+    lines.push((
+        "floor: the hot case's events read from the log",
+        percentiles(floor),
+        format!("{} random reads", positions.len()),
+    ));
     for (name, (p50, p99, max), note) in &lines {
         writeln!(
             out,
