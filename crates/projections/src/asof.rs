@@ -96,14 +96,124 @@ impl VersionMeta {
 }
 
 /// A version row's value: the event's metadata, then every case it touched (sorted by id) as
-/// it left them, `None` once deleted.
+/// it left them. Laid out by hand so that a reader finds one case without decoding the others,
+/// and can decode a case without its `xform_ids` (history, whose diffs do not need them: a case
+/// of 1 000 changes carries 1 000 form ids in its last versions):
+///
+/// `u32 BE meta length, bincode meta, u32 BE count, count × part`, where a part is
+/// `u32 BE id length, id, u32 BE case length, bincode case` and a length of 0 means deleted.
 pub(crate) fn encode_version(meta: &VersionMeta, cases: &[(&str, Option<&Case>)]) -> Vec<u8> {
-    let mut out = codec::encode(meta);
-    out.extend_from_slice(&codec::encode(&cases));
+    let meta = codec::encode(meta);
+    let mut out = Vec::with_capacity(8 + meta.len() + 600 * cases.len());
+    push_len(&mut out, meta.len());
+    out.extend_from_slice(&meta);
+    push_len(&mut out, cases.len());
+    for (id, case) in cases {
+        out.extend_from_slice(&encode_part(id, *case));
+    }
     out
 }
 
-type VersionRow = (VersionMeta, Vec<(String, Option<Case>)>);
+/// One case's part of a version row.
+pub(crate) fn encode_part(id: &str, case: Option<&Case>) -> Vec<u8> {
+    let case = case.map(codec::encode).unwrap_or_default();
+    let mut out = Vec::with_capacity(8 + id.len() + case.len());
+    push_len(&mut out, id.len());
+    out.extend_from_slice(id.as_bytes());
+    push_len(&mut out, case.len());
+    out.extend_from_slice(&case);
+    out
+}
+
+/// Appends a length as a u32 BE (lengths here are far below 4 GiB: ids are capped, values too).
+pub(crate) fn push_len(out: &mut Vec<u8>, len: usize) {
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+}
+
+/// Reads a u32 BE length at `at`, and the bytes it announces after it.
+fn take<'b>(bytes: &'b [u8], at: &mut usize) -> Option<&'b [u8]> {
+    let len = bytes.get(*at..*at + 4)?;
+    let len = usize::try_from(u32::from_be_bytes(len.try_into().ok()?)).ok()?;
+    let start = *at + 4;
+    let out = bytes.get(start..start.checked_add(len)?)?;
+    *at = start + len;
+    Some(out)
+}
+
+/// The metadata of a version row and the bincode of one case in it (empty: deleted); `None`
+/// for the case when the row does not name it.
+fn find_in_row<'b>(
+    key: &[u8],
+    value: &'b [u8],
+    id: &str,
+) -> Result<(VersionMeta, Option<&'b [u8]>), ProjectionError> {
+    let bad = || ProjectionError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: format!("version row of {} bytes is cut short", value.len()),
+    };
+    let mut at = 0;
+    let meta: VersionMeta = codec::decode(key, take(value, &mut at).ok_or_else(bad)?)?;
+    let count = value
+        .get(at..at + 4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(bad)?;
+    at += 4;
+    for _ in 0..count {
+        let found = take(value, &mut at).ok_or_else(bad)?;
+        let case = take(value, &mut at).ok_or_else(bad)?;
+        if found == id.as_bytes() {
+            return Ok((meta, Some(case)));
+        }
+    }
+    Ok((meta, None))
+}
+
+/// The fields of a [`Case`] before its `xform_ids`, in its order: bincode reads a struct's fields
+/// in order, so this decodes a stored case without its form ids (checked by a test).
+#[derive(Deserialize)]
+struct CaseHead {
+    case_id: CaseId,
+    case_type: String,
+    case_name: String,
+    owner_id: String,
+    user_id: String,
+    external_id: Option<String>,
+    opened_on: Option<Timestamp>,
+    opened_by: Option<String>,
+    modified_on: Option<Timestamp>,
+    modified_on_by: Option<String>,
+    closed: bool,
+    closed_on: Option<Timestamp>,
+    closed_by: Option<String>,
+    properties: BTreeMap<String, String>,
+    indices: BTreeMap<String, Index>,
+    attachments: BTreeMap<String, domain::Attachment>,
+}
+
+impl From<CaseHead> for Case {
+    fn from(h: CaseHead) -> Case {
+        Case {
+            case_id: h.case_id,
+            case_type: h.case_type,
+            case_name: h.case_name,
+            owner_id: h.owner_id,
+            user_id: h.user_id,
+            external_id: h.external_id,
+            opened_on: h.opened_on,
+            opened_by: h.opened_by,
+            modified_on: h.modified_on,
+            modified_on_by: h.modified_on_by,
+            closed: h.closed,
+            closed_on: h.closed_on,
+            closed_by: h.closed_by,
+            properties: h.properties,
+            indices: h.indices,
+            attachments: h.attachments,
+            xform_ids: Vec::new(),
+        }
+    }
+}
 
 /// The cases of one version row as the fold collects them: id and state after the event.
 pub(crate) type RowCases<'a> = Vec<(&'a str, Option<&'a Case>)>;
@@ -127,11 +237,6 @@ pub(crate) fn departures<'a>(
         owner = now;
     }
     out
-}
-
-fn decode_version(key: &[u8], value: &[u8]) -> Result<VersionRow, ProjectionError> {
-    let (meta, rest) = codec::decode_prefix::<VersionMeta>(key, value)?;
-    Ok((meta, codec::decode(key, rest)?))
 }
 
 /// A case as of a position.
@@ -259,17 +364,19 @@ impl Projections {
         let Some(last) = history.iter().rev().find(|p| **p <= at) else {
             return Ok(CaseAt::NotYet);
         };
-        Ok(match self.version_of(id, *last)?.1 {
+        Ok(match self.version_of(id, *last, true)?.1 {
             Some(case) => CaseAt::Exists(Box::new(case)),
             None => CaseAt::Deleted { since: *last },
         })
     }
 
-    /// The case as the event at `p` left it, with the event's metadata.
+    /// The case as the event at `p` left it, with the event's metadata; without its
+    /// `xform_ids` unless `whole`.
     fn version_of(
         &self,
         id: &CaseId,
         p: Position,
+        whole: bool,
     ) -> Result<(VersionMeta, Option<Case>), ProjectionError> {
         let key = keys::version(p.0);
         let missing = |what: &str| ProjectionError::Decode {
@@ -281,13 +388,17 @@ impl Projections {
             .tree
             .get(&key)?
             .ok_or_else(|| missing("no row"))?;
-        let (meta, cases) = decode_version(&key, &value)?;
-        let case = cases
-            .into_iter()
-            .find(|(c, _)| c == id.as_str())
-            .ok_or_else(|| missing("no entry"))?
-            .1;
-        Ok((meta, case))
+        let (meta, case) = find_in_row(&key, &value, id.as_str())?;
+        let case = case.ok_or_else(|| missing("no entry"))?;
+        if case.is_empty() {
+            return Ok((meta, None));
+        }
+        let case = if whole {
+            codec::decode(&key, case)?
+        } else {
+            Case::from(codec::decode::<CaseHead>(&key, case)?)
+        };
+        Ok((meta, Some(case)))
     }
 
     /// The case after each event that touched it up to `at`, in position order (`None`: deleted).
@@ -297,7 +408,7 @@ impl Projections {
         at: Position,
     ) -> Result<Vec<(Position, Option<Case>)>, ProjectionError> {
         Ok(self
-            .versions_with_meta(id, at)?
+            .versions_with_meta(id, at, true)?
             .into_iter()
             .map(|(p, _, case)| (p, case))
             .collect())
@@ -308,11 +419,12 @@ impl Projections {
         &self,
         id: &CaseId,
         at: Position,
+        whole: bool,
     ) -> Result<Vec<(Position, VersionMeta, Option<Case>)>, ProjectionError> {
         let history = self.current().history(id)?;
         let mut out = Vec::with_capacity(history.len());
         for p in history.into_iter().filter(|p| *p <= at) {
-            let (meta, case) = self.version_of(id, p)?;
+            let (meta, case) = self.version_of(id, p, whole)?;
             out.push((p, meta, case));
         }
         Ok(out)
@@ -420,7 +532,11 @@ impl Projections {
     /// The users whose case list held the case at `at` (closed or open: the case was theirs to
     /// see), and since which position without a break.
     pub fn who_could_see(&self, id: &CaseId, at: Position) -> Result<Vec<Viewer>, ProjectionError> {
-        let versions = self.case_versions(id, at)?;
+        let versions: Vec<(Position, Option<Case>)> = self
+            .versions_with_meta(id, at, false)?
+            .into_iter()
+            .map(|(p, _, case)| (p, case))
+            .collect();
         let dir_events = self.directory_events(at)?;
         let mut points: BTreeSet<Position> = versions.iter().map(|(p, _)| *p).collect();
         points.extend(dir_events.iter().map(|e| e.position));
@@ -465,7 +581,8 @@ impl Projections {
     /// Every change to a case, oldest first: the event that made it and what it changed. Reads
     /// the case's version rows only, not the log.
     pub fn case_history(&self, id: &CaseId) -> Result<Vec<HistoryEntry>, ProjectionError> {
-        let versions = self.versions_with_meta(id, Position(u64::MAX))?;
+        // Diffs do not look at xform_ids: leave them undecoded.
+        let versions = self.versions_with_meta(id, Position(u64::MAX), false)?;
         let mut out = Vec::with_capacity(versions.len());
         let mut before: Option<Case> = None;
         for (p, meta, after) in versions {
@@ -685,4 +802,75 @@ fn diff(old: Option<&Case>, new: Option<&Case>) -> Vec<Change> {
         |name, old, new| Change::Attachment { name, old, new },
     );
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// `CaseHead` reads a stored case's fields before `xform_ids`, whatever they hold.
+    #[test]
+    fn a_case_head_decodes_every_field_but_the_form_ids() {
+        let mut case = Case::empty(CaseId::new("c1"));
+        case.case_type = "pregnancy".into();
+        case.owner_id = "g".into();
+        case.external_id = Some("x".into());
+        case.opened_on = Some(Timestamp(5));
+        case.closed = true;
+        case.properties.insert("risk".into(), "high".into());
+        case.indices.insert(
+            "parent".into(),
+            Index {
+                case_id: CaseId::new("p"),
+                case_type: "t".into(),
+                relationship: domain::Relationship::Extension,
+            },
+        );
+        case.attachments.insert(
+            "photo".into(),
+            domain::Attachment {
+                src: Some("a.jpg".into()),
+                from: None,
+                name: None,
+            },
+        );
+        case.xform_ids = vec![FormId::new("f1"), FormId::new("f2")];
+        let bytes = codec::encode(&case);
+        let head = Case::from(codec::decode::<CaseHead>(b"k", &bytes).expect("head"));
+        assert_eq!(
+            head,
+            Case {
+                xform_ids: Vec::new(),
+                ..case
+            }
+        );
+    }
+
+    /// A version row finds each of its cases, deleted ones as empty, and names none other.
+    #[test]
+    fn a_version_row_finds_each_case_without_decoding_the_others() {
+        let meta = VersionMeta {
+            recorded_at: Timestamp(1),
+            action: 0,
+            form: FormId::new("f"),
+            user: None,
+            app: None,
+            replaces: None,
+        };
+        let a = Case::empty(CaseId::new("a"));
+        let row = encode_version(&meta, &[("a", Some(&a)), ("b", None)]);
+        let (m, found) = find_in_row(b"k", &row, "a").expect("row");
+        assert_eq!(m, meta);
+        assert_eq!(
+            codec::decode::<Case>(b"k", found.expect("a")).expect("case"),
+            a
+        );
+        assert_eq!(find_in_row(b"k", &row, "b").expect("row").1, Some(&[][..]));
+        assert_eq!(find_in_row(b"k", &row, "c").expect("row").1, None);
+        assert!(
+            find_in_row(b"k", &row[..row.len() - 1], "b").is_err(),
+            "cut short"
+        );
+    }
 }

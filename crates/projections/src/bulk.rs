@@ -32,7 +32,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::asof::{departures, VersionMeta};
+use crate::asof::{departures, encode_part, push_len, VersionMeta};
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
 use crate::{codec, keys, DiagnosticRow, Generation, ProjectionError};
@@ -272,9 +272,9 @@ where
             key.extend_from_slice(id.as_bytes());
             let meta = codec::encode(&meta);
             let mut part = Vec::with_capacity(4 + meta.len() + 512);
-            part.extend_from_slice(&u32::try_from(meta.len()).unwrap_or(u32::MAX).to_be_bytes());
+            push_len(&mut part, meta.len());
             part.extend_from_slice(&meta);
-            part.extend_from_slice(&codec::encode(&(id.as_str(), version.as_ref())));
+            part.extend_from_slice(&encode_part(&id, version.as_ref()));
             rows.push(Record {
                 key,
                 position: 0,
@@ -319,9 +319,9 @@ where
     // Version rows: the cases of one event gathered, in position order (I11).
     let rows = rows.finish()?;
     stats.runs += rows.runs();
-    // Each record is its meta's length and bytes, then its (case id, case) part of the row: a
-    // row is the meta once, the count, then the parts in case-id order (bincode's encoding of
-    // the meta and the list), so nothing is decoded again here.
+    // Each record is its meta's length and bytes, then its case's part of the row: a row is the
+    // meta once, the count, then the parts in case-id order (`asof::encode_version`), so nothing
+    // is decoded again here.
     let mut row = RowBuilder::default();
     for record in rows {
         let record = record?;
@@ -376,8 +376,13 @@ impl RowBuilder {
         if self.count == 0 {
             return Ok(());
         }
-        let mut value = std::mem::take(&mut self.meta);
-        value.extend_from_slice(&codec::encode(&self.count));
+        let mut value = Vec::with_capacity(8 + self.meta.len() + self.parts.len());
+        push_len(&mut value, self.meta.len());
+        value.extend_from_slice(&self.meta);
+        push_len(
+            &mut value,
+            usize::try_from(self.count).unwrap_or(usize::MAX),
+        );
         value.extend_from_slice(&self.parts);
         self.parts.clear();
         self.count = 0;
