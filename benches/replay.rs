@@ -598,6 +598,16 @@ impl Watch {
 /// sled 0.34.7 can deadlock under sustained writes: `SegmentAccountant::bump_tip` waits, holding
 /// the segment accountant's mutex, for a file truncation queued on sled's thread pool, whose
 /// threads are all blocked on that mutex (seen here; see docs/PERFORMANCE.md).
+/// How long a phase may show no progress: a fresh-process phase reports none until its child
+/// exits, which takes minutes at several million events.
+fn stall_of(phase: &str) -> Duration {
+    if phase.starts_with("fresh process") {
+        Duration::from_secs(1800)
+    } else {
+        STALL
+    }
+}
+
 fn watchdog(watch: Arc<Watch>) {
     std::thread::spawn(move || {
         let mut last = (watch.phase(), u64::MAX);
@@ -608,12 +618,12 @@ fn watchdog(watch: Arc<Watch>) {
             if now != last {
                 last = now;
                 since = Instant::now();
-            } else if since.elapsed() >= STALL {
+            } else if since.elapsed() >= stall_of(now.0) {
                 eprintln!(
                     "replay bench: no progress for {} s in phase {:?} at {} events; sled 0.34.7 \
                      deadlocks like this (bump_tip waiting on a truncation its blocked thread \
                      pool never runs). Giving up; rerun.",
-                    STALL.as_secs(),
+                    stall_of(now.0).as_secs(),
                     now.0,
                     now.1
                 );
@@ -787,7 +797,7 @@ fn main() -> BenchResult<()> {
 
     // The memory figure that matters is a process that opens a 1M-event store and replays it,
     // as `caseledger replay` does; this process still holds what generating the log cost.
-    watch.enter("replay in a fresh process");
+    watch.enter("fresh process: replay");
     let child = std::process::Command::new(std::env::current_exe()?)
         .arg("--bench")
         .env(CHILD, dir.path())
@@ -827,7 +837,7 @@ fn main() -> BenchResult<()> {
     // What sled 0.34.7 holds while it merely reads this log once: a fresh process that opens the
     // same store with the same cache and iterates the log tree, decoding and writing nothing.
     // (Not a hard floor: a replay that interleaves writes with the read has peaked lower.)
-    watch.enter("bare sled read in a fresh process");
+    watch.enter("fresh process: bare sled read");
     let floor = std::process::Command::new(std::env::current_exe()?)
         .arg("--bench")
         .env(FLOOR_CHILD, dir.path())
