@@ -112,11 +112,7 @@ impl Prefix {
         let projections = Projections::open(&db, &"p".into()).expect("projections");
         let reader_log = log.clone();
         projections.set_log_reader(std::sync::Arc::new(move |p: Position| {
-            match reader_log.iter_from(p).next() {
-                Some(Ok(e)) if e.position == p => Ok(Some(e)),
-                Some(Ok(_)) | None => Ok(None),
-                Some(Err(e)) => Err(e),
-            }
+            reader_log.read_at(p)
         }));
         Prefix {
             _dir: dir,

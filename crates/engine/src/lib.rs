@@ -285,11 +285,7 @@ impl Engine {
         let projections = Projections::open(&db, domain)?;
         let reader_log = log.clone();
         projections.set_log_reader(std::sync::Arc::new(move |p: Position| {
-            match reader_log.iter_from(p).next() {
-                Some(Ok(e)) if e.position == p => Ok(Some(e)),
-                Some(Ok(_)) | None => Ok(None),
-                Some(Err(e)) => Err(e),
-            }
+            reader_log.read_at(p)
         }));
         let committer = Committer::start()
             .map_err(|e| EngineError::Internal(format!("projection writer thread: {e}")))?;

@@ -495,6 +495,25 @@ impl SledLog {
         self.events(from, self.written_head())
     }
 
+    /// The written event at `position`, verified as iteration verifies it; `None` for position 0
+    /// or beyond the written head. One point read, for readers that jump around the log
+    /// (projection rebuilds, time travel, restore).
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] when the event is missing below the head or fails its checks.
+    pub fn read_at(&self, position: Position) -> Result<Option<RecordedEvent>, LogError> {
+        if position == Position::ZERO || position > self.written_head() {
+            return Ok(None);
+        }
+        let key = position.to_be_bytes();
+        let value = self
+            .inner
+            .tree
+            .get(key)?
+            .ok_or_else(|| LogError::corrupt(position, "missing below the written head"))?;
+        decode_stored(position, &key, &value).map(Some)
+    }
+
     /// Verified events in `from..=to`.
     fn events(&self, from: Position, to: Position) -> Events {
         let from = from.max(Position(1));

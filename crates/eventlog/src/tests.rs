@@ -951,3 +951,25 @@ proptest! {
         }
     }
 }
+
+/// `read_at` is a point read with the checks of iteration: the event at a position, nothing at
+/// 0 or past the head, and a typed error for an event missing below the head.
+#[test]
+fn read_at_reads_one_event_and_names_a_missing_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (db, log) = open(&dir);
+    log.write(req(Expected::Any, None, 1, users(0..3)))
+        .expect("append");
+    let second = log.read_at(Position(2)).expect("read").expect("event");
+    assert_eq!((second.position, second.event), (Position(2), user(1)));
+    assert_eq!(log.read_at(Position::ZERO).expect("read"), None);
+    assert_eq!(log.read_at(Position(4)).expect("read"), None);
+    db.open_tree(format!("log/{}", domain().as_str()))
+        .expect("tree")
+        .remove(Position(2).to_be_bytes())
+        .expect("remove");
+    assert!(matches!(
+        log.read_at(Position(2)),
+        Err(LogError::Corrupt { .. })
+    ));
+}

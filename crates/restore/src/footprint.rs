@@ -241,9 +241,8 @@ fn touched_by(
     };
     let prev = match (&ev.event, &fact) {
         (Event::FormEditedV1(e), _) => {
-            let old = engine.log().iter_from(e.replaces).next().transpose()?;
-            old.filter(|o| o.position == e.replaces)
-                .and_then(|o| FormFact::of(&o.event, o.position).map(|(_, f)| f))
+            let old = engine.log().read_at(e.replaces)?;
+            old.and_then(|o| FormFact::of(&o.event, o.position).map(|(_, f)| f))
                 .map(|f| FormEntry::fold(None, f, e.replaces))
                 .and_then(|step| step.entry)
         }
