@@ -359,7 +359,7 @@ impl Projections {
                 }
                 history
             }
-            None => generation.history(id)?,
+            None => generation.tombstone_history(id)?,
         };
         let Some(last) = history.iter().rev().find(|p| **p <= at) else {
             return Ok(CaseAt::NotYet);
@@ -568,14 +568,7 @@ impl Projections {
     }
 
     fn read_event(&self, case: &CaseId, p: Position) -> Result<RecordedEvent, ProjectionError> {
-        let reader = self.reader().ok_or_else(|| ProjectionError::Rebuild {
-            case: case.0.clone(),
-            reason: "no log reader configured".into(),
-        })?;
-        reader(p)?.ok_or_else(|| ProjectionError::Rebuild {
-            case: case.0.clone(),
-            reason: format!("event {p} is not in the log"),
-        })
+        crate::read_logged(self.reader().as_ref(), case, p)
     }
 
     /// Every change to a case, oldest first: the event that made it and what it changed. Reads

@@ -90,6 +90,21 @@ pub(crate) fn group_views(dir: &Directory, user: Option<&str>) -> Vec<GroupView>
         .collect()
 }
 
+/// The event at `p`, read for `case` through `reader`: a typed error when no reader is set or
+/// the log does not hold it.
+pub(crate) fn read_logged(
+    reader: Option<&LogReader>,
+    case: &CaseId,
+    p: Position,
+) -> Result<RecordedEvent, ProjectionError> {
+    let rebuild = |reason: String| ProjectionError::Rebuild {
+        case: case.0.clone(),
+        reason,
+    };
+    let reader = reader.ok_or_else(|| rebuild("no log reader configured".into()))?;
+    reader(p)?.ok_or_else(|| rebuild(format!("event {p} is not in the log")))
+}
+
 /// Reads one event of the log by position; projections use it to rebuild cases (R58).
 pub type LogReader =
     Arc<dyn Fn(Position) -> Result<Option<RecordedEvent>, eventlog::LogError> + Send + Sync>;
@@ -194,9 +209,14 @@ impl Generation {
     /// The positions of the events that touched a case (deleted or not), without decoding it.
     fn history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
         let key = keys::case(id.as_str());
-        if let Some(bytes) = self.tree.get(&key)? {
-            return codec::decode_case_history(&key, &bytes);
+        match self.tree.get(&key)? {
+            Some(bytes) => codec::decode_case_history(&key, &bytes),
+            None => self.tombstone_history(id),
         }
+    }
+
+    /// The history a deleted case keeps in its tombstone; empty when there is none.
+    fn tombstone_history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
         let key = keys::tombstone(id.as_str());
         match self.tree.get(&key)? {
             Some(bytes) => codec::decode_history(&key, &bytes),
@@ -246,6 +266,29 @@ const VERSION_KEY: &[u8] = b"version";
 ///   position, `h` owner departures, `y` directory events).
 pub const VERSION: u64 = 2;
 
+/// A u64 record of the meta tree; a record that cannot be read is noted in `found` as damage and
+/// read as absent.
+fn meta_record(meta: &sled::Tree, key: &[u8], what: &str, found: &mut Vec<Damage>) -> Option<u64> {
+    match meta.get(key) {
+        Ok(Some(bytes)) => {
+            let value = keys::trailing_u64(&bytes);
+            if value.is_none() {
+                found.push(Damage::Meta {
+                    reason: format!("{what} record of {} bytes", bytes.len()),
+                });
+            }
+            value
+        }
+        Ok(None) => None,
+        Err(e) => {
+            found.push(Damage::Meta {
+                reason: e.to_string(),
+            });
+            None
+        }
+    }
+}
+
 /// The projections of one project space.
 pub struct Projections {
     db: sled::Db,
@@ -271,42 +314,8 @@ impl Projections {
     pub fn open(db: &sled::Db, domain: &DomainName) -> Result<Self, ProjectionError> {
         let meta = db.open_tree(meta_name(domain))?;
         let mut found = Vec::new();
-        let stored_active = match meta.get(ACTIVE) {
-            Ok(Some(bytes)) => match keys::trailing_u64(&bytes) {
-                Some(id) => Some(id),
-                None => {
-                    found.push(Damage::Meta {
-                        reason: format!("active generation record of {} bytes", bytes.len()),
-                    });
-                    None
-                }
-            },
-            Ok(None) => None,
-            Err(e) => {
-                found.push(Damage::Meta {
-                    reason: e.to_string(),
-                });
-                None
-            }
-        };
-        let stored_version = match meta.get(VERSION_KEY) {
-            Ok(Some(bytes)) => match keys::trailing_u64(&bytes) {
-                Some(v) => Some(v),
-                None => {
-                    found.push(Damage::Meta {
-                        reason: format!("version record of {} bytes", bytes.len()),
-                    });
-                    None
-                }
-            },
-            Ok(None) => None,
-            Err(e) => {
-                found.push(Damage::Meta {
-                    reason: e.to_string(),
-                });
-                None
-            }
-        };
+        let stored_active = meta_record(&meta, ACTIVE, "active generation", &mut found);
+        let stored_version = meta_record(&meta, VERSION_KEY, "version", &mut found);
         // Layout 1 predates the version record; a fresh store is at this code's version.
         let version = match (stored_version, stored_active) {
             (Some(v), _) => v,

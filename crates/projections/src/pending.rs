@@ -329,17 +329,7 @@ impl Pending {
     }
 
     fn read(&self, case: &CaseId, p: Position) -> Result<RecordedEvent, ProjectionError> {
-        let reader = self
-            .reader
-            .as_ref()
-            .ok_or_else(|| ProjectionError::Rebuild {
-                case: case.0.clone(),
-                reason: "no log reader configured".into(),
-            })?;
-        reader(p)?.ok_or_else(|| ProjectionError::Rebuild {
-            case: case.0.clone(),
-            reason: format!("event {p} is not in the log"),
-        })
+        crate::read_logged(self.reader.as_ref(), case, p)
     }
 
     /// R58: rebuilds a case from its live forms — each non-archived form that touched it, in the
@@ -446,12 +436,6 @@ impl Pending {
             for (owner, p) in departures(stored, versions) {
                 batch.insert(keys::departed(owner, id.as_str(), p.0), Vec::new());
             }
-        }
-        for (p, (meta, mut cases)) in rows {
-            cases.sort_by(|a, b| a.0.cmp(b.0));
-            batch.insert(keys::version(p.0), encode_version(meta, &cases));
-        }
-        for (id, slot) in &self.cases {
             if !slot.dirty {
                 continue;
             }
@@ -503,6 +487,10 @@ impl Pending {
                     batch.insert(keys::tombstone(id.as_str()), history);
                 }
             }
+        }
+        for (p, (meta, mut cases)) in rows {
+            cases.sort_by(|a, b| a.0.cmp(b.0));
+            batch.insert(keys::version(p.0), encode_version(meta, &cases));
         }
         for (id, form) in &self.forms {
             batch.insert(keys::form(id.as_str()), codec::encode(form));
