@@ -8,7 +8,7 @@ use std::process::Output;
 use caseledger::audit::{base64, unbase64};
 use serde_json::Value;
 
-use crate::support;
+use crate::support::{self, copy_dir};
 
 /// Exit status of `verify`, `export` and `import` for damage or a refused export.
 const DAMAGE: i32 = 3;
@@ -104,19 +104,6 @@ fn store() -> (tempfile::TempDir, PathBuf) {
     let out = run(&data, &["submit", big.to_str().expect("utf-8 path")]);
     assert!(matches!(out.status.code(), Some(0 | 2)), "{}", stderr(&out));
     (dir, data)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 /// No import leaves its scratch directory behind next to the target.

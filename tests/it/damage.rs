@@ -10,6 +10,8 @@ use caseledger::domain::{AppId, CaseId, Command, GroupId, Position, UserId};
 use caseledger::projections::{Damage, KeyKind, VERSION};
 use caseledger::{Engine, EngineConfig, Request};
 
+use crate::support::copy_dir;
+
 /// Writes a store in `dir` with a user, a case-sharing group and app, and `forms` forms over
 /// `forms / 2` cases (every other form updates a case created before), in groups of 64.
 pub fn write_store(dir: &Path, forms: usize, killed_copy: Option<&Path>) {
@@ -70,20 +72,6 @@ pub fn write_store(dir: &Path, forms: usize, killed_copy: Option<&Path>) {
         // A copy taken while the engine is open is what a killed process leaves: no
         // shutdown snapshot, so the next open recovers by reading sled's segments.
         copy_dir(dir, copy);
-    }
-}
-
-/// Copies a store directory (files and one level of subdirectories, as sled lays it out).
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).expect("copy");
-        }
     }
 }
 

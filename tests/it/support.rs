@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use caseledger::domain::{AppId, Case, CaseId, Command, GroupId, UserId};
 use caseledger::{Engine, EngineConfig, Request, SubmitOutcome};
@@ -120,5 +120,20 @@ impl World {
             .case(&CaseId::new(id))
             .expect("read")
             .expect("case exists")
+    }
+}
+
+/// Copies a store directory with its subdirectories (as sled lays it out), for tests that damage
+/// or inspect a copy.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
     }
 }
