@@ -19,14 +19,14 @@ use crate::{
     Expected, LogConfig, LogError, SledLog,
 };
 
-fn domain() -> DomainName {
+pub(crate) fn domain() -> DomainName {
     DomainName::new("demo")
 }
 
 /// Opens sled at `dir`, retrying while a just-dropped `Db` of the same directory still holds
 /// its file lock: sled 0.34.7 releases it only when its IO thread pool and epoch-deferred drops
 /// let go of the file, a little after the last handle is dropped, and gives no signal for it.
-fn open_db(dir: &tempfile::TempDir) -> sled::Db {
+pub(crate) fn open_db(dir: &tempfile::TempDir) -> sled::Db {
     let mut attempts = 0;
     loop {
         match sled::Config::new().path(dir.path()).open() {
@@ -40,7 +40,7 @@ fn open_db(dir: &tempfile::TempDir) -> sled::Db {
     }
 }
 
-fn open(dir: &tempfile::TempDir) -> (sled::Db, SledLog) {
+pub(crate) fn open(dir: &tempfile::TempDir) -> (sled::Db, SledLog) {
     let db = open_db(dir);
     let log = SledLog::open(&db, &domain(), LogConfig::default()).expect("open log");
     (db, log)

@@ -1,37 +1,12 @@
 //! Tests of the hash chain: linking across writes, groups and reopen, verification from a
 //! position, legacy (unchained) entries, verbatim appends, and the acknowledged-head file.
 
-use std::time::Duration;
-
-use domain::{CommandId, DomainName, Event, Position, Timestamp, UserCreatedV1, UserId};
+use domain::{CommandId, Event, Position, Timestamp, UserCreatedV1, UserId};
 
 use crate::chain::{chain_hash, read_head_file, Hash, GENESIS};
 use crate::envelope::encode_into;
-use crate::{decode_header, AppendRequest, EventStore, Expected, LogConfig, LogError, SledLog};
-
-fn domain() -> DomainName {
-    DomainName::new("demo")
-}
-
-fn open_db(dir: &tempfile::TempDir) -> sled::Db {
-    let mut attempts = 0;
-    loop {
-        match sled::Config::new().path(dir.path()).open() {
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                attempts += 1;
-                assert!(attempts < 500, "sled kept its lock for 5 s: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            db => return db.expect("open sled"),
-        }
-    }
-}
-
-fn open(dir: &tempfile::TempDir) -> (sled::Db, SledLog) {
-    let db = open_db(dir);
-    let log = SledLog::open(&db, &domain(), LogConfig::default()).expect("open log");
-    (db, log)
-}
+use crate::tests::{domain, open, open_db};
+use crate::{decode_header, AppendRequest, EventStore, Expected, LogError};
 
 fn user(i: u64) -> Event {
     Event::UserCreatedV1(UserCreatedV1 {
