@@ -503,18 +503,9 @@ impl Projections {
         include_closed: bool,
         at: Position,
     ) -> Result<Vec<Case>, ProjectionError> {
-        let owners = self.directory_at(at)?.owner_ids(user);
-        let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
-        for owner in owners {
-            for case in self.cases_by_owner_at(&owner, include_closed, at)? {
-                if seen.insert(case.case_id.clone()) {
-                    out.push(case);
-                }
-            }
-        }
-        out.sort_by(|a, b| a.case_id.cmp(&b.case_id));
-        Ok(out)
+        crate::union_of_owners(self.directory_at(at)?.owner_ids(user), |owner| {
+            self.cases_by_owner_at(owner, include_closed, at)
+        })
     }
 
     /// Diagnostics raised up to `at`, in position order.

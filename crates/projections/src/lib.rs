@@ -76,6 +76,25 @@ pub struct GroupView {
     pub members: Vec<String>,
 }
 
+/// A user's case list (R44) from the cases of each of the user's owner ids: each case once,
+/// sorted by case id.
+pub(crate) fn union_of_owners(
+    owners: Vec<String>,
+    mut cases_of: impl FnMut(&str) -> Result<Vec<Case>, ProjectionError>,
+) -> Result<Vec<Case>, ProjectionError> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for owner in owners {
+        for case in cases_of(&owner)? {
+            if seen.insert(case.case_id.clone()) {
+                out.push(case);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.case_id.cmp(&b.case_id));
+    Ok(out)
+}
+
 /// Groups of `dir` (all, or those listing `user`), sorted by id.
 pub(crate) fn group_views(dir: &Directory, user: Option<&str>) -> Vec<GroupView> {
     dir.groups
@@ -542,18 +561,9 @@ impl Projections {
         user: &str,
         include_closed: bool,
     ) -> Result<Vec<Case>, ProjectionError> {
-        let owners = self.directory().owner_ids(user);
-        let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
-        for owner in owners {
-            for case in self.cases_by_owner(&owner, include_closed)? {
-                if seen.insert(case.case_id.clone()) {
-                    out.push(case);
-                }
-            }
-        }
-        out.sort_by(|a, b| a.case_id.cmp(&b.case_id));
-        Ok(out)
+        union_of_owners(self.directory().owner_ids(user), |owner| {
+            self.cases_by_owner(owner, include_closed)
+        })
     }
 
     /// Groups (all, or those listing `user`), sorted by id.
