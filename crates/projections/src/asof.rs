@@ -26,13 +26,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::{codec, keys, DiagnosticRow, GroupView, ProjectionError, Projections};
 
+/// What a form event did, as a version row records it (the variant order is the stored index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Action {
+    Accepted,
+    Edited,
+    Archived,
+    Unarchived,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Accepted => "accepted",
+            Action::Edited => "edited",
+            Action::Archived => "archived",
+            Action::Unarchived => "unarchived",
+        }
+    }
+}
+
 /// What a version row says about the event that made it, so that history needs no log read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct VersionMeta {
     /// Server received time of the event.
     pub(crate) recorded_at: Timestamp,
-    /// 0 accepted, 1 edited, 2 archived, 3 unarchived.
-    pub(crate) action: u8,
+    /// What the event did.
+    pub(crate) action: Action,
     /// The form.
     pub(crate) form: FormId,
     /// Its `meta/userID`.
@@ -49,14 +69,14 @@ impl VersionMeta {
     pub(crate) fn of(ev: &RecordedEvent, entry: Option<&FormEntry>) -> Option<Self> {
         let (action, form, user, app, replaces) = match &ev.event {
             Event::FormAcceptedV1(f) => (
-                0,
+                Action::Accepted,
                 &f.form.form_id,
                 f.form.user_id.clone(),
                 f.form.app_id.clone(),
                 None,
             ),
             Event::FormEditedV1(f) => (
-                1,
+                Action::Edited,
                 &f.form.form_id,
                 f.form.user_id.clone(),
                 f.form.app_id.clone(),
@@ -64,9 +84,9 @@ impl VersionMeta {
             ),
             Event::FormArchivedV1(a) | Event::FormUnarchivedV1(a) => (
                 if matches!(ev.event, Event::FormArchivedV1(_)) {
-                    2
+                    Action::Archived
                 } else {
-                    3
+                    Action::Unarchived
                 },
                 &a.form_id,
                 entry.and_then(|e| e.user_id.clone()),
@@ -83,15 +103,6 @@ impl VersionMeta {
             app,
             replaces,
         })
-    }
-
-    fn action_name(&self) -> &'static str {
-        match self.action {
-            0 => "accepted",
-            1 => "edited",
-            2 => "archived",
-            _ => "unarchived",
-        }
     }
 }
 
@@ -573,7 +584,7 @@ impl Projections {
             out.push(HistoryEntry {
                 position: p,
                 received_at: meta.recorded_at,
-                action: meta.action_name(),
+                action: meta.action.name(),
                 form_id: meta.form.0,
                 user: meta.user,
                 app: meta.app.map(|a| a.0),
@@ -836,7 +847,7 @@ mod tests {
     fn a_version_row_finds_each_case_without_decoding_the_others() {
         let meta = VersionMeta {
             recorded_at: Timestamp(1),
-            action: 0,
+            action: Action::Accepted,
             form: FormId::new("f"),
             user: None,
             app: None,

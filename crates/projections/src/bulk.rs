@@ -32,7 +32,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::asof::{departures, encode_part, push_len, VersionMeta};
+use crate::asof::{departures, encode_part, push_len, Action, VersionMeta};
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
 use crate::{codec, keys, DiagnosticRow, Generation, ProjectionError};
@@ -460,9 +460,9 @@ fn fold_form(
             let meta = VersionMeta {
                 recorded_at,
                 action: match (edit, archived) {
-                    (true, _) => 1,
-                    (false, true) => 2,
-                    (false, false) => 3,
+                    (true, _) => Action::Edited,
+                    (false, true) => Action::Archived,
+                    (false, false) => Action::Unarchived,
                 },
                 form: id.clone(),
                 user: after.and_then(|e| e.user_id.clone()),
