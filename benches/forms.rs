@@ -17,7 +17,8 @@
 //!
 //! `cargo bench --bench forms`; `CASELEDGER_BENCH_FORMS=n` sets the form count (default 100 000),
 //! `CASELEDGER_BENCH_TASKS` and `CASELEDGER_BENCH_BATCH` the concurrency (default 4 x 256),
-//! `CASELEDGER_BENCH_FSYNC=0` turns off the data-file fdatasync (`EngineConfig::fsync`).
+//! `CASELEDGER_BENCH_FSYNC=0` turns off the data-file fdatasync (`EngineConfig::fsync`),
+//! `CASELEDGER_BENCH_RAW=inline` keeps raw submissions in the log (`EngineConfig::raw_out_of_line`).
 //! Target: durable >= 20 000 forms/s on a 2-core machine.
 
 // The binary's allocator, so the figures are the ones `caseledger` gets (glibc malloc's
@@ -303,6 +304,7 @@ fn main() -> BenchResult<()> {
         EngineConfig {
             fsync: env_or("CASELEDGER_BENCH_FSYNC", 1)? == 1,
             cache_capacity: env_or("CASELEDGER_BENCH_CACHE_MB", 64)? << 20,
+            raw_out_of_line: raw_out_of_line(),
             ..EngineConfig::default()
         },
     )?);
@@ -332,8 +334,9 @@ fn main() -> BenchResult<()> {
     let mut seconds = 0.0;
     writeln!(
         out,
-        "durable: {tasks} tasks x execute_many of {batch} forms (prepare_submission counted), {cpus} runtime workers, EngineConfig fsync = {}",
-        env_or("CASELEDGER_BENCH_FSYNC", 1)? == 1
+        "durable: {tasks} tasks x execute_many of {batch} forms (prepare_submission counted), {cpus} runtime workers, EngineConfig fsync = {}, raw submissions {}",
+        env_or("CASELEDGER_BENCH_FSYNC", 1)? == 1,
+        if raw_out_of_line() { "out of line" } else { "inline" }
     )?;
     for (round, batches) in (1..).zip(rounds) {
         let forms_in: usize = batches.iter().map(Vec::len).sum();
@@ -416,6 +419,11 @@ fn main() -> BenchResult<()> {
     Ok(())
 }
 
+/// `EngineConfig::raw_out_of_line`, unless `CASELEDGER_BENCH_RAW=inline`.
+fn raw_out_of_line() -> bool {
+    std::env::var("CASELEDGER_BENCH_RAW").as_deref() != Ok("inline")
+}
+
 /// What the bare-sled baseline did.
 struct Bare {
     forms: u64,
@@ -430,8 +438,11 @@ struct Bare {
 /// the engine logged (sequential keys) and one batch of projection-shaped entries at the engine's
 /// keys (the form id, each case id, an owner entry per created case, and the form's time-travel
 /// version row at its position; values of typical sizes),
-/// then `Db::flush` and `fdatasync` of the data file, as a group commit does. One thread, so its
-/// rate is what sled alone gives a writer that does nothing else.
+/// then `Db::flush` and `fdatasync` of the data file, as a group commit does. When the engine
+/// stores raw submissions out of line, each group first appends its forms' bytes (with a
+/// 44-byte record header) to a plain file and 8 bytes per form to another, and `fdatasync`s
+/// both, as the log does. One thread, so
+/// its rate is what sled alone gives a writer that does nothing else.
 fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
     use caseledger::domain::{Event, Position};
     let dir = tempfile::tempdir()?;
@@ -457,16 +468,46 @@ fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
         seconds: 0.0,
         cpu: 0.0,
     };
-    let envelopes: Vec<Vec<u8>> = forms
-        .iter()
-        .map(|e| caseledger::eventlog::encode_envelope(e))
-        .collect::<Result<_, _>>()?;
+    // The engine's envelopes: the facts only when raw submissions are out of line (then their
+    // bytes are written to the raw file below), else the bytes inline.
+    let out_of_line = raw_out_of_line();
+    let mut envelopes = Vec::with_capacity(forms.len());
+    let mut raws = Vec::with_capacity(forms.len());
+    for e in &forms {
+        let whole = engine.log().with_raw((*e).clone())?;
+        let raw = whole
+            .event
+            .form_record()
+            .and_then(|f| f.raw.bytes())
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        if out_of_line {
+            envelopes.push(caseledger::eventlog::encode_envelope(e)?);
+            raws.push(raw);
+        } else {
+            envelopes.push(caseledger::eventlog::encode_envelope(&whole)?);
+        }
+    }
+    let mut raw_file = std::fs::File::create(dir.path().join("raw.dat"))?;
+    let mut index_file = std::fs::File::create(dir.path().join("raw.idx"))?;
     let cpu_before = process_cpu_seconds();
     let started = std::time::Instant::now();
-    for (chunk, envs) in forms
+    for (group, (chunk, envs)) in forms
         .chunks(batch.max(1))
         .zip(envelopes.chunks(batch.max(1)))
+        .enumerate()
     {
+        if out_of_line {
+            let mut records = Vec::new();
+            for raw in raws.iter().skip(group * batch.max(1)).take(chunk.len()) {
+                records.extend_from_slice(&[0u8; 44]);
+                records.extend_from_slice(raw);
+            }
+            raw_file.write_all(&records)?;
+            raw_file.sync_data()?;
+            index_file.write_all(&vec![0u8; 8 * chunk.len()])?;
+            index_file.sync_data()?;
+        }
         let mut log_batch = sled::Batch::default();
         let mut proj_batch = sled::Batch::default();
         for (e, env) in chunk.iter().zip(envs) {

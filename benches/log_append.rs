@@ -118,7 +118,7 @@ fn event(i: u64) -> Event {
             app_id: None,
             user_id: Some("u-david".into()),
             content_hash,
-            raw: raw.into_bytes(),
+            raw: raw.into_bytes().into(),
         },
         blocks: vec![BlockApplied {
             case_id: CaseId::new(case_id),
@@ -144,7 +144,7 @@ fn event(i: u64) -> Event {
 
 fn form_len() -> usize {
     match event(0) {
-        Event::FormAcceptedV1(f) => f.form.raw.len(),
+        Event::FormAcceptedV1(f) => f.form.raw.len() as usize,
         _ => 0,
     }
 }

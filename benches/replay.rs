@@ -23,7 +23,8 @@
 //!
 //! `cargo bench --bench replay`; `CASELEDGER_BENCH_EVENTS=n` sets N (default 1 000 000),
 //! `CASELEDGER_BENCH_REPLAY_CHUNK` and `CASELEDGER_BENCH_CACHE_MB` the engine knobs,
-//! `CASELEDGER_BENCH_TRAVEL=0` skips the time-travel timings that follow the check.
+//! `CASELEDGER_BENCH_TRAVEL=0` skips the time-travel timings that follow the check,
+//! `CASELEDGER_BENCH_RAW=inline` keeps raw submissions in the log (`EngineConfig::raw_out_of_line`).
 //! Targets: replay/raw >= 0.25, replay peak RSS <= 256 MB.
 
 // The binary's allocator, so the figures are the ones `caseledger` gets (glibc malloc's
@@ -254,7 +255,7 @@ impl Workload {
                         app_id: Some(AppId::new("app-anc")),
                         user_id: Some("u-ghost".into()),
                         content_hash: caseledger::casexml::content_hash(&raw),
-                        raw,
+                        raw: raw.into(),
                     },
                     error: Rejection {
                         code: ErrorCode::UnknownUser,
@@ -353,7 +354,7 @@ impl Workload {
                 })),
                 user_id: Some(submitter.clone()),
                 content_hash: caseledger::casexml::content_hash(&raw),
-                raw,
+                raw: raw.into(),
             },
             blocks: applied,
         })];
@@ -491,7 +492,7 @@ fn generate(log: &SledLog, n: u64, progress: &AtomicU64) -> BenchResult<Generate
             | Event::FormRejectedV1(FormRejectedV1 { form, .. }) = e
             {
                 forms += 1;
-                raw_form_bytes += form.raw.len() as u64;
+                raw_form_bytes += form.raw.len();
             }
         }
         w.write(recorded_at, batch)?;
@@ -672,6 +673,7 @@ fn main() -> BenchResult<()> {
         replay_chunk,
         cache_capacity: cache_mb << 20,
         replay_sort_budget: sort_mb << 20,
+        raw_out_of_line: raw_out_of_line(),
         ..EngineConfig::default()
     };
     let engine = Engine::open(dir.path(), &DomainName::new("bench"), config)?;
@@ -685,7 +687,7 @@ fn main() -> BenchResult<()> {
     writeln!(
         out,
         "log: N = {} events ({} forms, avg raw form {} B, {} cases, {} users, {} groups), \
-         envelopes {:.1} MB (avg {} B/event), on disk {:.1} MB, generated in {:.1} s",
+         envelopes with raw inline {:.1} MB (avg {} B/event), on disk {:.1} MB (raw submissions {}: {:.1} MB), generated in {:.1} s",
         generated.events,
         generated.forms,
         generated.raw_form_bytes / generated.forms.max(1),
@@ -695,6 +697,8 @@ fn main() -> BenchResult<()> {
         generated.envelope_bytes as f64 / 1e6,
         generated.envelope_bytes / generated.events.max(1),
         dir_size(dir.path()) as f64 / 1e6,
+        if raw_out_of_line() { "out of line" } else { "inline" },
+        dir_size(&dir.path().join("raw")) as f64 / 1e6,
         generated.seconds
     )?;
     writeln!(
@@ -1051,6 +1055,11 @@ impl Kept {
 /// Env var that turns this binary into the fresh replay process for the store at its value.
 const CHILD: &str = "CASELEDGER_BENCH_REPLAY_CHILD";
 
+/// `EngineConfig::raw_out_of_line`, unless `CASELEDGER_BENCH_RAW=inline`.
+fn raw_out_of_line() -> bool {
+    std::env::var("CASELEDGER_BENCH_RAW").as_deref() != Ok("inline")
+}
+
 /// The fresh process: open the store, replay it, print `child <events> <seconds> <VmHWM kB>`.
 fn replay_child(dir: &str) -> BenchResult<()> {
     let chunk: usize = std::env::var("CASELEDGER_BENCH_REPLAY_CHUNK")?.parse()?;
@@ -1060,6 +1069,7 @@ fn replay_child(dir: &str) -> BenchResult<()> {
         replay_chunk: chunk,
         cache_capacity: cache_mb << 20,
         replay_sort_budget: sort_mb << 20,
+        raw_out_of_line: raw_out_of_line(),
         ..EngineConfig::default()
     };
     let engine = Engine::open(Path::new(dir), &DomainName::new("bench"), config)?;

@@ -81,7 +81,7 @@ fn event(i: u64) -> Event {
             app_id: None,
             user_id: Some("u-david".into()),
             content_hash,
-            raw: raw.into_bytes(),
+            raw: raw.into_bytes().into(),
         },
         blocks: vec![BlockApplied {
             case_id: CaseId::new(case_id),

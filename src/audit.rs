@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 
 use domain::{DomainName, Position, RecordedEvent};
 use eventlog::chain::{parse_hex, to_hex};
+use eventlog::raw::{raw_dir, RawRef};
 use eventlog::{
     chain_hash, decode_header, read_head_file, AcknowledgedHead, ChainEntry, Hash, LogConfig,
-    LogError, SledLog, GENESIS,
+    LogError, SledLog, VerbatimEntry, GENESIS,
 };
 use serde_json::{json, Map, Value};
 
@@ -143,6 +144,7 @@ fn with_log<T>(
             .open()
             .map_err(|e| AuditError::from(LogError::Storage(e)))?;
         let log = SledLog::open(&db, domain, LogConfig::default())?;
+        log.store_raw_in(&raw_dir(dir), false)?;
         f(&log)
     });
     std::panic::catch_unwind(run).unwrap_or_else(|panic| {
@@ -201,7 +203,11 @@ pub fn export(
                 break;
             }
             let event = entry.decode()?;
-            let mut line = export_line(&entry, &event);
+            let raw = match event.event.form_record() {
+                Some(form) if form.raw.is_detached() => Some(log.raw_bytes(entry.position, form)?),
+                _ => None,
+            };
+            let mut line = export_line(&entry, &event, raw.as_deref());
             line.push('\n');
             out.write_all(line.as_bytes())
                 .map_err(|e| AuditError::Io("writing the export".into(), e))?;
@@ -217,8 +223,9 @@ pub fn export(
 /// `command_id`, `envelope` (base64 of the stored bytes), `format`, `hash`, `payload` (the event
 /// as JSON, byte fields as base64, the form's raw bytes moved out), `position`, `prev`, `raw`
 /// (base64 of the submission for form events, else null), `received_at` (RFC 3339), `type`,
-/// `version`.
-pub fn export_line(entry: &ChainEntry, event: &RecordedEvent) -> String {
+/// `version`. `detached` is the raw submission of a form event whose bytes the log stores out
+/// of line (envelope format 4), read and checked by the caller.
+pub fn export_line(entry: &ChainEntry, event: &RecordedEvent, detached: Option<&[u8]>) -> String {
     let mut raw = None;
     let payload = match serde_json::to_value(&event.event) {
         // Externally tagged: `{"FormAcceptedV1": {...}}`; the type is its own field.
@@ -230,6 +237,9 @@ pub fn export_line(entry: &ChainEntry, event: &RecordedEvent) -> String {
         Ok(other) => other,
         Err(e) => json!({"unserialisable": e.to_string()}),
     };
+    if let Some(bytes) = detached {
+        raw = Some(base64(bytes));
+    }
     let format = entry.envelope.first().copied().unwrap_or(0);
     json!({
         "position": entry.position.0,
@@ -369,6 +379,7 @@ fn build(
             .open()
             .map_err(|e| AuditError::Log(LogError::Storage(e)))?;
         let log = SledLog::open(&db, domain, LogConfig::default())?;
+        log.store_raw_in(&raw_dir(scratch), true)?;
         let mut checker = LineChecker {
             position: Position::ZERO,
             hash: GENESIS,
@@ -389,8 +400,12 @@ fn build(
                 blank = Some(index + 1);
                 continue;
             }
-            let envelope = checker.check(index + 1, &line)?;
-            batch.push((checker.position, envelope));
+            let (envelope, raw) = checker.check(index + 1, &line)?;
+            batch.push(VerbatimEntry {
+                position: checker.position,
+                envelope,
+                raw,
+            });
             if batch.len() == IMPORT_BATCH {
                 write_batch(&log, &mut batch)?;
             }
@@ -421,7 +436,7 @@ fn build(
     })
 }
 
-fn write_batch(log: &SledLog, batch: &mut Vec<(Position, Vec<u8>)>) -> Result<(), AuditError> {
+fn write_batch(log: &SledLog, batch: &mut Vec<VerbatimEntry>) -> Result<(), AuditError> {
     if !batch.is_empty() {
         log.append_verbatim(batch)?;
         batch.clear();
@@ -436,8 +451,14 @@ struct LineChecker {
 }
 
 impl LineChecker {
-    /// Checks one line; returns its envelope bytes and advances.
-    fn check(&mut self, line_no: usize, line: &[u8]) -> Result<Vec<u8>, AuditError> {
+    /// Checks one line; returns its envelope bytes (and the raw submission a format-4 envelope
+    /// names) and advances.
+    #[allow(clippy::type_complexity)]
+    fn check(
+        &mut self,
+        line_no: usize,
+        line: &[u8],
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), AuditError> {
         let expected = self.position.next();
         let refuse = |position: u64, reason: String| AuditError::Refused {
             line: line_no,
@@ -485,7 +506,26 @@ impl LineChecker {
         let event = entry
             .decode()
             .map_err(|e| refuse(format!("envelope: {e}")))?;
-        let canonical = export_line(&entry, &event);
+        // A raw submission stored out of line is in the line's `raw`; its hash is in the
+        // envelope, which the rendering below and the log's verbatim append both check.
+        let detached = match header.raw {
+            Some(_) => Some(
+                fields
+                    .get("raw")
+                    .and_then(Value::as_str)
+                    .and_then(unbase64)
+                    .ok_or_else(|| refuse("no base64 raw submission".into()))?,
+            ),
+            None => None,
+        };
+        if let (Some(named), Some(bytes)) = (header.raw, &detached) {
+            if RawRef::of(bytes) != named {
+                return Err(refuse(
+                    "modified line: field(s) raw differ from its envelope".into(),
+                ));
+            }
+        }
+        let canonical = export_line(&entry, &event, detached.as_deref());
         if canonical != text {
             let rendered: Map<String, Value> = serde_json::from_str(&canonical)
                 .map_err(|e| refuse(format!("cannot render the envelope: {e}")))?;
@@ -506,7 +546,7 @@ impl LineChecker {
         }
         self.position = expected;
         self.hash = hash;
-        Ok(envelope)
+        Ok((envelope, detached))
     }
 }
 

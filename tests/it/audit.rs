@@ -45,8 +45,8 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A form body that LZ4 cannot shrink, big enough (~300 KB) for sled to store its page in a
-/// blob file.
+/// A form body that LZ4 cannot shrink (~300 KB): a large record of the raw-submission files (it
+/// went to a sled blob file when raw submissions were stored in the log).
 fn incompressible_form() -> Vec<u8> {
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let mut body = b"<data>".to_vec();
@@ -61,7 +61,8 @@ fn incompressible_form() -> Vec<u8> {
 }
 
 /// A store made through the CLI: users, a case-sharing group, an app, the shared-team
-/// conformance forms (one accepted, one rejected) and one large form kept in a sled blob file.
+/// conformance forms (one accepted, one rejected) and one large form, their raw submissions
+/// stored out of line in `raw/`.
 fn store() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
@@ -345,7 +346,14 @@ fn flipped_bytes_in_any_store_file_are_reported_or_change_nothing() {
     let mut stored = Vec::new();
     files(&data, &data, &mut stored);
     let names: Vec<String> = stored.iter().map(|p| p.display().to_string()).collect();
-    for expected in ["db", "conf", "snap.", "blobs/", "log-head.demo"] {
+    for expected in [
+        "db",
+        "conf",
+        "snap.",
+        "raw/demo.dat",
+        "raw/demo.idx",
+        "log-head.demo",
+    ] {
         assert!(
             names.iter().any(|n| n.starts_with(expected)),
             "{expected} in {names:?}"

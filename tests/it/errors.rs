@@ -104,13 +104,16 @@ fn r50_every_error_code_rejects_the_form_and_keeps_its_bytes() {
         );
         let stored = engine
             .log()
-            .iter_from(outcome.position)
-            .next()
-            .expect("event")
-            .expect("decodes");
+            .read_at_with_raw(outcome.position)
+            .expect("decodes")
+            .expect("event");
         match stored.event {
             Event::FormRejectedV1(r) => {
-                assert_eq!(r.form.raw, raw, "{code}: raw bytes kept verbatim")
+                assert_eq!(
+                    r.form.raw.bytes(),
+                    Some(&raw[..]),
+                    "{code}: raw bytes kept verbatim"
+                )
             }
             other => panic!("{code}: expected FormRejected, got {other:?}"),
         }

@@ -14,7 +14,9 @@ fn form(id: &str) -> FormRecord {
         app_id: Some("app".into()),
         user_id: Some("u1".into()),
         content_hash: [7; 32],
-        raw: b"<data>\x00\xff raw bytes kept verbatim</data>".to_vec(),
+        raw: b"<data>\x00\xff raw bytes kept verbatim</data>"
+            .to_vec()
+            .into(),
     }
 }
 

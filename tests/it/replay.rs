@@ -269,9 +269,11 @@ fn projections_folded_from_nothing_on_open_equal_the_writers() {
         let engine =
             Engine::open(writer_dir.path(), &"p".into(), EngineConfig::default()).expect("open");
         apply(&engine, &rt, &steps);
-        let events: Vec<_> = engine
-            .log()
+        // With their raw submissions, to be appended to the other logs below.
+        let log = engine.log();
+        let events: Vec<_> = log
             .iter_from(caseledger::domain::Position(1))
+            .map(|e| log.with_raw(e?))
             .collect::<Result<_, _>>()
             .expect("log");
         (snapshot(&engine), events)

@@ -153,9 +153,11 @@ proptest! {
         };
         let engine = Engine::open(dir.path(), &"p".into(), config).expect("open");
         apply(&engine, &rt, &steps);
-        let events: Vec<RecordedEvent> = engine
-            .log()
+        // With their raw submissions, to be appended to the prefix's log.
+        let log = engine.log();
+        let events: Vec<RecordedEvent> = log
             .iter_from(Position(1))
+            .map(|e| log.with_raw(e?))
             .collect::<Result<_, _>>()
             .expect("log");
         let prefix = Prefix::new();

@@ -356,7 +356,7 @@ fn decide_submission(
         app_id: sub.app.clone(),
         user_id: form.and_then(|f| f.user_id.clone()),
         content_hash: sub.content_hash,
-        raw: sub.raw.clone(),
+        raw: sub.raw.clone().into(),
     };
     let reject = |form: FormRecord, code: ErrorCode, message: String, mut diags: Vec<Event>| {
         let mut out = vec![Event::FormRejectedV1(FormRejectedV1 {

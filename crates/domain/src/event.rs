@@ -168,9 +168,83 @@ pub struct FormRecord {
     pub user_id: Option<String>,
     /// SHA-256 of `raw`, to tell duplicates from edits (R53, R54).
     pub content_hash: [u8; 32],
-    /// The bytes exactly as received.
-    #[serde(with = "serde_bytes_compat")]
-    pub raw: Vec<u8>,
+    /// The bytes exactly as received: inline, or stored out of line by the log (then only their
+    /// length is here, and `content_hash` names them).
+    pub raw: RawBytes,
+}
+
+/// The verbatim bytes of a submission, as [`FormRecord::raw`] holds them.
+///
+/// An event is decided with its bytes [`RawBytes::Inline`]. The log may store them out of line
+/// (content-addressed by [`FormRecord::content_hash`], see the `eventlog` crate): an event read
+/// back from such a log holds [`RawBytes::Detached`], and the log's raw-submission read gives
+/// the bytes. Both serialise as the same byte string field, so the event's encoding and type
+/// version do not change; a detached value serialises as an empty one, which only the log,
+/// which records the length and hash beside it, may do.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RawBytes {
+    /// The bytes themselves.
+    Inline(Vec<u8>),
+    /// Stored out of line; `len` bytes whose SHA-256 is the form's `content_hash`.
+    Detached {
+        /// Length of the bytes.
+        len: u64,
+    },
+}
+
+impl RawBytes {
+    /// The bytes, when they are inline.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            RawBytes::Inline(bytes) => Some(bytes),
+            RawBytes::Detached { .. } => None,
+        }
+    }
+
+    /// Their length, inline or not.
+    pub fn len(&self) -> u64 {
+        match self {
+            RawBytes::Inline(bytes) => bytes.len() as u64,
+            RawBytes::Detached { len } => *len,
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the bytes are stored out of line.
+    pub fn is_detached(&self) -> bool {
+        matches!(self, RawBytes::Detached { .. })
+    }
+}
+
+impl From<Vec<u8>> for RawBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        RawBytes::Inline(bytes)
+    }
+}
+
+impl fmt::Debug for RawBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RawBytes::Inline(bytes) => write!(f, "Inline({} bytes)", bytes.len()),
+            RawBytes::Detached { len } => write!(f, "Detached({len} bytes)"),
+        }
+    }
+}
+
+impl Serialize for RawBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes_compat::serialize(self.bytes().unwrap_or_default(), s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_bytes_compat::deserialize(d).map(RawBytes::Inline)
+    }
 }
 
 impl fmt::Debug for FormRecord {
@@ -180,7 +254,7 @@ impl fmt::Debug for FormRecord {
             .field("xmlns", &self.xmlns)
             .field("app_id", &self.app_id)
             .field("user_id", &self.user_id)
-            .field("raw_len", &self.raw.len())
+            .field("raw", &self.raw)
             .finish()
     }
 }
@@ -310,6 +384,29 @@ impl FormAcceptedV1 {
 }
 
 impl Event {
+    /// The submission a form event carries (`FormAccepted`, `FormRejected`, `FormDuplicate`,
+    /// `FormEdited`).
+    pub fn form_record(&self) -> Option<&FormRecord> {
+        match self {
+            Event::FormAcceptedV1(f) => Some(&f.form),
+            Event::FormRejectedV1(f) => Some(&f.form),
+            Event::FormDuplicateV1(f) => Some(&f.form),
+            Event::FormEditedV1(f) => Some(&f.form),
+            _ => None,
+        }
+    }
+
+    /// [`Event::form_record`], mutable (the log detaches and reattaches raw bytes).
+    pub fn form_record_mut(&mut self) -> Option<&mut FormRecord> {
+        match self {
+            Event::FormAcceptedV1(f) => Some(&mut f.form),
+            Event::FormRejectedV1(f) => Some(&mut f.form),
+            Event::FormDuplicateV1(f) => Some(&mut f.form),
+            Event::FormEditedV1(f) => Some(&mut f.form),
+            _ => None,
+        }
+    }
+
     /// The form id and blocks of an event that carries a form version in force
     /// (`FormAccepted`, `FormEdited`).
     pub fn form_blocks(&self) -> Option<(&FormId, &[BlockApplied])> {

@@ -442,7 +442,7 @@ mod tests {
             app_id: None,
             user_id: Some("u".into()),
             content_hash: [hash; 32],
-            raw: Vec::new(),
+            raw: Vec::new().into(),
         }
     }
 

@@ -40,8 +40,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use committer::{Committer, Done, Inflight};
 use domain::{
     AppId, AttachmentFile, Command, CommandError, CommandId, DomainName, Event, FormId, Position,
-    RecordedEvent, Submission, Timestamp,
+    RawBytes, RecordedEvent, Submission, Timestamp,
 };
+use eventlog::raw::raw_dir;
 use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
 use projections::{Damage, Difference, Overlay, Prefetched, ProjectionError, Projections, Touched};
 
@@ -71,6 +72,11 @@ pub struct EngineConfig {
     /// End every group commit with `fdatasync` of sled's data file, so acknowledgements survive
     /// power loss, not only a process crash (`docs/DURABILITY.md`). On by default.
     pub fsync: bool,
+    /// Store raw submissions out of line, beside sled (`eventlog::raw`), so the log holds only
+    /// the facts. On by default. Off keeps them inline in new events, for side-by-side
+    /// measurements on a fresh store: the bytes of events written with it on cannot be read
+    /// then ([`SledLog::raw_bytes`] says so).
+    pub raw_out_of_line: bool,
 }
 
 impl Default for EngineConfig {
@@ -84,6 +90,7 @@ impl Default for EngineConfig {
             bulk_catch_up_from: 10_000,
             cache_capacity: 64 * 1024 * 1024,
             fsync: true,
+            raw_out_of_line: true,
         }
     }
 }
@@ -227,6 +234,10 @@ impl Engine {
         }
         let mut engine = Self::with_db(db, domain, config)?;
         engine.dir = Some(dir.to_path_buf());
+        // Raw submissions live beside sled, synced before their events are written (I5).
+        if engine.config.raw_out_of_line {
+            engine.log.store_raw_in(&raw_dir(dir), fsync)?;
+        }
         if fsync {
             engine.log.sync_data_file(dir)?;
         }
@@ -245,6 +256,7 @@ impl Engine {
         let db = Self::open_db(dir, config)?;
         let log = SledLog::open(&db, domain, config.log)?;
         store::check_head(dir, &log)?;
+        log.store_raw_in(&raw_dir(dir), config.fsync)?;
         Ok(log)
     }
 
@@ -504,12 +516,7 @@ impl Engine {
                 reason: "is in force; only rejected forms are reprocessed",
             }));
         }
-        let stored = self
-            .log
-            .iter_from(entry.position)
-            .next()
-            .transpose()?
-            .filter(|e| e.position == entry.position);
+        let stored = self.log.read_at_with_raw(entry.position)?;
         let Some(RecordedEvent {
             event: Event::FormRejectedV1(rejected),
             ..
@@ -520,7 +527,15 @@ impl Engine {
                 entry.position
             )));
         };
-        let sub = self.prepare_submission(rejected.form.raw, rejected.form.app_id);
+        let raw = match rejected.form.raw {
+            RawBytes::Inline(bytes) => bytes,
+            RawBytes::Detached { .. } => {
+                return Err(EngineError::Internal(format!(
+                    "form {form}: its raw submission was not read back"
+                )))
+            }
+        };
+        let sub = self.prepare_submission(raw, rejected.form.app_id);
         let outcome = self
             .execute(Request::new(Command::SubmitForm(Box::new(sub))))
             .await?;

@@ -10,18 +10,26 @@
 //!   [`crate::chain`]) and a body-encoding byte, then the header and a body as in format 1
 //!   (encoding 0) or format 2 (encoding 1, for bodies of [`COMPRESS_FROM`] bytes or more).
 //!
+//! - format 4 (written by this build for a form event when the log stores raw submissions out
+//!   of line, [`crate::raw`]): format 3 plus, after the body encoding, the raw submission's
+//!   length (u64) and SHA-256; the body holds the form with empty raw bytes, and decoding marks
+//!   them [`domain::RawBytes::Detached`]. The chain covers the bytes through that hash.
+//!
 //! Logs written before format 3 stay readable (I6, `tests/data/fixtures/events-v1.bin`); their
 //! entries are "unchained": they carry no previous hash, but the chain still runs through their
 //! bytes (docs/AUDIT.md).
 //!
-//! Layout (all integers little-endian); `h` is 0 for formats 1 and 2 and 33 for format 3:
+//! Layout (all integers little-endian); `h` is 0 for formats 1 and 2, 33 for format 3 and 73 for
+//! format 4:
 //!
 //! | offset    | size | field                                                       |
 //! |-----------|------|-------------------------------------------------------------|
 //! | 0         | 1    | format version, `1`, `2` or `3`                             |
 //! | 1         | 4    | crc32 (IEEE, `crc32fast`) of every byte from offset 5 on    |
-//! | 5         | 32   | format 3 only: chain hash of the previous position (SHA-256) |
-//! | 37        | 1    | format 3 only: body encoding, `0` plain, `1` LZ4            |
+//! | 5         | 32   | formats 3, 4: chain hash of the previous position (SHA-256) |
+//! | 37        | 1    | formats 3, 4: body encoding, `0` plain, `1` LZ4             |
+//! | 38        | 8    | format 4 only: length of the raw submission                 |
+//! | 46        | 32   | format 4 only: SHA-256 of the raw submission                |
 //! | 5+h       | 1    | `n`, length of the type name                                |
 //! | 6+h       | n    | type name, UTF-8 ([`domain::Event::type_name`])             |
 //! | 6+h+n     | 2    | type version ([`domain::Event::type_version`])              |
@@ -39,10 +47,16 @@ use domain::{CommandId, Event, Position, RecordedEvent, Timestamp};
 use serde::Serialize;
 
 use crate::chain::Hash;
+use crate::raw::RawRef;
 use crate::LogError;
 
-/// The envelope format this build writes: chained (previous hash in the header).
+/// The envelope format this build writes for events without a raw submission, and for form
+/// events of a log that keeps raw submissions inline: chained (previous hash in the header).
 pub const ENVELOPE_FORMAT: u8 = 3;
+
+/// The envelope format of a form event whose raw submission is stored out of line
+/// ([`crate::raw`]): format 3 plus the submission's length and SHA-256 after the body encoding.
+pub const DETACHED_FORMAT: u8 = 4;
 
 /// Legacy format of an uncompressed body, read from logs written before format 3.
 pub const PLAIN_FORMAT: u8 = 1;
@@ -74,6 +88,8 @@ pub struct EnvelopeHeader<'a> {
     pub prev: Option<&'a Hash>,
     /// Whether the body is LZ4-compressed.
     pub compressed: bool,
+    /// Format 4 only: the length and SHA-256 of the raw submission stored out of line.
+    pub raw: Option<RawRef>,
     /// The event type's name, e.g. `FormAccepted`.
     pub type_name: &'a str,
     /// The event type's version.
@@ -126,10 +142,13 @@ struct RecordedRef<'a> {
 }
 
 /// Encodes one event into `buf` (cleared first), reusing its allocation: format 3 chained to
-/// `prev` when it is given, else a legacy format 1 or 2 envelope (for tests of old logs).
+/// `prev` when it is given (format 4 when `raw` names a detached submission: `event` must then
+/// hold it [`domain::RawBytes::Detached`]), else a legacy format 1 or 2 envelope (for tests of
+/// old logs).
 pub(crate) fn encode_into(
     buf: &mut Vec<u8>,
     prev: Option<&Hash>,
+    raw: Option<&RawRef>,
     position: Position,
     recorded_at: Timestamp,
     command_id: &CommandId,
@@ -139,12 +158,21 @@ pub(crate) fn encode_into(
     let name_len = u8::try_from(name.len())
         .map_err(|_| LogError::Encode(format!("type name {name:?} is over 255 bytes")))?;
     buf.clear();
-    buf.push(prev.map_or(PLAIN_FORMAT, |_| ENVELOPE_FORMAT));
+    buf.push(match (prev, raw) {
+        (None, _) => PLAIN_FORMAT,
+        (Some(_), None) => ENVELOPE_FORMAT,
+        (Some(_), Some(_)) => DETACHED_FORMAT,
+    });
     buf.extend_from_slice(&[0; 4]);
     let encoding_at = prev.map(|prev| {
         buf.extend_from_slice(prev);
         buf.push(PLAIN_BODY);
-        buf.len() - 1
+        let at = buf.len() - 1;
+        if let Some(raw) = raw {
+            buf.extend_from_slice(&raw.len.to_le_bytes());
+            buf.extend_from_slice(&raw.hash);
+        }
+        at
     });
     buf.push(name_len);
     buf.extend_from_slice(name.as_bytes());
@@ -195,6 +223,7 @@ pub fn encode_envelope_chained(e: &RecordedEvent, prev: &Hash) -> Result<Vec<u8>
     encode_into(
         &mut buf,
         Some(prev),
+        None,
         e.position,
         e.recorded_at,
         &e.command_id,
@@ -221,7 +250,10 @@ pub fn encode_envelope(e: &RecordedEvent) -> Result<Vec<u8>, LogError> {
 pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
     let bad = |reason: &str| LogError::corrupt(Position::ZERO, reason);
     let (&format, rest) = bytes.split_first().ok_or_else(|| bad("empty envelope"))?;
-    if !matches!(format, PLAIN_FORMAT | LZ4_FORMAT | ENVELOPE_FORMAT) {
+    if !matches!(
+        format,
+        PLAIN_FORMAT | LZ4_FORMAT | ENVELOPE_FORMAT | DETACHED_FORMAT
+    ) {
         return Err(LogError::UnsupportedEnvelope {
             position: Position::ZERO,
             version: format,
@@ -237,7 +269,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
             "crc32 mismatch: stored {stored:#010x}, computed {actual:#010x}"
         )));
     }
-    let (prev, compressed, rest) = if format == ENVELOPE_FORMAT {
+    let (prev, compressed, raw, rest) = if format >= ENVELOPE_FORMAT {
         let (prev, rest) = covered
             .split_first_chunk::<32>()
             .ok_or_else(|| bad("header truncated inside the previous hash"))?;
@@ -249,9 +281,24 @@ pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
             LZ4_BODY => true,
             other => return Err(bad(&format!("unknown body encoding {other}"))),
         };
-        (Some(prev), compressed, rest)
+        let (raw, rest) = if format == DETACHED_FORMAT {
+            let (len, rest) = rest
+                .split_first_chunk::<8>()
+                .ok_or_else(|| bad("header truncated inside the raw submission's length"))?;
+            let (hash, rest) = rest
+                .split_first_chunk::<32>()
+                .ok_or_else(|| bad("header truncated inside the raw submission's hash"))?;
+            let raw = RawRef {
+                len: u64::from_le_bytes(*len),
+                hash: *hash,
+            };
+            (Some(raw), rest)
+        } else {
+            (None, rest)
+        };
+        (Some(prev), compressed, raw, rest)
     } else {
-        (None, format == LZ4_FORMAT, covered)
+        (None, format == LZ4_FORMAT, None, covered)
     };
     let (&name_len, rest) = rest
         .split_first()
@@ -270,6 +317,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader<'_>, LogError> {
         format,
         prev,
         compressed,
+        raw,
         type_name,
         type_version: u16::from_le_bytes(*version),
         recorded_at: Timestamp(i64::from_le_bytes(*recorded_at)),
@@ -287,7 +335,7 @@ pub fn decode_envelope(bytes: &[u8]) -> Result<RecordedEvent, LogError> {
     let header = decode_header(bytes)?;
     let bad = |reason: String| LogError::corrupt(Position::ZERO, reason);
     let body = header.bincode_body()?;
-    let (event, used): (RecordedEvent, usize) =
+    let (mut event, used): (RecordedEvent, usize) =
         bincode::serde::decode_from_slice(&body, bincode::config::standard())
             .map_err(|e| bad(format!("body does not decode: {e}")))?;
     if used != body.len() {
@@ -312,6 +360,18 @@ pub fn decode_envelope(bytes: &[u8]) -> Result<RecordedEvent, LogError> {
             "header recorded_at {} differs from the body's {}",
             header.recorded_at.0, event.recorded_at.0
         )));
+    }
+    if let Some(raw) = header.raw {
+        let form = event
+            .event
+            .form_record_mut()
+            .ok_or_else(|| bad("a detached raw submission on an event without a form".into()))?;
+        if form.content_hash != raw.hash || !form.raw.is_empty() {
+            return Err(bad(
+                "the header's raw submission hash differs from the form's content hash".into(),
+            ));
+        }
+        form.raw = domain::RawBytes::Detached { len: raw.len };
     }
     Ok(event)
 }

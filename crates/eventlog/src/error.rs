@@ -38,7 +38,7 @@ pub enum LogError {
     ///
     /// Handling: upgrade the binary; the data is not damaged.
     #[error(
-        "event at position {position} has envelope format {version}; this build reads formats 1 to 3"
+        "event at position {position} has envelope format {version}; this build reads formats 1 to 4"
     )]
     UnsupportedEnvelope {
         /// The event's position ([`Position::ZERO`] when unknown).

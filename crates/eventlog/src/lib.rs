@@ -19,12 +19,14 @@
 //! projection state, proof against someone who rewrites the whole store and its head file, or
 //! proof against power loss on a disk with a volatile write cache (`docs/DURABILITY.md`).
 //!
-//! # Envelope format 3
+//! # Envelope formats 3 and 4
 //!
 //! `[format u8 = 3][crc32 u32 LE of the rest][previous chain hash, 32 bytes][body encoding u8]
 //! [type name len u8][type name][type version u16 LE][recorded_at i64 LE][body]`, the body being
-//! bincode 2 standard(RecordedEvent), LZ4-compressed from 256 bytes. Formats 1 and 2 (no
-//! previous hash) stay readable. The header lets an audit tool see type and version
+//! bincode 2 standard(RecordedEvent), LZ4-compressed from 256 bytes. Format 4 is a form event
+//! whose raw submission is stored out of line ([`raw`], [`SledLog::store_raw_in`]): format 3
+//! with `[raw length u64 LE][raw SHA-256, 32 bytes]` after the body encoding, and the form's
+//! bytes left out of the body. Formats 1 and 2 (no previous hash) stay readable. The header lets an audit tool see type and version
 //! ([`decode_header`]) without decoding the body; a crc mismatch is [`LogError::Corrupt`] naming
 //! the position. The full table is in `envelope.rs`.
 //!
@@ -50,6 +52,7 @@ pub mod chain;
 mod commit;
 mod envelope;
 mod error;
+pub mod raw;
 mod sled_log;
 mod store;
 mod subscription;
@@ -58,6 +61,8 @@ mod subscription;
 mod tests;
 #[cfg(test)]
 mod tests_chain;
+#[cfg(test)]
+mod tests_raw;
 
 pub use chain::{
     chain_hash, head_file_name, read_head_file, AcknowledgedHead, Chain, ChainEntry, Hash,
@@ -65,9 +70,9 @@ pub use chain::{
 };
 pub use envelope::{
     decode_envelope, decode_header, encode_envelope, encode_envelope_chained, EnvelopeHeader,
-    COMPRESS_FROM, ENVELOPE_FORMAT, LZ4_FORMAT, MAX_BODY, PLAIN_FORMAT,
+    COMPRESS_FROM, DETACHED_FORMAT, ENVELOPE_FORMAT, LZ4_FORMAT, MAX_BODY, PLAIN_FORMAT,
 };
 pub use error::LogError;
-pub use sled_log::{LogConfig, SledLog};
+pub use sled_log::{LogConfig, SledLog, VerbatimEntry};
 pub use store::{AppendOutcome, AppendRequest, EventStore, Expected};
 pub use subscription::Subscription;

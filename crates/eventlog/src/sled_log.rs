@@ -21,16 +21,17 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use domain::{DomainName, Position, RecordedEvent, Timestamp};
+use domain::{DomainName, Event, FormRecord, Position, RawBytes, RecordedEvent, Timestamp};
 use sled::IVec;
 use tokio::sync::watch;
 
 use crate::chain::{chain_hash, Hash, HeadFile, GENESIS};
 use crate::commit::CommitQueue;
 use crate::envelope::{decode_envelope, decode_header, encode_into};
+use crate::raw::{RawFiles, RawRef, RawTail};
 use crate::{AppendOutcome, AppendRequest, EventStore, Expected, LogError, Subscription};
 
 /// First byte of every non-event key; event keys sort below it.
@@ -112,6 +113,8 @@ pub(crate) struct Inner {
     pub(crate) leader: tokio::sync::Mutex<()>,
     /// sled's data file, fsynced after every flush when set (see [`SledLog::sync_data_file`]).
     pub(crate) data_file: Mutex<Option<std::fs::File>>,
+    /// Where raw submissions are stored out of line, once [`SledLog::store_raw_in`] was called.
+    pub(crate) raw: OnceLock<RawFiles>,
 }
 
 struct Writer {
@@ -122,6 +125,8 @@ struct Writer {
     scratch: Vec<u8>,
     /// Reused list of staged key/value pairs.
     staged: Vec<(IVec, IVec)>,
+    /// The raw files' end and staged records, once raw submissions are stored out of line.
+    raw: Option<RawTail>,
 }
 
 impl fmt::Debug for SledLog {
@@ -163,6 +168,7 @@ impl SledLog {
                     hash,
                     scratch: Vec::with_capacity(4096),
                     staged: Vec::new(),
+                    raw: None,
                 }),
                 written: AtomicU64::new(head.0),
                 mark: Mutex::new((head, hash)),
@@ -175,8 +181,94 @@ impl SledLog {
                 activity,
                 leader: tokio::sync::Mutex::new(()),
                 data_file: Mutex::new(None),
+                raw: OnceLock::new(),
             }),
         })
+    }
+
+    /// Stores raw submissions out of line from now on, in `dir` ([`crate::raw`]): form events
+    /// are written as format-4 envelopes naming their bytes by length and SHA-256, and the
+    /// bytes go to `dir/<domain>.dat`, written (and with `sync`, fdatasynced) before the sled
+    /// batch of their events. Events read back hold [`domain::RawBytes::Detached`]; use
+    /// [`SledLog::raw_bytes`] or [`SledLog::read_at_with_raw`] for the bytes. Opening the files
+    /// fits them to the log (see [`crate::raw`]); call it once, before the first write.
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] when an event names bytes the files do not hold;
+    /// [`LogError::Storage`] on IO errors; [`LogError::Encode`] when called twice.
+    pub fn store_raw_in(&self, dir: &std::path::Path, sync: bool) -> Result<(), LogError> {
+        let inner = &*self.inner;
+        let mut writer = inner.writer.lock().map_err(|_| LogError::Poisoned)?;
+        if inner.raw.get().is_some() {
+            return Err(LogError::Encode(
+                "raw submissions are already stored out of line".into(),
+            ));
+        }
+        let detached = |p: Position| -> Result<bool, LogError> {
+            let value = inner
+                .tree
+                .get(p.to_be_bytes())?
+                .ok_or_else(|| LogError::corrupt(p, "missing below the written head"))?;
+            Ok(decode_header(&value).map_err(|e| e.at(p))?.raw.is_some())
+        };
+        let (files, tail) = RawFiles::open(dir, &inner.domain, writer.head, sync, detached)?;
+        writer.raw = Some(tail);
+        inner
+            .raw
+            .set(files)
+            .map_err(|_| LogError::Encode("raw submissions are already stored out of line".into()))
+    }
+
+    /// The raw submission of the form event `event` read at `position`: inline, or from the raw
+    /// files, checked against the length and hash the event names.
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] naming `position` when the bytes are missing or differ, or the raw
+    /// files are not open ([`SledLog::store_raw_in`]) for a detached submission.
+    pub fn raw_bytes(&self, position: Position, form: &FormRecord) -> Result<Vec<u8>, LogError> {
+        match &form.raw {
+            RawBytes::Inline(bytes) => Ok(bytes.clone()),
+            RawBytes::Detached { len } => {
+                let files = self.inner.raw.get().ok_or_else(|| {
+                    LogError::corrupt(
+                        position,
+                        "its raw submission is stored out of line, but the raw files are not open",
+                    )
+                })?;
+                files.read(
+                    position,
+                    RawRef {
+                        len: *len,
+                        hash: form.content_hash,
+                    },
+                )
+            }
+        }
+    }
+
+    /// [`SledLog::read_at`] with a form's raw submission reattached ([`RawBytes::Inline`]).
+    ///
+    /// # Errors
+    /// As [`SledLog::read_at`] and [`SledLog::raw_bytes`].
+    pub fn read_at_with_raw(&self, position: Position) -> Result<Option<RecordedEvent>, LogError> {
+        self.read_at(position)?
+            .map(|event| self.with_raw(event))
+            .transpose()
+    }
+
+    /// An event read from this log with its form's raw submission reattached
+    /// ([`RawBytes::Inline`]), e.g. to append it to another log.
+    ///
+    /// # Errors
+    /// As [`SledLog::raw_bytes`].
+    pub fn with_raw(&self, mut event: RecordedEvent) -> Result<RecordedEvent, LogError> {
+        let position = event.position;
+        if let Some(form) = event.event.form_record_mut() {
+            if form.raw.is_detached() {
+                form.raw = RawBytes::Inline(self.raw_bytes(position, form)?);
+            }
+        }
+        Ok(event)
     }
 
     /// Makes every flush end with `fdatasync` of sled's data file `<dir>/db`, so that an
@@ -250,6 +342,18 @@ impl SledLog {
             .map(|req| self.stage(writer, &mut head, &mut keys_in_group, req.borrow()))
             .collect();
         let (head, hash) = head;
+        // The raw submissions reach their files (synced, when syncing) before their events
+        // reach sled: an event in sled always has its bytes on disk.
+        if let (Some(tail), Some(files)) = (writer.raw.as_mut(), inner.raw.get()) {
+            if let Err(e) = files.write(tail) {
+                self.poison("raw submissions", &e);
+                writer.staged.clear();
+                return Ok(outcomes
+                    .into_iter()
+                    .map(|o| o.and(Err(LogError::Poisoned)))
+                    .collect());
+            }
+        }
         let applied = match writer.staged.len() {
             0 => Ok(()),
             1 => {
@@ -287,7 +391,9 @@ impl SledLog {
 
     /// Appends stored envelopes verbatim, as one batch (an import of an export): each must be
     /// at the next position, decode, say that position, and, when it stores a previous hash
-    /// (format 3), store the hash of the entries before it. Legacy envelopes are taken as they
+    /// (formats 3 and 4), store the hash of the entries before it. A format-4 entry comes with
+    /// its raw submission, which must have the length and SHA-256 the envelope names and goes
+    /// to the raw files ([`SledLog::store_raw_in`] first). Legacy envelopes are taken as they
     /// are and chained by their bytes like any other. Not durable when it returns, like `write`.
     ///
     /// # Errors
@@ -295,50 +401,102 @@ impl SledLog {
     /// [`LogError::Storage`] (the log is poisoned from then on); [`LogError::Poisoned`].
     pub fn append_verbatim(
         &self,
-        entries: &[(Position, Vec<u8>)],
+        entries: &[VerbatimEntry],
     ) -> Result<crate::AcknowledgedHead, LogError> {
         let inner = &*self.inner;
         self.check_poison()?;
         let mut writer = inner.writer.lock().map_err(|_| LogError::Poisoned)?;
+        let writer = &mut *writer;
         let (mut head, mut hash) = (writer.head, writer.hash);
         let mut batch = sled::Batch::default();
-        for (position, envelope) in entries {
-            let position = *position;
-            if position != head.next() {
-                return Err(LogError::corrupt(
-                    position,
-                    format!("out of order: the log's next position is {}", head.next()),
-                ));
-            }
-            let header = decode_header(envelope).map_err(|e| e.at(position))?;
-            if let Some(prev) = header.prev {
-                if *prev != hash {
+        let raw_mark = writer.raw.as_ref().map(RawTail::mark);
+        let checked = (|| {
+            for entry in entries {
+                let position = entry.position;
+                let envelope = &entry.envelope;
+                if position != head.next() {
                     return Err(LogError::corrupt(
                         position,
-                        format!(
-                            "hash chain broken: the entry stores previous hash {}, the entries before it hash to {}",
-                            crate::chain::to_hex(prev),
-                            crate::chain::to_hex(&hash)
-                        ),
+                        format!("out of order: the log's next position is {}", head.next()),
                     ));
                 }
+                let header = decode_header(envelope).map_err(|e| e.at(position))?;
+                if let Some(prev) = header.prev {
+                    if *prev != hash {
+                        return Err(LogError::corrupt(
+                            position,
+                            format!(
+                                "hash chain broken: the entry stores previous hash {}, the entries before it hash to {}",
+                                crate::chain::to_hex(prev),
+                                crate::chain::to_hex(&hash)
+                            ),
+                        ));
+                    }
+                }
+                let event = decode_envelope(envelope).map_err(|e| e.at(position))?;
+                if event.position != position {
+                    return Err(LogError::corrupt(
+                        position,
+                        format!("the envelope says position {}", event.position),
+                    ));
+                }
+                let raw = match (header.raw, &entry.raw) {
+                    (Some(named), Some(bytes)) => {
+                        if RawRef::of(bytes) != named {
+                            return Err(LogError::corrupt(
+                                position,
+                                "the raw submission differs from the one its envelope names",
+                            ));
+                        }
+                        Some(bytes.as_slice())
+                    }
+                    (Some(_), None) => {
+                        return Err(LogError::corrupt(
+                            position,
+                            "the envelope names a raw submission stored out of line, and none came with it",
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(LogError::corrupt(
+                            position,
+                            "a raw submission came with an envelope that holds its own",
+                        ))
+                    }
+                    (None, None) => None,
+                };
+                match writer.raw.as_mut() {
+                    Some(tail) => {
+                        tail.stage(position, raw.zip(header.raw.as_ref().map(|r| &r.hash)))
+                    }
+                    None if raw.is_some() => return Err(LogError::corrupt(
+                        position,
+                        "its raw submission is stored out of line, but the raw files are not open",
+                    )),
+                    None => {}
+                }
+                hash = chain_hash(&hash, position, envelope);
+                head = position;
+                batch.insert(&position.to_be_bytes()[..], &envelope[..]);
             }
-            let event = decode_envelope(envelope).map_err(|e| e.at(position))?;
-            if event.position != position {
-                return Err(LogError::corrupt(
-                    position,
-                    format!("the envelope says position {}", event.position),
-                ));
+            Ok(())
+        })();
+        if let Err(e) = checked {
+            if let (Some(tail), Some(mark)) = (writer.raw.as_mut(), raw_mark) {
+                tail.undo(mark);
             }
-            hash = chain_hash(&hash, position, envelope);
-            head = position;
-            batch.insert(&position.to_be_bytes()[..], &envelope[..]);
+            return Err(e);
+        }
+        if let (Some(tail), Some(files)) = (writer.raw.as_mut(), inner.raw.get()) {
+            if let Err(e) = files.write(tail) {
+                self.poison("raw submissions", &e);
+                return Err(e);
+            }
         }
         if let Err(e) = inner.tree.apply_batch(batch) {
             self.poison("apply_batch", &e);
             return Err(e.into());
         }
-        self.advance(&mut writer, head, hash);
+        self.advance(writer, head, hash);
         Ok(crate::AcknowledgedHead {
             position: head,
             hash,
@@ -405,18 +563,16 @@ impl SledLog {
             .map(Position)
             .ok_or_else(|| LogError::Encode("the position space is exhausted".into()))?;
         let mark = writer.staged.len();
+        let raw_mark = writer.raw.as_ref().map(RawTail::mark);
         let mut position = first;
         let mut hash = head.1;
         for event in &req.events {
-            if let Err(e) = encode_into(
-                &mut writer.scratch,
-                Some(&hash),
-                position,
-                req.recorded_at,
-                &req.command_id,
-                event,
-            ) {
+            let encoded = encode_staging_raw(writer, &hash, position, req, event);
+            if let Err(e) = encoded {
                 writer.staged.truncate(mark);
+                if let (Some(tail), Some(raw_mark)) = (writer.raw.as_mut(), raw_mark) {
+                    tail.undo(raw_mark);
+                }
                 return Err(e);
             }
             hash = chain_hash(&hash, position, &writer.scratch);
@@ -643,6 +799,91 @@ impl Iterator for Events {
         }
         Some(item)
     }
+}
+
+/// One stored entry for [`SledLog::append_verbatim`]: its position, its envelope bytes, and the
+/// raw submission a format-4 envelope names (`None` for any other).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerbatimEntry {
+    /// Position.
+    pub position: Position,
+    /// The envelope exactly as stored.
+    pub envelope: Vec<u8>,
+    /// The raw submission stored out of line, for a format-4 envelope.
+    pub raw: Option<Vec<u8>>,
+}
+
+/// Encodes `event` at `position` into the writer's scratch buffer; when raw submissions are
+/// stored out of line, stages the index entry of `position` (and the record of a form's inline
+/// bytes) and encodes the event with its bytes detached (format 4).
+fn encode_staging_raw(
+    writer: &mut Writer,
+    prev: &Hash,
+    position: Position,
+    req: &AppendRequest,
+    event: &Event,
+) -> Result<(), LogError> {
+    if let Some(form) = event.form_record().filter(|f| f.raw.is_detached()) {
+        // Its bytes are somewhere else; writing the event would record empty ones.
+        return Err(LogError::Encode(format!(
+            "form {}: an event is appended with its raw bytes, not a detached reference",
+            form.form_id
+        )));
+    }
+    let Some(tail) = writer.raw.as_mut() else {
+        return encode_into(
+            &mut writer.scratch,
+            Some(prev),
+            None,
+            position,
+            req.recorded_at,
+            &req.command_id,
+            event,
+        );
+    };
+    let inline = event
+        .form_record()
+        .and_then(|f| f.raw.bytes().map(|b| (f, b)));
+    let Some((form, bytes)) = inline else {
+        tail.stage(position, None);
+        return encode_into(
+            &mut writer.scratch,
+            Some(prev),
+            None,
+            position,
+            req.recorded_at,
+            &req.command_id,
+            event,
+        );
+    };
+    if u32::try_from(bytes.len()).is_err() {
+        return Err(LogError::Encode(format!(
+            "a raw submission of {} bytes is over 4 GiB",
+            bytes.len()
+        )));
+    }
+    // The envelope names the bytes by the form's content hash: it must be theirs.
+    let raw = RawRef::of(bytes);
+    if raw.hash != form.content_hash {
+        return Err(LogError::Encode(format!(
+            "form {}: its content hash is not the SHA-256 of its raw bytes",
+            form.form_id
+        )));
+    }
+    tail.stage(position, Some((bytes, &raw.hash)));
+    let mut detached = event.clone();
+    if let Some(form) = detached.form_record_mut() {
+        form.raw = RawBytes::Detached { len: raw.len };
+    }
+    encode_into(
+        &mut writer.scratch,
+        Some(prev),
+        Some(&raw),
+        position,
+        req.recorded_at,
+        &req.command_id,
+        &detached,
+    )
 }
 
 pub(crate) fn key_position(key: &[u8]) -> Result<Position, LogError> {

@@ -61,7 +61,7 @@ fn form(i: u64, raw: Vec<u8>) -> Event {
             app_id: None,
             user_id: Some("u-david".into()),
             content_hash: [7; 32],
-            raw,
+            raw: raw.into(),
         },
         blocks: vec![BlockApplied {
             case_id: CaseId::new(format!("c-{i}")),

@@ -6,7 +6,7 @@ use domain::{CommandId, Event, Position, Timestamp, UserCreatedV1, UserId};
 use crate::chain::{chain_hash, read_head_file, Hash, GENESIS};
 use crate::envelope::encode_into;
 use crate::tests::{domain, open, open_db};
-use crate::{decode_header, AppendRequest, EventStore, Expected, LogError};
+use crate::{decode_header, AppendRequest, EventStore, Expected, LogError, VerbatimEntry};
 
 fn user(i: u64) -> Event {
     Event::UserCreatedV1(UserCreatedV1 {
@@ -222,6 +222,7 @@ fn legacy_entries_are_chained_by_their_bytes_and_pinned_by_the_first_chained_one
             encode_into(
                 &mut buf,
                 None,
+                None,
                 Position(n),
                 Timestamp(1),
                 &CommandId::new("old"),
@@ -265,20 +266,27 @@ fn verbatim_appends_rebuild_the_same_chain_and_refuse_a_changed_entry() {
     let (_db, log) = open(&dir);
     log.write(req(Expected::Any, (1..8).map(user).collect()))
         .expect("write");
-    let entries: Vec<(Position, Vec<u8>)> = log
+    let entries: Vec<VerbatimEntry> = log
         .chain_from(Position::ZERO)
         .expect("chain")
-        .map(|e| e.map(|e| (e.position, e.envelope.to_vec())))
+        .map(|e| {
+            e.map(|e| VerbatimEntry {
+                position: e.position,
+                envelope: e.envelope.to_vec(),
+                raw: None,
+            })
+        })
         .collect::<Result<_, _>>()
         .expect("read");
 
     let copy_dir = tempfile::tempdir().expect("tempdir");
     let (_copy_db, copy) = open(&copy_dir);
     let mut tampered = entries.clone();
-    let last = tampered[4].1.len() - 1;
-    tampered[4].1[last] ^= 1;
-    let crc = crc32fast::hash(&tampered[4].1[5..]);
-    tampered[4].1[1..5].copy_from_slice(&crc.to_le_bytes());
+    let changed = &mut tampered[4].envelope;
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    let crc = crc32fast::hash(&changed[5..]);
+    changed[1..5].copy_from_slice(&crc.to_le_bytes());
     let err = copy.append_verbatim(&tampered).expect_err("tampered");
     assert!(
         matches!(&err, LogError::Corrupt { position, .. } if *position == Position(5)

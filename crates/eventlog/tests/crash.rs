@@ -48,7 +48,7 @@ fn form(writer: u64, n: u64) -> Event {
             app_id: None,
             user_id: Some("u-david".into()),
             content_hash: [0; 32],
-            raw: raw.into_bytes(),
+            raw: raw.into_bytes().into(),
         },
         blocks: vec![BlockApplied {
             case_id: CaseId::new(case_id),

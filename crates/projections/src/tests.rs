@@ -36,7 +36,7 @@ fn accepted(
             app_id: None,
             user_id: Some("u1".into()),
             content_hash: [0; 32],
-            raw: b"<data/>".to_vec(),
+            raw: b"<data/>".to_vec().into(),
         },
         blocks: vec![BlockApplied {
             case_id: case.into(),
