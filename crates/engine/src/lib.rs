@@ -174,6 +174,9 @@ pub struct Engine {
     config: EngineConfig,
     /// Damage found in the projections since open, each rebuilt from the log.
     repaired: Mutex<Vec<Damage>>,
+    /// Held by each rebuild (replay, verify) from its start to its install or discard: they
+    /// share the scratch directory, and a second would only redo the first.
+    rebuilding: Mutex<()>,
     /// The store directory when opened with [`Engine::open`], where [`Engine::flush`] records
     /// the log head.
     dir: Option<std::path::PathBuf>,
@@ -302,6 +305,7 @@ impl Engine {
             }),
             config,
             repaired: Mutex::new(Vec::new()),
+            rebuilding: Mutex::new(()),
             dir: None,
         };
         // Damaged projections never keep anyone from the log (I2): rebuild them, as `replay`
@@ -784,12 +788,13 @@ impl Engine {
     }
 
     /// Rebuilds every projection from position 1 into a fresh generation and swaps it in. Queries
-    /// keep answering from the old generation until the swap. `progress(done, head)` is called
-    /// after each chunk.
+    /// keep answering from the old generation until the swap, and writers fold into it until
+    /// the rebuild's last catch-up. `progress(done, head)` is called after each chunk.
     pub fn replay(
         &self,
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<ReplayStats, EngineError> {
+        let _rebuilding = self.rebuilding();
         let started = Instant::now();
         let (rebuild, _writer) = self.rebuild(progress)?;
         let events = rebuild.checkpoint().0;
@@ -800,6 +805,13 @@ impl Engine {
         })
     }
 
+    fn rebuilding(&self) -> std::sync::MutexGuard<'_, ()> {
+        match self.rebuilding.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     /// Rebuilds every projection beside the live ones, exactly as [`Engine::replay`] does, and
     /// compares the two key by key (cases, owner and reverse indexes, forms, diagnostics,
     /// tombstones, directory, checkpoint). Returns every key where they differ (empty when the
@@ -808,6 +820,7 @@ impl Engine {
         &self,
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<Vec<Difference>, EngineError> {
+        let _rebuilding = self.rebuilding();
         let (rebuild, writer) = self.rebuild(progress)?;
         // A live generation behind the log (a failed batch) is caught up first, as the next
         // command would; then both are at the log's head, and the lock keeps writers out.
@@ -823,12 +836,33 @@ impl Engine {
     }
 
     /// Builds a fresh generation from the log up to its head and returns it, not installed,
-    /// with the writer lock held and the live generation's batch in flight written.
+    /// with the writer lock held and the live generation's batch in flight written. A rebuild
+    /// that fails is dropped. The caller holds [`Engine::rebuilding`].
     fn rebuild(
         &self,
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<(projections::Rebuild<'_>, std::sync::MutexGuard<'_, Writer>), EngineError> {
         let mut rebuild = self.projections.begin_rebuild()?;
+        match self.fill(&mut rebuild, progress) {
+            Ok(writer) => Ok((rebuild, writer)),
+            Err(e) => {
+                // Nothing reads the tree; a tree that cannot be dropped now is reclaimed by the
+                // next open.
+                if let Err(d) = rebuild.discard() {
+                    tracing::warn!(error = %d, "failed rebuild not reclaimed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Folds the log into `rebuild` up to the head: in bulk, then what was appended meanwhile
+    /// without the writer lock, then the rest under it, which it returns held.
+    fn fill(
+        &self,
+        rebuild: &mut projections::Rebuild<'_>,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<std::sync::MutexGuard<'_, Writer>, EngineError> {
         let head = self.log.written_head();
         let chunk = self.config.replay_chunk;
         let upto = |head: Position| {
@@ -860,6 +894,16 @@ impl Engine {
             runs = stats.runs,
             "bulk rebuild"
         );
+        // What was appended during a long bulk load is folded before writers are kept out, so
+        // that they wait only for what is appended during this pass.
+        let head = self.log.written_head();
+        rebuild.feed(
+            self.log
+                .iter_from(rebuild.checkpoint().next())
+                .take_while(upto(head)),
+            chunk,
+            &mut |p| progress(p, head),
+        )?;
         let mut writer = self.lock();
         // The old generation's last batch must land before that generation is reclaimed (or
         // compared).
@@ -872,7 +916,7 @@ impl Engine {
             chunk,
             &mut |p| progress(p, head),
         )?;
-        Ok((rebuild, writer))
+        Ok(writer)
     }
 
     /// The log position a time-travel query looks at: the head, a position (at most the head),
