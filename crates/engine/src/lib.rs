@@ -43,7 +43,9 @@ use domain::{
     RecordedEvent, Submission, Timestamp,
 };
 use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
-use projections::{Damage, Difference, Overlay, Prefetched, ProjectionError, Projections, Touched};
+use projections::{
+    Damage, Difference, Overlay, Prefetched, ProjectionError, Projections, Touched, RULES_VERSION,
+};
 
 pub use error::EngineError;
 pub use outcome::{Outcome, SubmitOutcome, SubmitStatus};
@@ -322,7 +324,7 @@ impl Engine {
         if !damage.is_empty() {
             tracing::info!(
                 findings = damage.len(),
-                "rebuilding the projections from the log"
+                "rebuilding the projections from the log before answering"
             );
             engine.replay(&mut |_, _| {})?;
             engine.note_repaired(damage);
@@ -339,6 +341,14 @@ impl Engine {
         {
             let _guard = engine.lock();
             engine.catch_up()?;
+        }
+        let stored = engine.projections.active_version().rules;
+        if stored != RULES_VERSION {
+            tracing::info!(
+                stored_rules = stored,
+                current_rules = RULES_VERSION,
+                "projections folded by other rules answer until a replay replaces them"
+            );
         }
         Ok(engine)
     }
