@@ -8,6 +8,7 @@ use std::process::Output;
 use caseledger::demo::{form, Block};
 use caseledger::domain::{AppId, CaseId, Command, GroupId, Position, UserId};
 use caseledger::projections::{Damage, KeyKind, ProjectionVersion, LAYOUT_VERSION};
+use caseledger::UpgradeStatus;
 use caseledger::{Engine, EngineConfig, Request};
 
 use crate::support::copy_dir;
@@ -75,12 +76,12 @@ pub fn write_store(dir: &Path, forms: usize, killed_copy: Option<&Path>) {
     }
 }
 
-fn open(dir: &Path) -> Engine {
+pub(crate) fn open(dir: &Path) -> Engine {
     Engine::open(dir, &"demo".into(), EngineConfig::default()).expect("open")
 }
 
 /// Runs the CLI binary on the store in `dir`.
-fn cli(dir: &Path, args: &[&str]) -> Output {
+pub(crate) fn cli(dir: &Path, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
         .arg("--data")
         .arg(dir)
@@ -91,7 +92,7 @@ fn cli(dir: &Path, args: &[&str]) -> Output {
         .expect("run caseledger")
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -128,7 +129,7 @@ fn case_key(id: &str) -> Vec<u8> {
 
 /// What the queries answer: a case, the user's case list, an owner's cases, diagnostics, and
 /// how many events the log holds.
-fn answers(engine: &Engine) -> (String, Vec<String>, usize, usize, usize) {
+pub(crate) fn answers(engine: &Engine) -> (String, Vec<String>, usize, usize, usize) {
     let p = engine.projections();
     let case = format!("{:?}", p.case(&CaseId::new("c000010")).expect("case"));
     let list = p
@@ -248,6 +249,7 @@ fn projections_of_another_layout_are_rebuilt_before_the_first_answer() {
             current: LAYOUT_VERSION
         }]
     );
+    assert_eq!(engine.upgrade_status(), UpgradeStatus::Current);
     assert_eq!(
         engine.projections().stored_version(),
         Some(ProjectionVersion::CURRENT)

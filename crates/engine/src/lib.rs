@@ -22,11 +22,17 @@
 //!
 //! Queries read projections; they may observe an effect a few microseconds before it is durable,
 //! never one that is not in the log.
+//!
+//! Projections this build cannot read (another layout, or damaged) are rebuilt inside
+//! [`Engine::open`]; projections folded by other rules keep answering, and
+//! [`Engine::upgrade`] (or [`Engine::upgrade_in_background`]) rebuilds them beside the live
+//! generation and swaps the rebuild in ([`UpgradeStatus`]).
 
 mod committer;
 mod error;
 mod outcome;
 mod store;
+mod upgrade;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -46,9 +52,11 @@ use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
 use projections::{
     Damage, Difference, Overlay, Prefetched, ProjectionError, Projections, Touched, RULES_VERSION,
 };
+use upgrade::Upgrade;
 
 pub use error::EngineError;
 pub use outcome::{Outcome, SubmitOutcome, SubmitStatus};
+pub use upgrade::UpgradeStatus;
 
 /// How an engine is set up.
 #[derive(Debug, Clone)]
@@ -176,9 +184,11 @@ pub struct Engine {
     config: EngineConfig,
     /// Damage found in the projections since open, each rebuilt from the log.
     repaired: Mutex<Vec<Damage>>,
-    /// Held by each rebuild (replay, verify) from its start to its install or discard: they
-    /// share the scratch directory, and a second would only redo the first.
+    /// Held by each rebuild (replay, verify, upgrade) from its start to its install or discard:
+    /// they share the scratch directory, and a second would only redo the first.
     rebuilding: Mutex<()>,
+    /// What was done about projections of other rules ([`Engine::upgrade_status`]).
+    upgrade: Mutex<Upgrade>,
     /// The store directory when opened with [`Engine::open`], where [`Engine::flush`] records
     /// the log head.
     dir: Option<std::path::PathBuf>,
@@ -210,6 +220,10 @@ pub fn now() -> Timestamp {
 
 impl Engine {
     /// Opens (or creates) the store in `dir` for `domain` and catches projections up to the log.
+    ///
+    /// Projections this build cannot read (damaged, or of another layout) are rebuilt from the
+    /// log before it returns ([`Engine::repaired`]). Projections folded by other rules are not:
+    /// they answer as soon as it returns, and [`Engine::upgrade_status`] says so.
     pub fn open(
         dir: &Path,
         domain: &DomainName,
@@ -308,6 +322,7 @@ impl Engine {
             config,
             repaired: Mutex::new(Vec::new()),
             rebuilding: Mutex::new(()),
+            upgrade: Mutex::new(Upgrade::Idle),
             dir: None,
         };
         // Damaged projections never keep anyone from the log (I2): rebuild them, as `replay`
@@ -347,7 +362,7 @@ impl Engine {
             tracing::info!(
                 stored_rules = stored,
                 current_rules = RULES_VERSION,
-                "projections folded by other rules answer until a replay replaces them"
+                "projections folded by other rules answer until an upgrade rebuild replaces them"
             );
         }
         Ok(engine)
@@ -805,6 +820,14 @@ impl Engine {
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<ReplayStats, EngineError> {
         let _rebuilding = self.rebuilding();
+        self.replay_rebuilding(progress)
+    }
+
+    /// [`Engine::replay`], for a caller that holds [`Engine::rebuilding`].
+    fn replay_rebuilding(
+        &self,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<ReplayStats, EngineError> {
         let started = Instant::now();
         let (rebuild, _writer) = self.rebuild(progress)?;
         let events = rebuild.checkpoint().0;
@@ -826,6 +849,8 @@ impl Engine {
     /// compares the two key by key (cases, owner and reverse indexes, forms, diagnostics,
     /// tombstones, directory, checkpoint). Returns every key where they differ (empty when the
     /// live projections are what the log says, I3) and drops the rebuild: nothing is swapped.
+    /// Live projections folded by other rules ([`Engine::upgrade_status`]) differ wherever the
+    /// rules do.
     pub fn verify(
         &self,
         progress: &mut dyn FnMut(Position, Position),
