@@ -17,7 +17,7 @@ pub use casexml;
 pub use domain;
 pub use engine::{
     AsOf, Engine, EngineConfig, EngineError, Outcome, ReplayStats, Request, SubmitOutcome,
-    SubmitStatus,
+    SubmitStatus, UpgradeStatus,
 };
 pub use eventlog;
 pub use projections;

@@ -23,7 +23,9 @@ use anyhow::{Context, Result};
 use caseledger::domain::{
     AppId, AttachmentFile, CaseId, Command, FormId, GroupId, Position, Timestamp, UserId,
 };
-use caseledger::{view, Engine, EngineConfig, EngineError, Request, SubmitOutcome, SubmitStatus};
+use caseledger::{
+    view, Engine, EngineConfig, EngineError, Request, SubmitOutcome, SubmitStatus, UpgradeStatus,
+};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
@@ -355,6 +357,18 @@ async fn run(cli: Cli) -> Result<u8> {
         EngineConfig::default(),
     )
     .with_context(|| format!("opening {}", cli.data.display()))?;
+    // A one-shot command answers from projections folded by other rules rather than rebuild
+    // them first (they read; a rebuild can take minutes): say so, and what rebuilds them.
+    if let UpgradeStatus::Needed { stored, current } = engine.upgrade_status() {
+        if !matches!(cli.command, Cmd::Replay { verify: false }) {
+            tracing::warn!(
+                stored_rules = stored,
+                current_rules = current,
+                "the projections were built by other rules than this build's and answer as \
+                 they are; `caseledger replay` rebuilds them"
+            );
+        }
+    }
     let result = dispatch(&engine, &cli).await;
     // Damaged projections were rebuilt from the log (on open or by a query); say so.
     for d in engine.repaired() {

@@ -2,7 +2,8 @@
 //!
 //! Modules: `conformance` (the data-driven CommCare suite), `stories` (the seed page's stories
 //! through the facade), `cli` (the command-line contract), `damage` (damaged stores, I10),
-//! `replay` (replay == live, I3), `audit` (verify, export, import, I12), `timetravel` (I11).
+//! `replay` (replay == live, I3), `audit` (verify, export, import, I12), `timetravel` (I11),
+//! `upgrade` (projections of other rules answer while their rebuild is built beside them).
 
 mod audit;
 mod cli;
@@ -16,3 +17,4 @@ mod restore;
 mod stories;
 mod support;
 mod timetravel;
+mod upgrade;

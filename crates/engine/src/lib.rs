@@ -22,11 +22,17 @@
 //!
 //! Queries read projections; they may observe an effect a few microseconds before it is durable,
 //! never one that is not in the log.
+//!
+//! Projections this build cannot read (another layout, or damaged) are rebuilt inside
+//! [`Engine::open`]; projections folded by other rules keep answering, and
+//! [`Engine::upgrade`] (or [`Engine::upgrade_in_background`]) rebuilds them beside the live
+//! generation and swaps the rebuild in ([`UpgradeStatus`]).
 
 mod committer;
 mod error;
 mod outcome;
 mod store;
+mod upgrade;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,10 +50,14 @@ use domain::{
 };
 use eventlog::raw::raw_dir;
 use eventlog::{AppendOutcome, AppendRequest, Expected, LogConfig, SledLog};
-use projections::{Damage, Difference, Overlay, Prefetched, ProjectionError, Projections, Touched};
+use projections::{
+    Damage, Difference, Overlay, Prefetched, ProjectionError, Projections, Touched, RULES_VERSION,
+};
+use upgrade::Upgrade;
 
 pub use error::EngineError;
 pub use outcome::{Outcome, SubmitOutcome, SubmitStatus};
+pub use upgrade::UpgradeStatus;
 
 /// How an engine is set up.
 #[derive(Debug, Clone)]
@@ -181,6 +191,11 @@ pub struct Engine {
     config: EngineConfig,
     /// Damage found in the projections since open, each rebuilt from the log.
     repaired: Mutex<Vec<Damage>>,
+    /// Held by each rebuild (replay, verify, upgrade) from its start to its install or discard:
+    /// they share the scratch directory, and a second would only redo the first.
+    rebuilding: Mutex<()>,
+    /// What was done about projections of other rules ([`Engine::upgrade_status`]).
+    upgrade: Mutex<Upgrade>,
     /// The store directory when opened with [`Engine::open`], where [`Engine::flush`] records
     /// the log head.
     dir: Option<std::path::PathBuf>,
@@ -212,6 +227,10 @@ pub fn now() -> Timestamp {
 
 impl Engine {
     /// Opens (or creates) the store in `dir` for `domain` and catches projections up to the log.
+    ///
+    /// Projections this build cannot read (damaged, or of another layout) are rebuilt from the
+    /// log before it returns ([`Engine::repaired`]). Projections folded by other rules are not:
+    /// they answer as soon as it returns, and [`Engine::upgrade_status`] says so.
     pub fn open(
         dir: &Path,
         domain: &DomainName,
@@ -314,6 +333,8 @@ impl Engine {
             }),
             config,
             repaired: Mutex::new(Vec::new()),
+            rebuilding: Mutex::new(()),
+            upgrade: Mutex::new(Upgrade::Idle),
             dir: None,
         };
         // Damaged projections never keep anyone from the log (I2): rebuild them, as `replay`
@@ -330,7 +351,7 @@ impl Engine {
         if !damage.is_empty() {
             tracing::info!(
                 findings = damage.len(),
-                "rebuilding the projections from the log"
+                "rebuilding the projections from the log before answering"
             );
             engine.replay(&mut |_, _| {})?;
             engine.note_repaired(damage);
@@ -347,6 +368,14 @@ impl Engine {
         {
             let _guard = engine.lock();
             engine.catch_up()?;
+        }
+        let stored = engine.projections.active_version().rules;
+        if stored != RULES_VERSION {
+            tracing::info!(
+                stored_rules = stored,
+                current_rules = RULES_VERSION,
+                "projections folded by other rules answer until an upgrade rebuild replaces them"
+            );
         }
         Ok(engine)
     }
@@ -799,9 +828,18 @@ impl Engine {
     }
 
     /// Rebuilds every projection from position 1 into a fresh generation and swaps it in. Queries
-    /// keep answering from the old generation until the swap. `progress(done, head)` is called
-    /// after each chunk.
+    /// keep answering from the old generation until the swap, and writers fold into it until
+    /// the rebuild's last catch-up. `progress(done, head)` is called after each chunk.
     pub fn replay(
+        &self,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<ReplayStats, EngineError> {
+        let _rebuilding = self.rebuilding();
+        self.replay_rebuilding(progress)
+    }
+
+    /// [`Engine::replay`], for a caller that holds [`Engine::rebuilding`].
+    fn replay_rebuilding(
         &self,
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<ReplayStats, EngineError> {
@@ -815,14 +853,24 @@ impl Engine {
         })
     }
 
+    fn rebuilding(&self) -> std::sync::MutexGuard<'_, ()> {
+        match self.rebuilding.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     /// Rebuilds every projection beside the live ones, exactly as [`Engine::replay`] does, and
     /// compares the two key by key (cases, owner and reverse indexes, forms, diagnostics,
     /// tombstones, directory, checkpoint). Returns every key where they differ (empty when the
     /// live projections are what the log says, I3) and drops the rebuild: nothing is swapped.
+    /// Live projections folded by other rules ([`Engine::upgrade_status`]) differ wherever the
+    /// rules do.
     pub fn verify(
         &self,
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<Vec<Difference>, EngineError> {
+        let _rebuilding = self.rebuilding();
         let (rebuild, writer) = self.rebuild(progress)?;
         // A live generation behind the log (a failed batch) is caught up first, as the next
         // command would; then both are at the log's head, and the lock keeps writers out.
@@ -838,12 +886,33 @@ impl Engine {
     }
 
     /// Builds a fresh generation from the log up to its head and returns it, not installed,
-    /// with the writer lock held and the live generation's batch in flight written.
+    /// with the writer lock held and the live generation's batch in flight written. A rebuild
+    /// that fails is dropped. The caller holds [`Engine::rebuilding`].
     fn rebuild(
         &self,
         progress: &mut dyn FnMut(Position, Position),
     ) -> Result<(projections::Rebuild<'_>, std::sync::MutexGuard<'_, Writer>), EngineError> {
         let mut rebuild = self.projections.begin_rebuild()?;
+        match self.fill(&mut rebuild, progress) {
+            Ok(writer) => Ok((rebuild, writer)),
+            Err(e) => {
+                // Nothing reads the tree; a tree that cannot be dropped now is reclaimed by the
+                // next open.
+                if let Err(d) = rebuild.discard() {
+                    tracing::warn!(error = %d, "failed rebuild not reclaimed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Folds the log into `rebuild` up to the head: in bulk, then what was appended meanwhile
+    /// without the writer lock, then the rest under it, which it returns held.
+    fn fill(
+        &self,
+        rebuild: &mut projections::Rebuild<'_>,
+        progress: &mut dyn FnMut(Position, Position),
+    ) -> Result<std::sync::MutexGuard<'_, Writer>, EngineError> {
         let head = self.log.written_head();
         let chunk = self.config.replay_chunk;
         let upto = |head: Position| {
@@ -875,6 +944,16 @@ impl Engine {
             runs = stats.runs,
             "bulk rebuild"
         );
+        // What was appended during a long bulk load is folded before writers are kept out, so
+        // that they wait only for what is appended during this pass.
+        let head = self.log.written_head();
+        rebuild.feed(
+            self.log
+                .iter_from(rebuild.checkpoint().next())
+                .take_while(upto(head)),
+            chunk,
+            &mut |p| progress(p, head),
+        )?;
         let mut writer = self.lock();
         // The old generation's last batch must land before that generation is reclaimed (or
         // compared).
@@ -887,7 +966,7 @@ impl Engine {
             chunk,
             &mut |p| progress(p, head),
         )?;
-        Ok((rebuild, writer))
+        Ok(writer)
     }
 
     /// The log position a time-travel query looks at: the head, a position (at most the head),

@@ -240,3 +240,43 @@ fn a_log_shorter_than_the_acknowledged_head_is_a_damaged_file() {
     assert_eq!(path, dir.path().join("db"));
     assert!(reason.contains("lost tail"), "{reason}");
 }
+
+// A replay that fails (here its scratch directory cannot be made) drops the tree it was building
+// and leaves the active generation answering; it used to leave the tree until the next open.
+#[test]
+fn a_failed_replay_drops_its_tree_and_keeps_the_active_generation() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory").expect("write");
+    let config = EngineConfig {
+        scratch_dir: Some(blocker.join("scratch")),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(&dir.path().join("store"), &"d".into(), config).expect("open");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let cmd = Command::CreateUser {
+        id: "u1".into(),
+        username: "u1".into(),
+    };
+    rt.block_on(engine.execute(Request::new(cmd)))
+        .expect("execute");
+    let generation = engine.projections().generation_id();
+    let replayed = engine.replay(&mut |_, _| {});
+    assert!(
+        matches!(
+            replayed,
+            Err(EngineError::Projection(ProjectionError::Scratch { .. }))
+        ),
+        "{replayed:?}"
+    );
+    assert_eq!(engine.projections().generation_trees(), 1);
+    assert_eq!(engine.projections().generation_id(), generation);
+    assert!(engine
+        .projections()
+        .directory()
+        .users
+        .contains_key(&"u1".into()));
+}

@@ -9,7 +9,7 @@ use crate::ProjectionError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Damage {
-    /// The record of the active generation (or of the layout version) does not read.
+    /// The record of the active generation (or of the layout or rules version) does not read.
     Meta {
         /// What failed.
         reason: String,
@@ -29,11 +29,13 @@ pub enum Damage {
         /// What failed.
         reason: String,
     },
-    /// The projections were written with another layout version ([`crate::VERSION`]).
-    Version {
-        /// The version recorded in the store.
+    /// The projections were written with another layout ([`crate::LAYOUT_VERSION`]), which this
+    /// code cannot read. (Projections folded by other rules read, so they are not damage: see
+    /// [`crate::RULES_VERSION`].)
+    Layout {
+        /// The layout version recorded in the store.
         stored: u64,
-        /// The version of this code.
+        /// The layout version of this code.
         current: u64,
     },
     /// A query read a value that does not decode, or that sled could not read.
@@ -58,9 +60,9 @@ impl std::fmt::Display for Damage {
             Damage::Leftover { tree, reason } => {
                 write!(f, "leftover projection tree {tree} (not in use): {reason}")
             }
-            Damage::Version { stored, current } => write!(
+            Damage::Layout { stored, current } => write!(
                 f,
-                "projections of layout version {stored}, this build reads version {current}"
+                "projections of layout version {stored}, this build reads layout version {current}"
             ),
             Damage::Value { reason } => write!(f, "a projection value: {reason}"),
         }

@@ -13,9 +13,12 @@
 //! - The case list of a user is computed at query time from the per-owner index and the user's
 //!   owner ids *now* (R35, R44): a membership change takes effect at once and rewrites nothing.
 //!
-//! - The meta tree records the active generation and the layout [`VERSION`]; [`Projections::open`]
-//!   reports damaged or outdated projections ([`Damage`]) instead of failing, and
-//!   [`Rebuild::compare`] diffs a rebuild with the live generation ([`Difference`]).
+//! - The meta tree records the active generation and what it was written by
+//!   ([`ProjectionVersion`]: a [`LAYOUT_VERSION`] this code can read or not, and the
+//!   [`RULES_VERSION`] of the fold); [`Projections::open`] reports damaged or unreadable
+//!   projections ([`Damage`]) instead of failing, [`Projections::active_version`] says whether
+//!   they were folded by other rules, and [`Rebuild::compare`] diffs a rebuild with the live
+//!   generation ([`Difference`]).
 //!
 //! Projections hold no truth of their own (I2): deleting every tree of this crate and replaying
 //! gives the same answers (I3).
@@ -30,6 +33,7 @@ mod keys;
 mod pending;
 mod prefetch;
 mod sorter;
+mod version;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -51,6 +55,7 @@ pub use damage::Damage;
 pub use error::ProjectionError;
 pub use pending::{Overlay, Pending, Sealed};
 pub use prefetch::{Prefetched, Touched};
+pub use version::{ProjectionVersion, LAYOUT_VERSION, RULES_VERSION};
 
 pub use domain::FormEntry;
 
@@ -131,13 +136,21 @@ pub type LogReader =
 /// One generation of every projection, in one sled tree.
 pub struct Generation {
     id: u64,
+    /// What its fold was written by: as recorded for the active generation at open, this
+    /// code's for a rebuild.
+    version: ProjectionVersion,
     tree: sled::Tree,
     directory: RwLock<Arc<Directory>>,
     checkpoint: AtomicU64,
 }
 
 impl Generation {
-    fn open(db: &sled::Db, domain: &DomainName, id: u64) -> Result<Self, ProjectionError> {
+    fn open(
+        db: &sled::Db,
+        domain: &DomainName,
+        id: u64,
+        version: ProjectionVersion,
+    ) -> Result<Self, ProjectionError> {
         let tree = db.open_tree(tree_name(domain, id))?;
         let directory = match tree.get(keys::DIRECTORY)? {
             Some(bytes) => codec::decode(keys::DIRECTORY, &bytes)?,
@@ -152,6 +165,7 @@ impl Generation {
         };
         Ok(Generation {
             id,
+            version,
             tree,
             directory: RwLock::new(Arc::new(directory)),
             checkpoint: AtomicU64::new(checkpoint),
@@ -160,11 +174,17 @@ impl Generation {
 
     /// A generation that answers nothing, standing in for a damaged one until a rebuild
     /// replaces it. It uses a tree of its own, so nothing folded into it touches the damaged one.
-    fn blank(db: &sled::Db, domain: &DomainName, id: u64) -> Result<Self, ProjectionError> {
+    fn blank(
+        db: &sled::Db,
+        domain: &DomainName,
+        id: u64,
+        version: ProjectionVersion,
+    ) -> Result<Self, ProjectionError> {
         let tree = db.open_tree(format!("projblank/{}", domain.as_str()))?;
         tree.clear()?;
         Ok(Generation {
             id,
+            version,
             tree,
             directory: RwLock::new(Arc::new(Directory::default())),
             checkpoint: AtomicU64::new(0),
@@ -273,41 +293,6 @@ fn meta_name(domain: &DomainName) -> String {
 }
 
 const ACTIVE: &[u8] = b"active";
-const VERSION_KEY: &[u8] = b"version";
-
-/// The layout version of the projections this code writes and reads: the key layout of
-/// `keys` and the value encodings of `codec`. Change it with any change to either; a store whose
-/// projections carry another version is rebuilt from the log on open (I2). A store written
-/// before versions were recorded has layout 1.
-///
-/// - 1: cases, owner and reverse indexes, forms, tombstones, diagnostics, directory, checkpoint.
-/// - 2: case values hold their history first; plus the time-travel rows (`v` version rows by
-///   position, `h` owner departures, `y` directory events).
-pub const VERSION: u64 = 2;
-
-/// A u64 record of the meta tree; a record that cannot be read is noted in `found` as damage and
-/// read as absent.
-fn meta_record(meta: &sled::Tree, key: &[u8], what: &str, found: &mut Vec<Damage>) -> Option<u64> {
-    match meta.get(key) {
-        Ok(Some(bytes)) => {
-            let value = keys::trailing_u64(&bytes);
-            if value.is_none() {
-                found.push(Damage::Meta {
-                    reason: format!("{what} record of {} bytes", bytes.len()),
-                });
-            }
-            value
-        }
-        Ok(None) => None,
-        Err(e) => {
-            found.push(Damage::Meta {
-                reason: e.to_string(),
-            });
-            None
-        }
-    }
-}
-
 /// The projections of one project space.
 pub struct Projections {
     db: sled::Db,
@@ -327,24 +312,22 @@ impl Projections {
     /// Damage to the projections does not fail the open: a projection is derived from the log
     /// (I2), so nothing stored here may keep anyone from the log. What was found (an unreadable
     /// record of the active generation, an undecodable directory or checkpoint, a leftover tree
-    /// that cannot be reclaimed, or projections of another [`VERSION`]) is listed by
+    /// that cannot be reclaimed, or projections of another [`LAYOUT_VERSION`]) is listed by
     /// [`Projections::damage`], and the caller rebuilds into a fresh generation
     /// ([`Projections::begin_rebuild`]). Only an error of sled itself fails the open.
+    ///
+    /// Projections folded by other rules ([`RULES_VERSION`]) are not damage: they read, and they
+    /// answer until the caller installs a rebuild ([`Projections::active_version`]).
     pub fn open(db: &sled::Db, domain: &DomainName) -> Result<Self, ProjectionError> {
         let meta = db.open_tree(meta_name(domain))?;
         let mut found = Vec::new();
-        let stored_active = meta_record(&meta, ACTIVE, "active generation", &mut found);
-        let stored_version = meta_record(&meta, VERSION_KEY, "version", &mut found);
-        // Layout 1 predates the version record; a fresh store is at this code's version.
-        let version = match (stored_version, stored_active) {
-            (Some(v), _) => v,
-            (None, Some(_)) => 1,
-            (None, None) => VERSION,
-        };
-        if version != VERSION && found.is_empty() {
-            found.push(Damage::Version {
-                stored: version,
-                current: VERSION,
+        let stored_active = version::meta_record(&meta, ACTIVE, "active generation", &mut found);
+        let stored = version::stored(&meta, stored_active.is_some(), &mut found);
+        let version = stored.version;
+        if version.layout != LAYOUT_VERSION && found.is_empty() {
+            found.push(Damage::Layout {
+                stored: version.layout,
+                current: LAYOUT_VERSION,
             });
         }
         let active = stored_active.unwrap_or(1);
@@ -363,7 +346,7 @@ impl Projections {
                 }
             }
         }
-        let generation = match Generation::open(db, domain, active) {
+        let generation = match Generation::open(db, domain, active, version) {
             Ok(g) => g,
             Err(e @ (ProjectionError::Decode { .. } | ProjectionError::Storage(_))) => {
                 found.push(Damage::Generation {
@@ -371,17 +354,16 @@ impl Projections {
                     reason: e.to_string(),
                 });
                 // Answers nothing until the rebuild installs a generation in its place.
-                Generation::blank(db, domain, active)?
+                Generation::blank(db, domain, active, version)?
             }
             Err(e) => return Err(e),
         };
-        if stored_active.is_none() && found.is_empty() {
+        if found.is_empty() && (stored_active.is_none() || stored.missing) {
+            // A fresh store, or one written before a record existed: record what was read.
             let mut batch = sled::Batch::default();
             batch.insert(ACTIVE, active.to_be_bytes().to_vec());
-            batch.insert(VERSION_KEY, VERSION.to_be_bytes().to_vec());
+            version.record(&mut batch);
             meta.apply_batch(batch)?;
-        } else if stored_version.is_none() && found.is_empty() {
-            meta.insert(VERSION_KEY, VERSION.to_be_bytes().to_vec())?;
         }
         for d in &found {
             tracing::warn!(domain = domain.as_str(), damage = %d, "projections need a rebuild");
@@ -402,20 +384,26 @@ impl Projections {
         &self.found
     }
 
-    /// The projection layout version recorded in the store (`None` before the first open of
-    /// this code wrote it, or when the record is unreadable).
-    pub fn stored_version(&self) -> Option<u64> {
-        match self.meta.get(VERSION_KEY) {
-            Ok(Some(bytes)) => keys::trailing_u64(&bytes),
-            _ => None,
-        }
+    /// The layout and rules versions recorded in the store (`None` before the first open of
+    /// this code wrote them, or when a record is unreadable). A store written before the rules
+    /// record existed reads as rules 1.
+    pub fn stored_version(&self) -> Option<ProjectionVersion> {
+        version::recorded(&self.meta)
     }
 
-    /// Records `version` as the stored projection layout version; for tests of the upgrade path
-    /// and for tools, never needed in normal operation.
-    pub fn set_stored_version(&self, version: u64) -> Result<(), ProjectionError> {
-        self.meta
-            .insert(VERSION_KEY, version.to_be_bytes().to_vec())?;
+    /// What the active generation was written by. Its layout is [`LAYOUT_VERSION`] unless
+    /// [`Projections::damage`] lists [`Damage::Layout`]; its rules differ from
+    /// [`RULES_VERSION`] when it was folded by another build, until a rebuild is installed.
+    pub fn active_version(&self) -> ProjectionVersion {
+        self.current().version
+    }
+
+    /// Records `version` in the store, read by the next [`Projections::open`]; for tests of the
+    /// upgrade path and for tools, never needed in normal operation.
+    pub fn set_stored_version(&self, version: ProjectionVersion) -> Result<(), ProjectionError> {
+        let mut batch = sled::Batch::default();
+        version.record(&mut batch);
+        self.meta.apply_batch(batch)?;
         self.meta.flush()?;
         Ok(())
     }
@@ -621,7 +609,12 @@ impl Projections {
         let next = highest.max(self.current().id) + 1;
         // A tree of that number can only be a leftover of a crashed replay.
         reclaim_tree(&self.db, tree_name(&self.domain, next).as_bytes())?;
-        let generation = Arc::new(Generation::open(&self.db, &self.domain, next)?);
+        let generation = Arc::new(Generation::open(
+            &self.db,
+            &self.domain,
+            next,
+            ProjectionVersion::CURRENT,
+        )?);
         Ok(Rebuild {
             owner: self,
             generation,
@@ -687,13 +680,15 @@ impl Rebuild<'_> {
 
     /// Makes the new generation the active one and drops the old tree. Call it with the new
     /// generation caught up to the log head while no writer can append (the engine's lock).
+    /// The active generation and its version are recorded in one batch: after a crash the store
+    /// names either the old generation with its version or the new one with this code's.
     pub fn install(self) -> Result<(), ProjectionError> {
         let owner = self.owner;
         let old = owner.current();
         let old_id = old.id;
         let mut batch = sled::Batch::default();
         batch.insert(ACTIVE, self.generation.id.to_be_bytes().to_vec());
-        batch.insert(VERSION_KEY, VERSION.to_be_bytes().to_vec());
+        self.generation.version.record(&mut batch);
         owner.meta.apply_batch(batch)?;
         owner.meta.flush()?;
         match owner.current.write() {

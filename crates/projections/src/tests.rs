@@ -183,6 +183,88 @@ fn a_rebuild_answers_from_the_old_generation_until_installed() {
     );
 }
 
+// A store written before the rules record existed holds only the layout record: it reads as this
+// layout with rules 1, is not damaged, and gets the rules record.
+#[test]
+fn a_store_without_a_rules_record_reads_as_rules_1_and_is_not_damaged() {
+    let (_d, db) = db();
+    let p = Projections::open(&db, &"d".into()).expect("open");
+    p.catch_up(
+        [rec(1, accepted("f1", "c1", Some("u1"), &[], false))].map(Ok),
+        10,
+    )
+    .expect("catch up");
+    drop(p);
+    let meta = db.open_tree("projmeta/d").expect("meta");
+    meta.remove(version::RULES_KEY).expect("remove");
+    let p = Projections::open(&db, &"d".into()).expect("reopen");
+    assert_eq!(p.damage(), &[]);
+    let before_split = ProjectionVersion {
+        layout: LAYOUT_VERSION,
+        rules: 1,
+    };
+    assert_eq!(p.active_version(), before_split);
+    assert_eq!(
+        meta.get(version::RULES_KEY).expect("read"),
+        Some(sled::IVec::from(&1u64.to_be_bytes()[..]))
+    );
+    assert_eq!(p.generation_id(), 1);
+    assert!(p.case(&"c1".into()).expect("read").is_some());
+}
+
+// Other rules are not damage: the generation opens and answers, and an installed rebuild carries
+// this code's rules, in the store and in memory.
+#[test]
+fn other_rules_answer_until_a_rebuild_installs_this_codes_rules() {
+    let (_d, db) = db();
+    let p = Projections::open(&db, &"d".into()).expect("open");
+    let events = vec![rec(1, accepted("f1", "c1", Some("u1"), &[], false))];
+    p.catch_up(events.clone().into_iter().map(Ok), 10)
+        .expect("catch up");
+    let older = ProjectionVersion {
+        layout: LAYOUT_VERSION,
+        rules: RULES_VERSION - 1,
+    };
+    p.set_stored_version(older).expect("set version");
+    drop(p);
+    let p = Projections::open(&db, &"d".into()).expect("reopen");
+    assert_eq!(p.damage(), &[]);
+    assert_eq!(p.active_version(), older);
+    assert_eq!(p.stored_version(), Some(older));
+    assert!(p.case(&"c1".into()).expect("read").is_some());
+    let mut rebuild = p.begin_rebuild().expect("begin");
+    rebuild
+        .feed(events.into_iter().map(Ok), 10, &mut |_| {})
+        .expect("feed");
+    assert_eq!(p.active_version(), older, "not installed yet");
+    rebuild.install().expect("install");
+    assert_eq!(p.active_version(), ProjectionVersion::CURRENT);
+    assert_eq!(p.stored_version(), Some(ProjectionVersion::CURRENT));
+    assert_eq!(p.generation_id(), 2);
+}
+
+// Another layout does not read: it is damage, and the caller rebuilds before answering.
+#[test]
+fn another_layout_is_damage() {
+    let (_d, db) = db();
+    let p = Projections::open(&db, &"d".into()).expect("open");
+    let newer = ProjectionVersion {
+        layout: LAYOUT_VERSION + 1,
+        rules: RULES_VERSION,
+    };
+    p.set_stored_version(newer).expect("set version");
+    drop(p);
+    let p = Projections::open(&db, &"d".into()).expect("reopen");
+    assert_eq!(
+        p.damage(),
+        &[Damage::Layout {
+            stored: LAYOUT_VERSION + 1,
+            current: LAYOUT_VERSION
+        }]
+    );
+    assert_eq!(p.stored_version(), Some(newer), "nothing recorded over it");
+}
+
 #[test]
 fn r57_archive_deletes_a_case_keeping_its_history_and_unarchive_revives_it() {
     let (_d, db) = db();
