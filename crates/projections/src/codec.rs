@@ -1,9 +1,10 @@
-//! bincode helpers for projection values, and the layout of a stored case: its history, then
-//! the bincode case.
+//! bincode helpers for projection values, and the layout of a stored case: its closed flag, its
+//! history, then the bincode case.
 //!
 //! A case's history (positions of the events that touched it) lives in the case's own value, as
 //! a count and 8-byte big-endian positions before the bincode [`domain::Case`], and moves into
-//! the tombstone's value when the case is deleted. A fold rewrites a case's value on every visit anyway, so the
+//! the tombstone's value when the case is deleted. The closed flag comes first so that an open
+//! case list skips closed cases without decoding them. A fold rewrites a case's value on every visit anyway, so the
 //! history costs no extra write; one sled entry per (case, event) cost replay about a quarter of
 //! its time (docs/PERFORMANCE.md).
 
@@ -38,11 +39,12 @@ fn decode_error(key: &[u8], reason: String) -> ProjectionError {
     }
 }
 
-/// A case value: its history (a u32 big-endian count, then that many 8-byte big-endian
-/// positions), then the bincode case. History first, so that time travel reads it without
-/// decoding the case.
+/// A case value: 1 when closed, else 0; its history (a u32 big-endian count, then that many
+/// 8-byte big-endian positions); then the bincode case. History before the case, so that time
+/// travel reads it without decoding the case.
 pub fn encode_case(case: &Case, history: &[Position]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + 8 * history.len() + 256);
+    let mut out = Vec::with_capacity(5 + 8 * history.len() + 256);
+    out.push(u8::from(case.closed));
     out.extend_from_slice(
         &u32::try_from(history.len())
             .unwrap_or(u32::MAX)
@@ -61,8 +63,18 @@ pub fn encode_history_into(out: &mut Vec<u8>, history: &[Position]) {
     }
 }
 
-/// Splits a case value into its history bytes and its case bytes.
-fn split_case<'b>(key: &[u8], bytes: &'b [u8]) -> Result<(&'b [u8], &'b [u8]), ProjectionError> {
+/// True when a case value says its case is closed.
+pub fn case_closed(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&1)
+}
+
+/// Splits a case value into its history bytes (whole positions, see [`last_up_to`]) and its
+/// case bytes.
+pub fn split_case<'b>(
+    key: &[u8],
+    bytes: &'b [u8],
+) -> Result<(&'b [u8], &'b [u8]), ProjectionError> {
+    let bytes = bytes.get(1..).unwrap_or_default();
     let count = bytes
         .get(..4)
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
@@ -125,4 +137,27 @@ pub fn decode_history(key: &[u8], bytes: &[u8]) -> Result<Vec<Position>, Project
             Position(u64::from_be_bytes(b))
         })
         .collect())
+}
+
+/// The last position up to `at` of a history as [`split_case`] gives it (ascending, whole
+/// positions), and whether it is the last of all; read in place by binary search.
+pub fn last_up_to(history: &[u8], at: Position) -> Option<(Position, bool)> {
+    let count = history.len() / 8;
+    let nth = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(history.get(i * 8..i * 8 + 8).unwrap_or(&[0; 8]));
+        Position(u64::from_be_bytes(b))
+    };
+    // The number of positions up to `at`.
+    let (mut lo, mut hi) = (0, count);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if nth(mid) <= at {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let last = lo.checked_sub(1)?;
+    Some((nth(last), lo == count))
 }

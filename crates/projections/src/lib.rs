@@ -190,19 +190,36 @@ impl Generation {
         self.checkpoint.store(checkpoint.0, Ordering::Release);
     }
 
-    fn load_case(&self, id: &CaseId) -> Result<Option<Case>, ProjectionError> {
-        let key = keys::case(id.as_str());
+    /// The key and value of a case's row, found through its owner row; `None` when the case
+    /// does not exist (never did, or deleted). An owner row naming no case row is damage.
+    fn case_row(&self, id: &CaseId) -> Result<Option<(Vec<u8>, sled::IVec)>, ProjectionError> {
+        let Some(owner) = self.tree.get(keys::owner(id.as_str()))? else {
+            return Ok(None);
+        };
+        let key = keys::case(&owner, id.as_str());
         match self.tree.get(&key)? {
-            Some(bytes) => codec::decode_case(&key, &bytes).map(Some),
+            Some(value) => Ok(Some((key, value))),
+            None => Err(ProjectionError::Decode {
+                key: String::from_utf8_lossy(&keys::owner(id.as_str())).into_owned(),
+                reason: format!(
+                    "names owner {:?}, which holds no such case",
+                    String::from_utf8_lossy(&owner)
+                ),
+            }),
+        }
+    }
+
+    fn load_case(&self, id: &CaseId) -> Result<Option<Case>, ProjectionError> {
+        match self.case_row(id)? {
+            Some((key, bytes)) => codec::decode_case(&key, &bytes).map(Some),
             None => Ok(None),
         }
     }
 
     /// Everything stored about a case id: the case, its history, and whether it is a tombstone.
-    /// Absent ids cost two point reads, present ones one.
+    /// Absent ids cost two point reads, present ones two (the owner row is small and cached).
     fn load_stored(&self, id: &CaseId) -> Result<StoredCase, ProjectionError> {
-        let key = keys::case(id.as_str());
-        if let Some(bytes) = self.tree.get(&key)? {
+        if let Some((key, bytes)) = self.case_row(id)? {
             let (case, history) = codec::decode_case_with_history(&key, &bytes)?;
             return Ok(StoredCase {
                 case: Some(case),
@@ -227,9 +244,8 @@ impl Generation {
 
     /// The positions of the events that touched a case (deleted or not), without decoding it.
     fn history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
-        let key = keys::case(id.as_str());
-        match self.tree.get(&key)? {
-            Some(bytes) => codec::decode_case_history(&key, &bytes),
+        match self.case_row(id)? {
+            Some((key, bytes)) => codec::decode_case_history(&key, &bytes),
             None => self.tombstone_history(id),
         }
     }
@@ -283,7 +299,9 @@ const VERSION_KEY: &[u8] = b"version";
 /// - 1: cases, owner and reverse indexes, forms, tombstones, diagnostics, directory, checkpoint.
 /// - 2: case values hold their history first; plus the time-travel rows (`v` version rows by
 ///   position, `h` owner departures, `y` directory events).
-pub const VERSION: u64 = 2;
+/// - 3: cases keyed by owner then id, their value led by the closed flag; the owner index maps a
+///   case id to its owner.
+pub const VERSION: u64 = 3;
 
 /// A u64 record of the meta tree; a record that cannot be read is noted in `found` as damage and
 /// read as absent.
@@ -539,16 +557,15 @@ impl Projections {
         include_closed: bool,
     ) -> Result<Vec<Case>, ProjectionError> {
         let generation = self.current();
-        let prefix = keys::owner_prefix(owner);
         let mut out = Vec::new();
-        for item in generation.tree.scan_prefix(&prefix) {
+        // The owner's cases are one range, in case-id order.
+        for item in generation
+            .tree
+            .scan_prefix(keys::case_prefix(owner.as_bytes()))
+        {
             let (key, value) = item?;
-            if !include_closed && value.first() == Some(&1) {
-                continue;
-            }
-            let id = String::from_utf8_lossy(key.get(prefix.len()..).unwrap_or_default());
-            if let Some(case) = generation.load_case(&CaseId::new(id))? {
-                out.push(case);
+            if include_closed || !codec::case_closed(&value) {
+                out.push(codec::decode_case(&key, &value)?);
             }
         }
         Ok(out)

@@ -20,10 +20,9 @@ use crate::{
     StoredCase, Touched,
 };
 
-/// A case's index entries: its owner entry and its reverse-index entries.
+/// Where a case's row is (its owner) and its reverse-index entries.
 pub(crate) struct Stored {
     pub(crate) owner: String,
-    pub(crate) closed: bool,
     /// Target case id → extension; the last index naming a target wins, as in `commit`.
     pub(crate) targets: BTreeMap<String, bool>,
 }
@@ -31,7 +30,6 @@ pub(crate) struct Stored {
 pub(crate) fn stored_of(case: &Case) -> Stored {
     Stored {
         owner: case.owner_id.clone(),
-        closed: case.closed,
         targets: case
             .indices
             .values()
@@ -442,7 +440,7 @@ impl Pending {
             let new = slot.current.as_ref().map(stored_of);
             if let Some(old) = &slot.stored {
                 if new.as_ref().is_none_or(|n| n.owner != old.owner) {
-                    batch.remove(keys::owner(&old.owner, id.as_str()));
+                    batch.remove(keys::case(old.owner.as_bytes(), id.as_str()));
                 }
                 for t in old.targets.keys() {
                     if new.as_ref().is_none_or(|n| !n.targets.contains_key(t)) {
@@ -457,17 +455,14 @@ impl Pending {
                         batch.remove(keys::tombstone(id.as_str()));
                     }
                     batch.insert(
-                        keys::case(id.as_str()),
+                        keys::case(new.owner.as_bytes(), id.as_str()),
                         codec::encode_case(case, &slot.history),
                     );
-                    // Most visits change neither owner, closed flag nor indices; rewriting their
-                    // entries anyway costs sled a tree descent each.
+                    // Most visits change neither owner nor indices; rewriting their entries
+                    // anyway costs sled a tree descent each.
                     let old = slot.stored.as_ref();
-                    if old.is_none_or(|o| o.owner != new.owner || o.closed != new.closed) {
-                        batch.insert(
-                            keys::owner(&new.owner, id.as_str()),
-                            vec![u8::from(new.closed)],
-                        );
+                    if old.is_none_or(|o| o.owner != new.owner) {
+                        batch.insert(keys::owner(id.as_str()), new.owner.as_bytes().to_vec());
                     }
                     for (target, extension) in &new.targets {
                         if old.is_none_or(|o| o.targets.get(target) != Some(extension)) {
@@ -481,7 +476,7 @@ impl Pending {
                 _ => {
                     // R54/R57: a case left with no live form is deleted; the tombstone makes a
                     // later block naming it an IllegalCaseId (R50) and keeps its history.
-                    batch.remove(keys::case(id.as_str()));
+                    batch.remove(keys::owner(id.as_str()));
                     let mut history = Vec::with_capacity(8 * slot.history.len());
                     codec::encode_history_into(&mut history, &slot.history);
                     batch.insert(keys::tombstone(id.as_str()), history);
