@@ -24,7 +24,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{codec, keys, DiagnosticRow, GroupView, ProjectionError, Projections};
+use crate::{codec, keys, past, DiagnosticRow, GroupView, ProjectionError, Projections};
 
 /// What a form event did, as a version row records it (the variant order is the stored index).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,8 +256,8 @@ enum Last {
     NotYet,
     /// In its row: nothing touched it since.
     Now,
-    /// In the version row of this position.
-    At(Position),
+    /// As the event at `position` left it, `back` events before its last.
+    At { position: Position, back: usize },
 }
 
 /// A version row that a case's history names is missing, or does not name the case.
@@ -379,13 +379,20 @@ impl Projections {
     pub fn case_at(&self, id: &CaseId, at: Position) -> Result<CaseAt, ProjectionError> {
         let generation = self.current();
         let last = match generation.case_row(id)? {
-            Some((key, value)) => match Self::last_in_row(&key, &value, at)? {
-                Last::NotYet => return Ok(CaseAt::NotYet),
-                Last::Now => {
-                    return Ok(CaseAt::Exists(Box::new(codec::decode_case(&key, &value)?)))
-                }
-                Last::At(last) => last,
-            },
+            Some((key, value)) => {
+                let case = match Self::last_in_row(&key, &value, at)? {
+                    Last::NotYet => return Ok(CaseAt::NotYet),
+                    Last::Now => codec::decode_case(&key, &value)?,
+                    Last::At { position, back } => {
+                        match self.row_back(id, &key, &value, position, back)? {
+                            Some(case) => case,
+                            // Deleted then, revived since (R57).
+                            None => return Ok(CaseAt::Deleted { since: position }),
+                        }
+                    }
+                };
+                return Ok(CaseAt::Exists(Box::new(case)));
+            }
             None => match generation
                 .tombstone_history(id)?
                 .into_iter()
@@ -404,13 +411,37 @@ impl Projections {
 
     /// Where a stored case's state as of `at` is, from the history in its row.
     fn last_in_row(key: &[u8], value: &[u8], at: Position) -> Result<Last, ProjectionError> {
-        let (history, _) = codec::split_case(key, value)?;
-        Ok(match codec::last_up_to(history, at) {
+        let history = codec::split_case(key, value)?.history;
+        Ok(match codec::history_index(history, at) {
             None => Last::NotYet,
             // Nothing touched it since: the case now is the case then.
-            Some((_, true)) => Last::Now,
-            Some((last, false)) => Last::At(last),
+            Some((i, count)) if i + 1 == count => Last::Now,
+            Some((i, count)) => Last::At {
+                position: codec::history_at(history, i),
+                back: count - 1 - i,
+            },
         })
+    }
+
+    /// A stored case as the event at `position` left it, `back` events before its last
+    /// (`None`: deleted then): from the past in its row, or its version row when that past is
+    /// shorter.
+    fn row_back(
+        &self,
+        id: &CaseId,
+        key: &[u8],
+        value: &[u8],
+        position: Position,
+        back: usize,
+    ) -> Result<Option<Case>, ProjectionError> {
+        let row = codec::split_case(key, value)?;
+        if back <= past::len(key, row.past)? {
+            let case = codec::decode(key, row.case)?;
+            if let Some(case) = past::back(key, case, row.past, back)? {
+                return Ok(Some(case));
+            }
+        }
+        self.version_case(id, position)
     }
 
     /// The version row of the event at `p`, which names case `id` in its history.
@@ -547,8 +578,8 @@ impl Projections {
                         out.push(codec::decode_case(&key, &value)?);
                     }
                 }
-                Last::At(last) => {
-                    if let Some(case) = self.version_case(&id, last)? {
+                Last::At { position, back } => {
+                    if let Some(case) = self.row_back(&id, &key, &value, position, back)? {
                         if keep(&case) {
                             out.push(case);
                         }

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::asof::{departures, encode_part, push_len, Action, VersionMeta};
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
-use crate::{codec, keys, DiagnosticRow, Generation, ProjectionError};
+use crate::{codec, keys, past, DiagnosticRow, Generation, ProjectionError};
 
 /// Entries per sled batch while writing sorted keys.
 const WRITE_BATCH: usize = 512;
@@ -266,6 +266,9 @@ where
                 payload: Vec::new(),
             })?;
         }
+        // The case's past: from every version, as the live fold extends it version by version.
+        let states: Vec<Option<&Case>> = versions.iter().map(|(_, _, v)| v.as_ref()).collect();
+        let past = past::extend(&next_key, None, &[], &states)?;
         for (p, meta, version) in versions {
             // Version rows are keyed by position: they go through a sorter of their own, keyed
             // by position then case id, each record already encoded as its part of the row.
@@ -292,7 +295,7 @@ where
                     key: keys::case(stored.owner.as_bytes(), &id),
                     position: 0,
                     seq: 0,
-                    payload: codec::encode_case(&case, &history),
+                    payload: codec::encode_case(&case, &history, &past),
                 })?;
                 for (target, extension) in &stored.targets {
                     index.push(Record {

@@ -4,7 +4,7 @@
 
 use domain::Directory;
 
-use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, ProjectionError};
+use crate::{codec, keys, past, DiagnosticRow, FormEntry, Generation, ProjectionError};
 
 /// What a projection key holds, from its prefix (`keys`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,10 +234,11 @@ fn describe(kind: KeyKind, key: &[u8], bytes: &[u8]) -> Described {
         },
     };
     match kind {
-        KeyKind::Case => decoded(codec::decode_case_with_history(key, bytes).map(|(c, h)| {
-            (
+        KeyKind::Case => decoded(codec::decode_case_row(key, bytes).and_then(|(c, h, past)| {
+            let back = past::len(key, past)?;
+            Ok((
                 format!(
-                    "owner {}, {}, type {}, name {:?}, {} properties, {} forms, history of {} events",
+                    "owner {}, {}, type {}, name {:?}, {} properties, {} forms, history of {} events, {back} back",
                     c.owner_id,
                     if c.closed { "closed" } else { "open" },
                     c.case_type,
@@ -246,8 +247,8 @@ fn describe(kind: KeyKind, key: &[u8], bytes: &[u8]) -> Described {
                     c.xform_ids.len(),
                     h.len()
                 ),
-                format!("{c:?} history {h:?}"),
-            )
+                format!("{c:?} history {h:?} past {past:?}"),
+            ))
         })),
         KeyKind::Owner => {
             let owner = format!("owner {}", String::from_utf8_lossy(bytes));

@@ -27,6 +27,7 @@ mod compare;
 mod damage;
 mod error;
 mod keys;
+mod past;
 mod pending;
 mod prefetch;
 mod sorter;
@@ -220,10 +221,11 @@ impl Generation {
     /// Absent ids cost two point reads, present ones two (the owner row is small and cached).
     fn load_stored(&self, id: &CaseId) -> Result<StoredCase, ProjectionError> {
         if let Some((key, bytes)) = self.case_row(id)? {
-            let (case, history) = codec::decode_case_with_history(&key, &bytes)?;
+            let (case, history, past) = codec::decode_case_row(&key, &bytes)?;
             return Ok(StoredCase {
                 case: Some(case),
                 history,
+                past: past.to_vec(),
                 tombstone: false,
             });
         }
@@ -232,11 +234,13 @@ impl Generation {
             Some(bytes) => Ok(StoredCase {
                 case: None,
                 history: codec::decode_history(&key, &bytes)?,
+                past: Vec::new(),
                 tombstone: true,
             }),
             None => Ok(StoredCase {
                 case: None,
                 history: Vec::new(),
+                past: Vec::new(),
                 tombstone: false,
             }),
         }
@@ -277,6 +281,8 @@ impl Generation {
 pub(crate) struct StoredCase {
     pub(crate) case: Option<Case>,
     pub(crate) history: Vec<Position>,
+    /// The case's past (`past`), empty when there is no case.
+    pub(crate) past: Vec<u8>,
     pub(crate) tombstone: bool,
 }
 
@@ -301,7 +307,8 @@ const VERSION_KEY: &[u8] = b"version";
 ///   position, `h` owner departures, `y` directory events).
 /// - 3: cases keyed by owner then id, their value led by the closed flag; the owner index maps a
 ///   case id to its owner.
-pub const VERSION: u64 = 3;
+/// - 4: case values hold the case's past (`past`) between its history and the case.
+pub const VERSION: u64 = 4;
 
 /// A u64 record of the meta tree; a record that cannot be read is noted in `found` as damage and
 /// read as absent.

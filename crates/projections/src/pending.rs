@@ -16,8 +16,8 @@ use domain::{
 
 use crate::asof::{departures, encode_version, RowCases, VersionMeta};
 use crate::{
-    codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, Prefetched, ProjectionError,
-    StoredCase, Touched,
+    codec, keys, past, DiagnosticRow, FormEntry, Generation, LogReader, Prefetched,
+    ProjectionError, StoredCase, Touched,
 };
 
 /// Where a case's row is (its owner) and its reverse-index entries.
@@ -46,6 +46,9 @@ pub(crate) fn stored_of(case: &Case) -> Stored {
 struct CaseSlot {
     /// The index entries stored before this batch, to move or skip them on commit.
     stored: Option<Stored>,
+    /// The case before this batch, and its past (`past`), which this batch's versions extend.
+    base: Option<Case>,
+    past: Vec<u8>,
     current: Option<Case>,
     /// Positions of the events that touched the case, stored ones included, ascending.
     history: Vec<Position>,
@@ -210,6 +213,7 @@ impl Pending {
             let StoredCase {
                 case: current,
                 history,
+                past,
                 tombstone,
             } = match loaded {
                 Some(s) => s,
@@ -223,6 +227,8 @@ impl Pending {
                 id.clone(),
                 CaseSlot {
                     stored,
+                    base: current.clone(),
+                    past,
                     current,
                     history,
                     tombstone,
@@ -420,6 +426,7 @@ impl Pending {
         }
         let mut batch = sled::Batch::default();
         let mut diag_seq: HashMap<Position, u32> = HashMap::new();
+        let mut pasts: HashMap<CaseId, Vec<u8>> = HashMap::new();
         // Time travel: one version row per event, every case it touched in it (sorted by id).
         let mut rows: BTreeMap<Position, (&VersionMeta, RowCases<'_>)> = BTreeMap::new();
         for (id, slot) in &self.cases {
@@ -454,10 +461,23 @@ impl Pending {
                         // Revived by an unarchive (R57), or new: no tombstone any more.
                         batch.remove(keys::tombstone(id.as_str()));
                     }
+                    let past = if slot.versions.is_empty() {
+                        slot.past.clone()
+                    } else {
+                        let states: Vec<Option<&Case>> =
+                            slot.versions.iter().map(|(_, _, v)| v.as_ref()).collect();
+                        past::extend(
+                            id.as_str().as_bytes(),
+                            slot.base.as_ref(),
+                            &slot.past,
+                            &states,
+                        )?
+                    };
                     batch.insert(
                         keys::case(new.owner.as_bytes(), id.as_str()),
-                        codec::encode_case(case, &slot.history),
+                        codec::encode_case(case, &slot.history, &past),
                     );
+                    pasts.insert(id.clone(), past);
                     // Most visits change neither owner nor indices; rewriting their entries
                     // anyway costs sled a tree descent each.
                     let old = slot.stored.as_ref();
@@ -511,9 +531,14 @@ impl Pending {
                 } else {
                     slot.tombstone
                 };
+                let past = match &slot.current {
+                    Some(_) => pasts.remove(&id).unwrap_or(slot.past),
+                    None => Vec::new(),
+                };
                 let stored = StoredCase {
                     case: slot.current,
                     history: slot.history,
+                    past,
                     tombstone,
                 };
                 (id, stored)
