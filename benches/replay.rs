@@ -23,7 +23,9 @@
 //!
 //! `cargo bench --bench replay`; `CASELEDGER_BENCH_EVENTS=n` sets N (default 1 000 000),
 //! `CASELEDGER_BENCH_REPLAY_CHUNK` and `CASELEDGER_BENCH_CACHE_MB` the engine knobs,
-//! `CASELEDGER_BENCH_TRAVEL=0` skips the time-travel timings that follow the check.
+//! `CASELEDGER_BENCH_TRAVEL=0` skips the time-travel timings that follow the check;
+//! `CASELEDGER_BENCH_TRAVEL_ONLY=<dir>` runs only them, on a store kept by
+//! `CASELEDGER_BENCH_KEEP=1`.
 //! Targets: replay/raw >= 0.25, replay peak RSS <= 256 MB.
 
 // The binary's allocator, so the figures are the ones `caseledger` gets (glibc malloc's

@@ -10,8 +10,9 @@
 //! - [`Rebuild`] replays the log into a fresh generation (in bulk, by external sort:
 //!   [`Rebuild::bulk_load`]) and swaps it in when done, so readers always have answers (no empty
 //!   window).
-//! - The case list of a user is computed at query time from the per-owner index and the user's
-//!   owner ids *now* (R35, R44): a membership change takes effect at once and rewrites nothing.
+//! - The case list of a user is computed at query time from the cases of each of the user's
+//!   owner ids *now* (R35, R44), one range of the tree each (`keys`): a membership change takes
+//!   effect at once and rewrites nothing.
 //!
 //! - The meta tree records the active generation and the layout [`VERSION`]; [`Projections::open`]
 //!   reports damaged or outdated projections ([`Damage`]) instead of failing, and
@@ -218,7 +219,8 @@ impl Generation {
     }
 
     /// Everything stored about a case id: the case, its history, and whether it is a tombstone.
-    /// Absent ids cost two point reads, present ones two (the owner row is small and cached).
+    /// Two point reads either way: the owner row (small, mostly cached) and the case row, or
+    /// the tombstone.
     fn load_stored(&self, id: &CaseId) -> Result<StoredCase, ProjectionError> {
         if let Some((key, bytes)) = self.case_row(id)? {
             let (case, history, past) = codec::decode_case_row(&key, &bytes)?;
