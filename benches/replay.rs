@@ -23,8 +23,10 @@
 //!
 //! `cargo bench --bench replay`; `CASELEDGER_BENCH_EVENTS=n` sets N (default 1 000 000),
 //! `CASELEDGER_BENCH_REPLAY_CHUNK` and `CASELEDGER_BENCH_CACHE_MB` the engine knobs,
-//! `CASELEDGER_BENCH_TRAVEL=0` skips the time-travel timings that follow the check,
-//! `CASELEDGER_BENCH_RAW=inline` keeps raw submissions in the log (`EngineConfig::raw_out_of_line`).
+//! `CASELEDGER_BENCH_TRAVEL=0` skips the time-travel timings that follow the check;
+//! `CASELEDGER_BENCH_TRAVEL_ONLY=<dir>` runs only them, on a store kept by
+//! `CASELEDGER_BENCH_KEEP=1`; `CASELEDGER_BENCH_RAW=inline` keeps raw submissions in the log
+//! (`EngineConfig::raw_out_of_line`).
 //! Targets: replay/raw >= 0.25, replay peak RSS <= 256 MB.
 
 // The binary's allocator, so the figures are the ones `caseledger` gets (glibc malloc's
@@ -35,8 +37,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod common;
 
 use common::{
-    child_fields, dir_size, group, machine, memory_kb, mix, reset_peak, thread_cpu_seconds, user,
-    uuid_like, BenchResult, GROUPS, USERS,
+    child_fields, dir_size, env_or, group, machine, memory_kb, mix, reset_peak, thread_cpu_seconds,
+    user, uuid_like, BenchResult, GROUPS, USERS,
 };
 
 use std::collections::HashMap;
@@ -80,7 +82,8 @@ const CACHE_MB: u64 = 64;
 const HOT_EVERY: u64 = 997;
 /// The hot case.
 const HOT_CASE: u64 = 0;
-/// Random (case or user, position) pairs per time-travel query kind.
+/// Random (case or user, position) pairs per time-travel query kind, unless
+/// `CASELEDGER_BENCH_TRAVEL_QUERIES` says otherwise (fewer, while iterating).
 const TRAVEL_QUERIES: usize = 1000;
 
 /// splitmix64: a deterministic workload without a dependency.
@@ -641,6 +644,9 @@ fn main() -> BenchResult<()> {
     if let Ok(dir) = std::env::var(FLOOR_CHILD) {
         return floor_child(&dir);
     }
+    if let Ok(dir) = std::env::var(TRAVEL_ONLY) {
+        return travel_only(&dir);
+    }
     let n: u64 = match std::env::var("CASELEDGER_BENCH_EVENTS") {
         Ok(v) => v.parse()?,
         Err(_) => 1_000_000,
@@ -901,11 +907,12 @@ fn time_travel(
 ) -> BenchResult<()> {
     let p = engine.projections();
     let head = p.checkpoint().0;
+    let queries: usize = env_or("CASELEDGER_BENCH_TRAVEL_QUERIES", TRAVEL_QUERIES)?;
     let mut rng = Rng(0x71ae);
     let timed = |f: &mut dyn FnMut() -> BenchResult<usize>| -> BenchResult<(Vec<Duration>, usize)> {
-        let mut samples = Vec::with_capacity(TRAVEL_QUERIES);
+        let mut samples = Vec::with_capacity(queries);
         let mut total = 0;
-        for _ in 0..TRAVEL_QUERIES {
+        for _ in 0..queries {
             let t = Instant::now();
             total += f()?;
             samples.push(t.elapsed());
@@ -941,7 +948,7 @@ fn time_travel(
     lines.push((
         "cases_for_user (at the head)",
         percentiles(now),
-        format!("{} cases per list on average", listed / TRAVEL_QUERIES),
+        format!("{} cases per list on average", listed / queries),
     ));
     let (at, listed) = timed(&mut || {
         let pos = Position(1 + rng.below(head));
@@ -952,7 +959,7 @@ fn time_travel(
     lines.push((
         "cases_for_user_at (random position)",
         list_at,
-        format!("{} cases per list on average", listed / TRAVEL_QUERIES),
+        format!("{} cases per list on average", listed / queries),
     ));
     let hot = CaseId::new(case_id(HOT_CASE));
     let mut history = Vec::new();
@@ -1003,6 +1010,32 @@ fn time_travel(
     )?;
     out.flush()?;
     Ok(())
+}
+
+/// Env var that runs only the time-travel timings, on a store kept by `CASELEDGER_BENCH_KEEP`
+/// (opened, and rebuilt first if its projection layout is of another version).
+const TRAVEL_ONLY: &str = "CASELEDGER_BENCH_TRAVEL_ONLY";
+
+/// The time-travel timings on a kept store: its case count is read back from the projections.
+fn travel_only(dir: &str) -> BenchResult<()> {
+    let cache_mb: u64 = env_or("CASELEDGER_BENCH_CACHE_MB", CACHE_MB)?;
+    let config = EngineConfig {
+        cache_capacity: cache_mb << 20,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(Path::new(dir), &DomainName::new("bench"), config)?;
+    let p = engine.projections();
+    let cases = (0..GROUPS)
+        .map(|g| p.cases_by_owner(&group(g), true).map(|c| c.len() as u64))
+        .sum::<Result<u64, _>>()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "replay (time travel only): {}", machine())?;
+    writeln!(
+        out,
+        "store {dir}: head {}, {cases} cases, cache_capacity = {cache_mb} MB",
+        p.checkpoint()
+    )?;
+    time_travel(&engine, &mut out, cases, &AtomicU64::new(0))
 }
 
 /// Env var that turns this binary into the bare sled reader of the store at its value.

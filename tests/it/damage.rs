@@ -121,8 +121,15 @@ fn tamper(dir: &Path, edit: impl FnOnce(&sled::Tree)) {
     db.flush().expect("flush");
 }
 
-fn case_key(id: &str) -> Vec<u8> {
+/// The key of a case's row: `c`, its owner (length-prefixed, read from the case's `o` row),
+/// the case id (`projections` keys).
+fn case_key(t: &sled::Tree, id: &str) -> Vec<u8> {
+    let mut locator = vec![b'o'];
+    locator.extend_from_slice(id.as_bytes());
+    let owner = t.get(locator).expect("read").expect("an owner row");
     let mut k = vec![b'c'];
+    k.extend_from_slice(&u32::try_from(owner.len()).expect("short").to_be_bytes());
+    k.extend_from_slice(&owner);
     k.extend_from_slice(id.as_bytes());
     k
 }
@@ -173,7 +180,7 @@ fn i2_damaged_case_value_is_rebuilt_by_the_query_that_meets_it() {
     write_store(dir.path(), 200, None);
     let before = answers(&open(dir.path()));
     tamper(dir.path(), |t| {
-        t.insert(case_key("c000010"), &[0xff; 9][..])
+        t.insert(case_key(t, "c000010"), &[0xff; 9][..])
             .expect("insert");
     });
     let engine = open(dir.path());
@@ -201,7 +208,7 @@ fn i2_cli_log_and_case_show_work_over_a_damaged_case_value() {
     let shown = cli(dir.path(), &["--json", "case", "show", "c000010"]);
     assert_eq!(shown.status.code(), Some(0), "{}", text(&shown.stderr));
     tamper(dir.path(), |t| {
-        t.insert(case_key("c000010"), &[0xff; 9][..])
+        t.insert(case_key(t, "c000010"), &[0xff; 9][..])
             .expect("insert");
     });
     let log = cli(dir.path(), &["log", "--limit", "100000"]);
@@ -395,19 +402,19 @@ fn i3_replay_verify_names_each_difference_and_swaps_nothing() {
     write_store(dir.path(), 300, None);
     // Decodable but wrong: another case's value under c000010, and an owner entry for nobody.
     tamper(dir.path(), |t| {
-        let other = t.get(case_key("c000011")).expect("read").expect("c000011");
-        t.insert(case_key("c000010"), other).expect("insert");
-        let mut owner = vec![b'o'];
-        owner.extend_from_slice(&2u32.to_be_bytes());
-        owner.extend_from_slice(b"u9c000042");
-        t.insert(owner, &[0u8][..]).expect("insert");
+        let other = t
+            .get(case_key(t, "c000011"))
+            .expect("read")
+            .expect("c000011");
+        t.insert(case_key(t, "c000010"), other).expect("insert");
+        t.insert(b"oc999042", &b"u9"[..]).expect("insert");
     });
     let out = cli(dir.path(), &["replay", "--verify"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout} {}", text(&out.stderr));
-    assert!(stdout.contains("case c000010: live "), "{stdout}");
+    assert!(stdout.contains("case g1/c000010: live "), "{stdout}");
     assert!(
-        stdout.contains("owner-index u9/c000042: live open | rebuilt (absent)"),
+        stdout.contains("owner-index c999042: live owner u9 | rebuilt (absent)"),
         "{stdout}"
     );
     assert!(stdout.contains("2 difference(s)"), "{stdout}");
@@ -419,7 +426,7 @@ fn i3_replay_verify_names_each_difference_and_swaps_nothing() {
         .collect();
     assert_eq!(
         kinds,
-        vec![(KeyKind::Case, "c000010"), (KeyKind::Owner, "u9/c000042")]
+        vec![(KeyKind::Case, "g1/c000010"), (KeyKind::Owner, "c999042")]
     );
     // Nothing swapped: the live generation still holds the tampered value.
     let live = engine
@@ -438,7 +445,7 @@ fn i2_a_write_over_a_damaged_case_value_is_decided_on_rebuilt_projections() {
     let dir = tempfile::tempdir().expect("tmp");
     write_store(dir.path(), 200, None);
     tamper(dir.path(), |t| {
-        t.insert(case_key("c000010"), &[0xff; 9][..])
+        t.insert(case_key(t, "c000010"), &[0xff; 9][..])
             .expect("insert");
     });
     let engine = open(dir.path());

@@ -1,22 +1,29 @@
 //! Time travel: every projection as of a log position, case history and conflict forensics.
 //!
-//! The fold writes three kinds of rows beside the current state (see `keys`):
+//! The fold writes three kinds of rows beside the current state (see `keys`), and keeps a
+//! case's recent past in its own row (`past`):
 //! - a **version row** per event that touched cases, keyed by its position: the event's time,
 //!   form, user and app, and every case it touched as it left them (`None` once deleted). A
-//!   case's history (already in its value) names its events, so `case_at` is two point reads;
-//!   history diffs consecutive rows. Keyed by position, the live fold appends them at the end
+//!   case's history (already in its value) names its events; history diffs consecutive rows. Keyed by position, the live fold appends them at the end
 //!   of the tree: per (case, event) keys cost the forms bench a third of its throughput.
 //! - a **departure row** each time a case leaves an owner (moved, or deleted): with the owner
 //!   index of now, the candidates of an owner's case list at any position, each checked
 //!   against its version then.
 //! - a **directory row** per directory event: memberships and sharing flags at any position
 //!   are a fold of those few rows, without reading the log.
+//! - a case's row (keyed by owner, so an owner's cases are one range) holds its history and its
+//!   **past**: how to go back from the case now to the case after each of its last 16 events.
+//!   `case_at` and an owner's list as of a position answer from the row, through the past, and
+//!   read a version row only for a case touched more often than that since the position. A
+//!   point read per listed case (a sled leaf pulled for each) was what the list cost: 240 ms
+//!   p99 at 1 000 000 events with a point read of the case and of its version, 29 ms with
+//!   neither (docs/PERFORMANCE.md).
 //!
 //! Rows are written by the same fold as the current state ([`crate::Pending`], the bulk
 //! rebuild), so `X_at(p)` answers from the same recorded facts as a replay of the log up to `p`
 //! (`tests/it/timetravel.rs` checks this on random streams).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use domain::{
     AppId, Case, CaseChange, CaseId, CaseTimeline, Conflict, Directory, Event, FormEntry, FormId,
@@ -24,7 +31,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{codec, keys, DiagnosticRow, GroupView, ProjectionError, Projections};
+use crate::{codec, keys, past, DiagnosticRow, GroupView, ProjectionError, Projections};
 
 /// What a form event did, as a version row records it (the variant order is the stored index).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,19 +158,19 @@ fn take<'b>(bytes: &'b [u8], at: &mut usize) -> Option<&'b [u8]> {
     Some(out)
 }
 
-/// The metadata of a version row and the bincode of one case in it (empty: deleted); `None`
-/// for the case when the row does not name it.
+/// The bincode metadata of a version row and the bincode of one case in it (empty: deleted);
+/// `None` for the case when the row does not name it. Decodes neither.
 fn find_in_row<'b>(
     key: &[u8],
     value: &'b [u8],
     id: &str,
-) -> Result<(VersionMeta, Option<&'b [u8]>), ProjectionError> {
+) -> Result<(&'b [u8], Option<&'b [u8]>), ProjectionError> {
     let bad = || ProjectionError::Decode {
         key: String::from_utf8_lossy(key).into_owned(),
         reason: format!("version row of {} bytes is cut short", value.len()),
     };
     let mut at = 0;
-    let meta: VersionMeta = codec::decode(key, take(value, &mut at).ok_or_else(bad)?)?;
+    let meta = take(value, &mut at).ok_or_else(bad)?;
     let count = value
         .get(at..at + 4)
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
@@ -248,6 +255,24 @@ pub(crate) fn departures<'a>(
         owner = now;
     }
     out
+}
+
+/// Where a stored case's state as of a position is.
+enum Last {
+    /// No event up to the position touched it.
+    NotYet,
+    /// In its row: nothing touched it since.
+    Now,
+    /// As the event at `position` left it, `back` events before its last.
+    At { position: Position, back: usize },
+}
+
+/// A version row that a case's history names is missing, or does not name the case.
+fn missing_version(id: &CaseId, p: Position, what: &str) -> ProjectionError {
+    ProjectionError::Decode {
+        key: format!("version @{p}"),
+        reason: format!("{what} for case {id}, which names it in its history"),
+    }
 }
 
 /// A case as of a position.
@@ -360,25 +385,95 @@ impl Projections {
     /// that touched it up to `at`, whose version row holds it as that event left it.
     pub fn case_at(&self, id: &CaseId, at: Position) -> Result<CaseAt, ProjectionError> {
         let generation = self.current();
-        let key = keys::case(id.as_str());
-        let history = match generation.tree.get(&key)? {
-            Some(value) => {
-                let history = codec::decode_case_history(&key, &value)?;
-                if history.last().is_some_and(|last| *last <= at) {
-                    // Nothing touched it since: the case now is the case then.
-                    return Ok(CaseAt::Exists(Box::new(codec::decode_case(&key, &value)?)));
-                }
-                history
+        let last = match generation.case_row(id)? {
+            Some((key, value)) => {
+                let case = match Self::last_in_row(&key, &value, at)? {
+                    Last::NotYet => return Ok(CaseAt::NotYet),
+                    Last::Now => codec::decode_case(&key, &value)?,
+                    Last::At { position, back } => {
+                        match self.row_back(id, &key, &value, position, back)? {
+                            Some(case) => case,
+                            // Deleted then, revived since (R57).
+                            None => return Ok(CaseAt::Deleted { since: position }),
+                        }
+                    }
+                };
+                return Ok(CaseAt::Exists(Box::new(case)));
             }
-            None => generation.tombstone_history(id)?,
+            None => match generation
+                .tombstone_history(id)?
+                .into_iter()
+                .rev()
+                .find(|p| *p <= at)
+            {
+                Some(last) => last,
+                None => return Ok(CaseAt::NotYet),
+            },
         };
-        let Some(last) = history.iter().rev().find(|p| **p <= at) else {
-            return Ok(CaseAt::NotYet);
-        };
-        Ok(match self.version_of(id, *last, true)?.1 {
+        Ok(match self.version_case(id, last)? {
             Some(case) => CaseAt::Exists(Box::new(case)),
-            None => CaseAt::Deleted { since: *last },
+            None => CaseAt::Deleted { since: last },
         })
+    }
+
+    /// Where a stored case's state as of `at` is, from the history in its row.
+    fn last_in_row(key: &[u8], value: &[u8], at: Position) -> Result<Last, ProjectionError> {
+        let history = codec::split_case(key, value)?.history;
+        Ok(match codec::history_index(history, at) {
+            None => Last::NotYet,
+            // Nothing touched it since: the case now is the case then.
+            Some((i, count)) if i + 1 == count => Last::Now,
+            Some((i, count)) => Last::At {
+                position: codec::history_at(history, i),
+                back: count - 1 - i,
+            },
+        })
+    }
+
+    /// A stored case as the event at `position` left it, `back` events before its last
+    /// (`None`: deleted then): from the past in its row, or its version row when that past is
+    /// shorter.
+    fn row_back(
+        &self,
+        id: &CaseId,
+        key: &[u8],
+        value: &[u8],
+        position: Position,
+        back: usize,
+    ) -> Result<Option<Case>, ProjectionError> {
+        let row = codec::split_case(key, value)?;
+        if back <= past::len(key, row.past)? {
+            let case = codec::decode(key, row.case)?;
+            if let Some(case) = past::back(key, case, row.past, back)? {
+                return Ok(Some(case));
+            }
+        }
+        self.version_case(id, position)
+    }
+
+    /// The version row of the event at `p`, which names case `id` in its history.
+    fn version_row(
+        &self,
+        id: &CaseId,
+        p: Position,
+    ) -> Result<(Vec<u8>, sled::IVec), ProjectionError> {
+        let key = keys::version(p.0);
+        match self.current().tree.get(&key)? {
+            Some(value) => Ok((key, value)),
+            None => Err(missing_version(id, p, "no row")),
+        }
+    }
+
+    /// The whole case as the event at `p` left it (`None`: deleted), without the event's
+    /// metadata.
+    fn version_case(&self, id: &CaseId, p: Position) -> Result<Option<Case>, ProjectionError> {
+        let (key, value) = self.version_row(id, p)?;
+        let (_, case) = find_in_row(&key, &value, id.as_str())?;
+        let case = case.ok_or_else(|| missing_version(id, p, "no entry"))?;
+        if case.is_empty() {
+            return Ok(None);
+        }
+        codec::decode(&key, case).map(Some)
     }
 
     /// The case as the event at `p` left it, with the event's metadata; without its
@@ -389,18 +484,10 @@ impl Projections {
         p: Position,
         whole: bool,
     ) -> Result<(VersionMeta, Option<Case>), ProjectionError> {
-        let key = keys::version(p.0);
-        let missing = |what: &str| ProjectionError::Decode {
-            key: format!("version @{p}"),
-            reason: format!("{what} for case {id}, which names it in its history"),
-        };
-        let value = self
-            .current()
-            .tree
-            .get(&key)?
-            .ok_or_else(|| missing("no row"))?;
+        let (key, value) = self.version_row(id, p)?;
         let (meta, case) = find_in_row(&key, &value, id.as_str())?;
-        let case = case.ok_or_else(|| missing("no entry"))?;
+        let meta: VersionMeta = codec::decode(&key, meta)?;
+        let case = case.ok_or_else(|| missing_version(id, p, "no entry"))?;
         if case.is_empty() {
             return Ok((meta, None));
         }
@@ -472,8 +559,9 @@ impl Projections {
     }
 
     /// Cases owned by `owner` as of `at`, sorted by case id; closed ones only when asked. The
-    /// candidates are the cases it owns now and those that left it (moved or deleted) since;
-    /// each is kept when its version at `at` is owned by `owner`.
+    /// candidates are the cases it holds now, one range of the tree whose rows carry their
+    /// history, and those that left it (moved or deleted) since. A case untouched since `at` is
+    /// its row; one touched since is its version at `at`, kept when owned by `owner` then.
     pub fn cases_by_owner_at(
         &self,
         owner: &str,
@@ -481,28 +569,54 @@ impl Projections {
         at: Position,
     ) -> Result<Vec<Case>, ProjectionError> {
         let generation = self.current();
-        let mut candidates: BTreeSet<String> = BTreeSet::new();
-        let prefix = keys::owner_prefix(owner);
+        let keep = |case: &Case| case.owner_id == owner && (include_closed || !case.closed);
+        let mut out = Vec::new();
+        let mut held = HashSet::new();
+        let prefix = keys::case_prefix(owner.as_bytes());
         for item in generation.tree.scan_prefix(&prefix) {
-            let (key, _) = item?;
+            let (key, value) = item?;
             let id = key.get(prefix.len()..).unwrap_or_default();
-            candidates.insert(String::from_utf8_lossy(id).into_owned());
+            let id = CaseId::new(String::from_utf8_lossy(id));
+            match Self::last_in_row(&key, &value, at)? {
+                Last::NotYet => {}
+                // Its row is under `owner`: owned by it.
+                Last::Now => {
+                    if include_closed || !codec::case_closed(&value) {
+                        out.push(codec::decode_case(&key, &value)?);
+                    }
+                }
+                Last::At { position, back } => {
+                    if let Some(case) = self.row_back(&id, &key, &value, position, back)? {
+                        if keep(&case) {
+                            out.push(case);
+                        }
+                    }
+                }
+            }
+            held.insert(id);
         }
+        let mut departed = BTreeSet::new();
         let prefix = keys::departed_prefix(owner);
         for item in generation.tree.scan_prefix(&prefix) {
             let (key, _) = item?;
             let rest = key.get(prefix.len()..).unwrap_or_default();
             let id = rest.get(..rest.len().saturating_sub(8)).unwrap_or_default();
-            candidates.insert(String::from_utf8_lossy(id).into_owned());
+            let id = CaseId::new(String::from_utf8_lossy(id));
+            if !held.contains(&id) {
+                departed.insert(id);
+            }
         }
-        let mut out = Vec::new();
-        for id in candidates {
-            if let CaseAt::Exists(case) = self.case_at(&CaseId::new(id), at)? {
-                if case.owner_id == owner && (include_closed || !case.closed) {
+        if departed.is_empty() {
+            return Ok(out);
+        }
+        for id in departed {
+            if let CaseAt::Exists(case) = self.case_at(&id, at)? {
+                if keep(&case) {
                     out.push(*case);
                 }
             }
         }
+        out.sort_by(|a, b| a.case_id.cmp(&b.case_id));
         Ok(out)
     }
 
@@ -856,7 +970,7 @@ mod tests {
         let a = Case::empty(CaseId::new("a"));
         let row = encode_version(&meta, &[("a", Some(&a)), ("b", None)]);
         let (m, found) = find_in_row(b"k", &row, "a").expect("row");
-        assert_eq!(m, meta);
+        assert_eq!(codec::decode::<VersionMeta>(b"k", m).expect("meta"), meta);
         assert_eq!(
             codec::decode::<Case>(b"k", found.expect("a")).expect("case"),
             a

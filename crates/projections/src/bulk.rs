@@ -13,11 +13,12 @@
 //!    written in form-id order. Edits and archives also yield history marks for the cases they
 //!    touched, and the forms whose blocks are not simply all in force (edited, archived, accepted
 //!    twice) are remembered.
-//! 3. Merge the case blocks with the marks: each case is folded from its blocks and written in
-//!    case-id order with its history. A case touched by a remembered form is folded from its live
+//! 3. Merge the case blocks with the marks: each case is folded from its blocks, and its owner
+//!    entry written in case-id order. A case touched by a remembered form is folded from its live
 //!    forms only, in received order of their first version, with the version in force (R58),
-//!    which is what the incremental fold's rebuilds leave. Owner and reverse-index entries go
-//!    through one more sorter and are written in key order.
+//!    which is what the incremental fold's rebuilds leave. The cases with their history (keyed
+//!    by owner) and the reverse-index entries go through one more sorter and are written in key
+//!    order.
 //!
 //! The generation gets its checkpoint last; until then it is not installed, and a crash leaves a
 //! tree that the next open reclaims (I4).
@@ -35,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::asof::{departures, encode_part, push_len, Action, VersionMeta};
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
-use crate::{codec, keys, DiagnosticRow, Generation, ProjectionError};
+use crate::{codec, keys, past, DiagnosticRow, Generation, ProjectionError};
 
 /// Entries per sled batch while writing sorted keys.
 const WRITE_BATCH: usize = 512;
@@ -265,6 +266,9 @@ where
                 payload: Vec::new(),
             })?;
         }
+        // The case's past: from every version, as the live fold extends it version by version.
+        let states: Vec<Option<&Case>> = versions.iter().map(|(_, _, v)| v.as_ref()).collect();
+        let past = past::extend(&next_key, None, &[], &states)?;
         for (p, meta, version) in versions {
             // Version rows are keyed by position: they go through a sorter of their own, keyed
             // by position then case id, each record already encoded as its part of the row.
@@ -285,12 +289,13 @@ where
         match case {
             Some(case) => {
                 let stored = stored_of(&case);
-                writer.insert(keys::case(&id), codec::encode_case(&case, &history))?;
+                writer.insert(keys::owner(&id), stored.owner.as_bytes().to_vec())?;
+                // Cases are keyed by owner: they are written after this pass, in key order.
                 index.push(Record {
-                    key: keys::owner(&stored.owner, &id),
+                    key: keys::case(stored.owner.as_bytes(), &id),
                     position: 0,
                     seq: 0,
-                    payload: vec![u8::from(stored.closed)],
+                    payload: codec::encode_case(&case, &history, &past),
                 })?;
                 for (target, extension) in &stored.targets {
                     index.push(Record {

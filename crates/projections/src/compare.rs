@@ -4,15 +4,15 @@
 
 use domain::Directory;
 
-use crate::{codec, keys, DiagnosticRow, FormEntry, Generation, ProjectionError};
+use crate::{codec, keys, past, DiagnosticRow, FormEntry, Generation, ProjectionError};
 
 /// What a projection key holds, from its prefix (`keys`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyKind {
-    /// A case and its history.
+    /// A case and its history, under its owner.
     Case,
-    /// An entry of the per-owner index.
+    /// The owner of a case: where its row is.
     Owner,
     /// An entry of the reverse index (extensions, R45).
     Reverse,
@@ -60,7 +60,7 @@ impl std::fmt::Display for KeyKind {
 pub struct Difference {
     /// What the key holds.
     pub kind: KeyKind,
-    /// The id the key names (case id, `owner/case`, `target/case`, form id, `@position#n`), or
+    /// The id the key names (`owner/case`, case id, `target/case`, form id, `@position#n`), or
     /// empty for the directory and the checkpoint.
     pub id: String,
     /// The live value, summarised; `None` when the live generation lacks the key.
@@ -175,10 +175,10 @@ fn kind(key: &[u8]) -> KeyKind {
 fn id(kind: KeyKind, key: &[u8]) -> String {
     let rest = key.get(1..).unwrap_or_default();
     match kind {
-        KeyKind::Case | KeyKind::Form | KeyKind::Tombstone => {
+        KeyKind::Owner | KeyKind::Form | KeyKind::Tombstone => {
             String::from_utf8_lossy(rest).into_owned()
         }
-        KeyKind::Owner | KeyKind::Reverse => {
+        KeyKind::Case | KeyKind::Reverse => {
             let len = rest
                 .get(..4)
                 .and_then(|b| <[u8; 4]>::try_from(b).ok())
@@ -234,10 +234,11 @@ fn describe(kind: KeyKind, key: &[u8], bytes: &[u8]) -> Described {
         },
     };
     match kind {
-        KeyKind::Case => decoded(codec::decode_case_with_history(key, bytes).map(|(c, h)| {
-            (
+        KeyKind::Case => decoded(codec::decode_case_row(key, bytes).and_then(|(c, h, past)| {
+            let back = past::len(key, past)?;
+            Ok((
                 format!(
-                    "owner {}, {}, type {}, name {:?}, {} properties, {} forms, history of {} events",
+                    "owner {}, {}, type {}, name {:?}, {} properties, {} forms, history of {} events, {back} back",
                     c.owner_id,
                     if c.closed { "closed" } else { "open" },
                     c.case_type,
@@ -246,10 +247,16 @@ fn describe(kind: KeyKind, key: &[u8], bytes: &[u8]) -> Described {
                     c.xform_ids.len(),
                     h.len()
                 ),
-                format!("{c:?} history {h:?}"),
-            )
+                format!("{c:?} history {h:?} past {past:?}"),
+            ))
         })),
-        KeyKind::Owner => flag(bytes, "closed", "open"),
+        KeyKind::Owner => {
+            let owner = format!("owner {}", String::from_utf8_lossy(bytes));
+            Described {
+                full: Some(owner.clone()),
+                summary: owner,
+            }
+        }
         KeyKind::Reverse => flag(bytes, "extension", "child"),
         KeyKind::Form => decoded(codec::decode::<FormEntry>(key, bytes).map(|f| {
             let mut s = format!(

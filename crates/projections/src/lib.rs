@@ -10,8 +10,9 @@
 //! - [`Rebuild`] replays the log into a fresh generation (in bulk, by external sort:
 //!   [`Rebuild::bulk_load`]) and swaps it in when done, so readers always have answers (no empty
 //!   window).
-//! - The case list of a user is computed at query time from the per-owner index and the user's
-//!   owner ids *now* (R35, R44): a membership change takes effect at once and rewrites nothing.
+//! - The case list of a user is computed at query time from the cases of each of the user's
+//!   owner ids *now* (R35, R44), one range of the tree each (`keys`): a membership change takes
+//!   effect at once and rewrites nothing.
 //!
 //! - The meta tree records the active generation and what it was written by
 //!   ([`ProjectionVersion`]: a [`LAYOUT_VERSION`] this code can read or not, and the
@@ -30,6 +31,7 @@ mod compare;
 mod damage;
 mod error;
 mod keys;
+mod past;
 mod pending;
 mod prefetch;
 mod sorter;
@@ -210,23 +212,42 @@ impl Generation {
         self.checkpoint.store(checkpoint.0, Ordering::Release);
     }
 
-    fn load_case(&self, id: &CaseId) -> Result<Option<Case>, ProjectionError> {
-        let key = keys::case(id.as_str());
+    /// The key and value of a case's row, found through its owner row; `None` when the case
+    /// does not exist (never did, or deleted). An owner row naming no case row is damage.
+    fn case_row(&self, id: &CaseId) -> Result<Option<(Vec<u8>, sled::IVec)>, ProjectionError> {
+        let Some(owner) = self.tree.get(keys::owner(id.as_str()))? else {
+            return Ok(None);
+        };
+        let key = keys::case(&owner, id.as_str());
         match self.tree.get(&key)? {
-            Some(bytes) => codec::decode_case(&key, &bytes).map(Some),
+            Some(value) => Ok(Some((key, value))),
+            None => Err(ProjectionError::Decode {
+                key: String::from_utf8_lossy(&keys::owner(id.as_str())).into_owned(),
+                reason: format!(
+                    "names owner {:?}, which holds no such case",
+                    String::from_utf8_lossy(&owner)
+                ),
+            }),
+        }
+    }
+
+    fn load_case(&self, id: &CaseId) -> Result<Option<Case>, ProjectionError> {
+        match self.case_row(id)? {
+            Some((key, bytes)) => codec::decode_case(&key, &bytes).map(Some),
             None => Ok(None),
         }
     }
 
     /// Everything stored about a case id: the case, its history, and whether it is a tombstone.
-    /// Absent ids cost two point reads, present ones one.
+    /// Two point reads either way: the owner row (small, mostly cached) and the case row, or
+    /// the tombstone.
     fn load_stored(&self, id: &CaseId) -> Result<StoredCase, ProjectionError> {
-        let key = keys::case(id.as_str());
-        if let Some(bytes) = self.tree.get(&key)? {
-            let (case, history) = codec::decode_case_with_history(&key, &bytes)?;
+        if let Some((key, bytes)) = self.case_row(id)? {
+            let (case, history, past) = codec::decode_case_row(&key, &bytes)?;
             return Ok(StoredCase {
                 case: Some(case),
                 history,
+                past: past.to_vec(),
                 tombstone: false,
             });
         }
@@ -235,11 +256,13 @@ impl Generation {
             Some(bytes) => Ok(StoredCase {
                 case: None,
                 history: codec::decode_history(&key, &bytes)?,
+                past: Vec::new(),
                 tombstone: true,
             }),
             None => Ok(StoredCase {
                 case: None,
                 history: Vec::new(),
+                past: Vec::new(),
                 tombstone: false,
             }),
         }
@@ -247,9 +270,8 @@ impl Generation {
 
     /// The positions of the events that touched a case (deleted or not), without decoding it.
     fn history(&self, id: &CaseId) -> Result<Vec<Position>, ProjectionError> {
-        let key = keys::case(id.as_str());
-        match self.tree.get(&key)? {
-            Some(bytes) => codec::decode_case_history(&key, &bytes),
+        match self.case_row(id)? {
+            Some((key, bytes)) => codec::decode_case_history(&key, &bytes),
             None => self.tombstone_history(id),
         }
     }
@@ -281,6 +303,8 @@ impl Generation {
 pub(crate) struct StoredCase {
     pub(crate) case: Option<Case>,
     pub(crate) history: Vec<Position>,
+    /// The case's past (`past`), empty when there is no case.
+    pub(crate) past: Vec<u8>,
     pub(crate) tombstone: bool,
 }
 
@@ -527,16 +551,15 @@ impl Projections {
         include_closed: bool,
     ) -> Result<Vec<Case>, ProjectionError> {
         let generation = self.current();
-        let prefix = keys::owner_prefix(owner);
         let mut out = Vec::new();
-        for item in generation.tree.scan_prefix(&prefix) {
+        // The owner's cases are one range, in case-id order.
+        for item in generation
+            .tree
+            .scan_prefix(keys::case_prefix(owner.as_bytes()))
+        {
             let (key, value) = item?;
-            if !include_closed && value.first() == Some(&1) {
-                continue;
-            }
-            let id = String::from_utf8_lossy(key.get(prefix.len()..).unwrap_or_default());
-            if let Some(case) = generation.load_case(&CaseId::new(id))? {
-                out.push(case);
+            if include_closed || !codec::case_closed(&value) {
+                out.push(codec::decode_case(&key, &value)?);
             }
         }
         Ok(out)

@@ -16,14 +16,13 @@ use domain::{
 
 use crate::asof::{departures, encode_version, RowCases, VersionMeta};
 use crate::{
-    codec, keys, DiagnosticRow, FormEntry, Generation, LogReader, Prefetched, ProjectionError,
-    StoredCase, Touched,
+    codec, keys, past, DiagnosticRow, FormEntry, Generation, LogReader, Prefetched,
+    ProjectionError, StoredCase, Touched,
 };
 
-/// A case's index entries: its owner entry and its reverse-index entries.
+/// Where a case's row is (its owner) and its reverse-index entries.
 pub(crate) struct Stored {
     pub(crate) owner: String,
-    pub(crate) closed: bool,
     /// Target case id → extension; the last index naming a target wins, as in `commit`.
     pub(crate) targets: BTreeMap<String, bool>,
 }
@@ -31,7 +30,6 @@ pub(crate) struct Stored {
 pub(crate) fn stored_of(case: &Case) -> Stored {
     Stored {
         owner: case.owner_id.clone(),
-        closed: case.closed,
         targets: case
             .indices
             .values()
@@ -48,6 +46,9 @@ pub(crate) fn stored_of(case: &Case) -> Stored {
 struct CaseSlot {
     /// The index entries stored before this batch, to move or skip them on commit.
     stored: Option<Stored>,
+    /// The case before this batch, and its past (`past`), which this batch's versions extend.
+    base: Option<Case>,
+    past: Vec<u8>,
     current: Option<Case>,
     /// Positions of the events that touched the case, stored ones included, ascending.
     history: Vec<Position>,
@@ -212,6 +213,7 @@ impl Pending {
             let StoredCase {
                 case: current,
                 history,
+                past,
                 tombstone,
             } = match loaded {
                 Some(s) => s,
@@ -225,6 +227,8 @@ impl Pending {
                 id.clone(),
                 CaseSlot {
                     stored,
+                    base: current.clone(),
+                    past,
                     current,
                     history,
                     tombstone,
@@ -422,6 +426,7 @@ impl Pending {
         }
         let mut batch = sled::Batch::default();
         let mut diag_seq: HashMap<Position, u32> = HashMap::new();
+        let mut pasts: HashMap<CaseId, Vec<u8>> = HashMap::new();
         // Time travel: one version row per event, every case it touched in it (sorted by id).
         let mut rows: BTreeMap<Position, (&VersionMeta, RowCases<'_>)> = BTreeMap::new();
         for (id, slot) in &self.cases {
@@ -442,7 +447,7 @@ impl Pending {
             let new = slot.current.as_ref().map(stored_of);
             if let Some(old) = &slot.stored {
                 if new.as_ref().is_none_or(|n| n.owner != old.owner) {
-                    batch.remove(keys::owner(&old.owner, id.as_str()));
+                    batch.remove(keys::case(old.owner.as_bytes(), id.as_str()));
                 }
                 for t in old.targets.keys() {
                     if new.as_ref().is_none_or(|n| !n.targets.contains_key(t)) {
@@ -456,18 +461,28 @@ impl Pending {
                         // Revived by an unarchive (R57), or new: no tombstone any more.
                         batch.remove(keys::tombstone(id.as_str()));
                     }
+                    let past = if slot.versions.is_empty() {
+                        slot.past.clone()
+                    } else {
+                        let states: Vec<Option<&Case>> =
+                            slot.versions.iter().map(|(_, _, v)| v.as_ref()).collect();
+                        past::extend(
+                            id.as_str().as_bytes(),
+                            slot.base.as_ref(),
+                            &slot.past,
+                            &states,
+                        )?
+                    };
                     batch.insert(
-                        keys::case(id.as_str()),
-                        codec::encode_case(case, &slot.history),
+                        keys::case(new.owner.as_bytes(), id.as_str()),
+                        codec::encode_case(case, &slot.history, &past),
                     );
-                    // Most visits change neither owner, closed flag nor indices; rewriting their
-                    // entries anyway costs sled a tree descent each.
+                    pasts.insert(id.clone(), past);
+                    // Most visits change neither owner nor indices; rewriting their entries
+                    // anyway costs sled a tree descent each.
                     let old = slot.stored.as_ref();
-                    if old.is_none_or(|o| o.owner != new.owner || o.closed != new.closed) {
-                        batch.insert(
-                            keys::owner(&new.owner, id.as_str()),
-                            vec![u8::from(new.closed)],
-                        );
+                    if old.is_none_or(|o| o.owner != new.owner) {
+                        batch.insert(keys::owner(id.as_str()), new.owner.as_bytes().to_vec());
                     }
                     for (target, extension) in &new.targets {
                         if old.is_none_or(|o| o.targets.get(target) != Some(extension)) {
@@ -481,7 +496,7 @@ impl Pending {
                 _ => {
                     // R54/R57: a case left with no live form is deleted; the tombstone makes a
                     // later block naming it an IllegalCaseId (R50) and keeps its history.
-                    batch.remove(keys::case(id.as_str()));
+                    batch.remove(keys::owner(id.as_str()));
                     let mut history = Vec::with_capacity(8 * slot.history.len());
                     codec::encode_history_into(&mut history, &slot.history);
                     batch.insert(keys::tombstone(id.as_str()), history);
@@ -516,9 +531,14 @@ impl Pending {
                 } else {
                     slot.tombstone
                 };
+                let past = match &slot.current {
+                    Some(_) => pasts.remove(&id).unwrap_or(slot.past),
+                    None => Vec::new(),
+                };
                 let stored = StoredCase {
                     case: slot.current,
                     history: slot.history,
+                    past,
                     tombstone,
                 };
                 (id, stored)
