@@ -33,7 +33,16 @@ use serde_json::{json, Value};
 #[command(
     name = "caseledger",
     version,
-    about = "Event-sourced CommCare case store with case sharing"
+    about = "Event-sourced CommCare case store with case sharing",
+    after_help = "\
+Exit status: 0 done (duplicates included), 2 a submission was rejected (it is still stored),
+1 usage, IO or unknown id (nothing appended),
+3 damage or a refused export found by verify, export or import.
+
+Examples:
+  caseledger --data /tmp/cl user create --id u-maria --username maria
+  caseledger --data /tmp/cl --json cases --user u-maria
+  CASELEDGER_DATA=/tmp/cl caseledger log --limit 20"
 )]
 struct Cli {
     /// Data directory (default: $CASELEDGER_DATA, else ./caseledger-data).
@@ -69,17 +78,33 @@ impl OnOff {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Mobile workers.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger user create --id u-maria --username maria"
+    )]
     User(UserCmd),
     /// Groups and memberships.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger group create --id g-team --name \"Kibera CHW team\" --case-sharing\n  caseledger group add-member g-team u-maria"
+    )]
     Group(GroupCmd),
     /// Applications.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger app create --id app-anc --name ANC --case-sharing --case-type pregnancy"
+    )]
     App(AppCmd),
     /// Submit form XML files, in order.
+    #[command(after_help = "\
+Exit status 2 when a form was rejected (it is still stored). A file over 4 x the parser's size
+limit (64 MiB) is refused unread and nothing is stored.
+
+Examples:
+  caseledger submit register.xml visit.xml --app app-anc
+  caseledger --json submit photo-form.xml --attachment 1741330001001.jpg")]
     Submit {
-        /// Files to submit.
+        /// Form XML files to submit, in this order.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// The app the forms are submitted through.
@@ -94,9 +119,17 @@ enum Cmd {
         attachments: Vec<PathBuf>,
     },
     /// Cases.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger case show 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10\n  caseledger case history 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10"
+    )]
     Case(CaseCmd),
     /// A case list: by user (R44) or by owner.
+    #[command(after_help = "\
+Examples:
+  caseledger cases --user u-maria
+  caseledger cases --owner g-team --include-closed
+  caseledger cases --user u-maria --as-of 2025-03-07T12:00:00Z")]
     Cases {
         /// Cases the user sees: owned by the user or the user's case-sharing groups.
         #[arg(long, conflicts_with = "owner", required_unless_present = "owner")]
@@ -111,6 +144,10 @@ enum Cmd {
         at: travel::At,
     },
     /// Groups and their members.
+    #[command(after_help = "\
+Examples:
+  caseledger groups
+  caseledger groups --user u-maria --at 12")]
     Groups {
         /// Only groups listing this user.
         #[arg(long)]
@@ -119,12 +156,20 @@ enum Cmd {
         at: travel::At,
     },
     /// Validation diagnostics (R59–R66).
+    #[command(after_help = "\
+Examples:
+  caseledger diagnostics
+  caseledger --json diagnostics --at 40")]
     Diagnostics {
         #[command(flatten)]
         at: travel::At,
     },
     /// Conflicts between offline edits: a block made earlier on the phone that overwrote a
     /// value another form set later on its phone (base, theirs, mine, result).
+    #[command(after_help = "\
+Examples:
+  caseledger conflicts --user u-david
+  caseledger conflicts show 9c1e4b0a7f23")]
     Conflicts {
         /// Only this case's.
         #[arg(long)]
@@ -136,6 +181,10 @@ enum Cmd {
         show: Option<ConflictsCmd>,
     },
     /// Read the event log.
+    #[command(after_help = "\
+Examples:
+  caseledger log --from 1 --limit 20
+  caseledger --json log --from 120 | jq '.[].type'")]
     Log {
         /// First position.
         #[arg(long, default_value_t = 1)]
@@ -145,6 +194,10 @@ enum Cmd {
         limit: usize,
     },
     /// Rebuild every projection from the log and swap it in.
+    #[command(after_help = "\
+Examples:
+  caseledger replay
+  caseledger replay --verify")]
     Replay {
         /// Rebuild beside the live projections, report every key where they differ (exit 1 if
         /// any), and swap nothing.
@@ -153,12 +206,20 @@ enum Cmd {
     },
     /// Check every envelope and the hash chain from a position; print the head and its hash
     /// (exit 3 naming the first bad position).
+    #[command(after_help = "\
+Examples:
+  caseledger verify
+  caseledger --json verify --from 1000")]
     Verify {
         /// First position to check (its stored previous hash is taken on trust).
         #[arg(long, default_value_t = 1)]
         from: u64,
     },
     /// Export the log as JSON lines, one per event, with hashes and raw submissions.
+    #[command(after_help = "\
+Examples:
+  caseledger export --format jsonl > log.jsonl
+  caseledger export --from 100 --to 200 > part.jsonl")]
     Export {
         /// Output format.
         #[arg(long, value_enum, default_value = "jsonl")]
@@ -171,6 +232,10 @@ enum Cmd {
         to: Option<u64>,
     },
     /// Rebuild an empty data dir (`--data`) from an export, checking every line's chain.
+    #[command(after_help = "\
+Examples:
+  caseledger --data /tmp/restored import log.jsonl
+  caseledger --data /tmp/restored import log.jsonl --head 5d41402abc4b2a76b9719d911017c592ae2bd1c0b2f2f5ed7b0c1ab0c6a2f1e3")]
     Import {
         /// The export (JSON lines).
         file: PathBuf,
@@ -179,14 +244,24 @@ enum Cmd {
         head: Option<String>,
     },
     /// Archive or unarchive a form (R57).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger form archive 3d307d25-cc07-51c3-bfcb-fcd7d6a6807c"
+    )]
     Form(FormCmd),
     /// Re-decide a stored rejected form after its cause was fixed (R56).
+    #[command(after_help = "\
+Examples:
+  caseledger reprocess 3d307d25-cc07-51c3-bfcb-fcd7d6a6807c")]
     Reprocess {
         /// The form's instanceID.
         form_id: String,
     },
     /// Print the OpenRosa restore XML a phone of this user would receive (R45–R48).
+    #[command(after_help = "\
+Examples:
+  caseledger restore --user u-maria > restore.xml
+  caseledger --json restore --user u-maria --since 42-5b0f2a9c8e7d4c1b9a6f3e2d1c0b9a8f")]
     Restore {
         /// The mobile worker.
         #[arg(long)]
@@ -196,6 +271,10 @@ enum Cmd {
         since: Option<String>,
     },
     /// Run the seed's case-sharing stories in a fresh data dir and show what each user sees.
+    #[command(after_help = "\
+Examples:
+  caseledger demo
+  caseledger --data /tmp/cl demo")]
     Demo,
 }
 
@@ -207,9 +286,14 @@ enum ExportFormat {
 #[derive(Subcommand, Debug)]
 enum UserCmd {
     /// Create a mobile worker.
+    #[command(after_help = "\
+Examples:
+  caseledger user create --id u-maria --username maria")]
     Create {
+        /// The user id that forms name in their meta (`userID`).
         #[arg(long)]
         id: String,
+        /// The login name.
         #[arg(long)]
         username: String,
     },
@@ -218,30 +302,66 @@ enum UserCmd {
 #[derive(Subcommand, Debug)]
 enum GroupCmd {
     /// Create a group.
+    #[command(after_help = "\
+Examples:
+  caseledger group create --id g-team --name \"Kibera CHW team\" --case-sharing")]
     Create {
+        /// The group id (a case owner id when case sharing is on).
         #[arg(long)]
         id: String,
+        /// The display name.
         #[arg(long)]
         name: String,
+        /// Members see the cases the group owns (R35).
         #[arg(long)]
         case_sharing: bool,
     },
     /// Turn a group's case sharing on or off.
-    SetCaseSharing { group: String, state: OnOff },
+    #[command(after_help = "\
+Examples:
+  caseledger group set-case-sharing g-team off")]
+    SetCaseSharing {
+        /// The group id.
+        group: String,
+        /// `on` or `off`.
+        state: OnOff,
+    },
     /// Add a user to a group.
-    AddMember { group: String, user: String },
+    #[command(after_help = "\
+Examples:
+  caseledger group add-member g-team u-maria")]
+    AddMember {
+        /// The group id.
+        group: String,
+        /// The user id.
+        user: String,
+    },
     /// Remove a user from a group.
-    RemoveMember { group: String, user: String },
+    #[command(after_help = "\
+Examples:
+  caseledger group remove-member g-team u-maria")]
+    RemoveMember {
+        /// The group id.
+        group: String,
+        /// The user id.
+        user: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum AppCmd {
     /// Create an app.
+    #[command(after_help = "\
+Examples:
+  caseledger app create --id app-anc --name ANC --case-sharing --case-type pregnancy")]
     Create {
+        /// The app id, which `submit --app` names.
         #[arg(long)]
         id: String,
+        /// The display name.
         #[arg(long)]
         name: String,
+        /// Forms through this app use case sharing (R36).
         #[arg(long)]
         case_sharing: bool,
         /// A case type its case lists show (repeat the flag).
@@ -249,29 +369,65 @@ enum AppCmd {
         case_types: Vec<String>,
     },
     /// Turn an app's case sharing on or off.
-    SetCaseSharing { app: String, state: OnOff },
+    #[command(after_help = "\
+Examples:
+  caseledger app set-case-sharing app-anc on")]
+    SetCaseSharing {
+        /// The app id.
+        app: String,
+        /// `on` or `off`.
+        state: OnOff,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum FormCmd {
     /// Revoke a form's case effects; affected cases are rebuilt without it.
-    Archive { form_id: String },
+    #[command(after_help = "\
+Examples:
+  caseledger form archive 3d307d25-cc07-51c3-bfcb-fcd7d6a6807c")]
+    Archive {
+        /// The form's instanceID.
+        form_id: String,
+    },
     /// Restore an archived form's case effects at its original position.
-    Unarchive { form_id: String },
+    #[command(after_help = "\
+Examples:
+  caseledger form unarchive 3d307d25-cc07-51c3-bfcb-fcd7d6a6807c")]
+    Unarchive {
+        /// The form's instanceID.
+        form_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum CaseCmd {
     /// Show one case (as of now, or `--at`/`--as-of` a point of the log).
+    #[command(after_help = "\
+Examples:
+  caseledger case show 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10
+  caseledger --json case show 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10 --at 12")]
     Show {
+        /// The case id.
         case_id: String,
         #[command(flatten)]
         at: travel::At,
     },
     /// Every change to a case, oldest first, with the forms that caused them.
-    History { case_id: String },
+    #[command(after_help = "\
+Examples:
+  caseledger case history 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10")]
+    History {
+        /// The case id.
+        case_id: String,
+    },
     /// The users whose case list held the case, and since which position.
+    #[command(after_help = "\
+Examples:
+  caseledger case who-could-see 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10
+  caseledger case who-could-see 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10 --as-of 2025-03-07T12:00:00Z")]
     WhoCouldSee {
+        /// The case id.
         case_id: String,
         #[command(flatten)]
         at: travel::At,
@@ -281,7 +437,13 @@ enum CaseCmd {
 #[derive(Subcommand, Debug)]
 enum ConflictsCmd {
     /// One conflict, three-way, with the positions to time-travel to.
-    Show { id: String },
+    #[command(after_help = "\
+Examples:
+  caseledger conflicts show 9c1e4b0a7f23")]
+    Show {
+        /// The conflict id, as `conflicts` lists it.
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {

@@ -509,3 +509,82 @@ fn time_travel_history_and_conflicts_through_the_cli() {
     let out = run(data, &["conflicts", "show", "nope"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// The help of `path` (`-h`, the one-line-per-option layout).
+fn help(path: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .args(path)
+        .arg("--help")
+        .env_remove("CASELEDGER_DATA")
+        .output()
+        .expect("run caseledger");
+    assert_eq!(out.status.code(), Some(0), "{path:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The entries of a help section (`Commands:`, `Arguments:`, `Options:`): the name or spec, and
+/// its description (from the same line, or the next one in the long layout).
+fn section(text: &str, title: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines.iter().position(|l| *l == title) else {
+        return Vec::new();
+    };
+    let mut entries = Vec::new();
+    let mut i = start + 1;
+    while i < lines.len() && (lines[i].starts_with(' ') || lines[i].is_empty()) {
+        let line = lines[i];
+        let indent = line.len() - line.trim_start().len();
+        if !line.trim().is_empty() && indent <= 6 {
+            let body = line.trim_start();
+            let (spec, description) = match body.find("  ") {
+                Some(at) => (&body[..at], body[at..].trim()),
+                None => (body, ""),
+            };
+            let description = if description.is_empty() {
+                lines
+                    .get(i + 1)
+                    .filter(|next| next.len() - next.trim_start().len() > 6)
+                    .map_or("", |next| next.trim())
+            } else {
+                description
+            };
+            entries.push((spec.to_owned(), description.to_owned()));
+        }
+        i += 1;
+    }
+    entries
+}
+
+/// Issue 10: every command's `--help` describes every argument and option and shows an example.
+#[test]
+fn every_help_documents_every_option_and_shows_an_example() {
+    let mut pending: Vec<Vec<String>> = vec![Vec::new()];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let args: Vec<&str> = path.iter().map(String::as_str).collect();
+        let text = help(&args);
+        seen += 1;
+        assert!(
+            text.contains("\nExamples:\n  caseledger "),
+            "{args:?} --help shows no example:\n{text}"
+        );
+        for title in ["Arguments:", "Options:"] {
+            for (spec, description) in section(&text, title) {
+                assert!(
+                    !description.is_empty(),
+                    "{args:?} --help leaves {spec} undocumented:\n{text}"
+                );
+            }
+        }
+        for (name, description) in section(&text, "Commands:") {
+            if name == "help" {
+                continue;
+            }
+            assert!(!description.is_empty(), "{args:?} {name} has no summary");
+            let mut sub = path.clone();
+            sub.push(name);
+            pending.push(sub);
+        }
+    }
+    assert!(seen > 25, "walked only {seen} commands");
+}
