@@ -2,8 +2,10 @@
 //!
 //! Exit status (a contract scripts depend on): 0 when everything went through (duplicates
 //! included), 2 when a submission was rejected (it is still stored), 1 for usage, IO or
-//! unknown-id errors (nothing appended), 3 when `verify`, `export` or `import` found damage or
-//! a modified export.
+//! unknown-id errors, a data dir without a store or a store another process holds (nothing
+//! appended), 3 when `verify`, `export` or `import` found damage or a modified export.
+//! Failures print one line on stderr, JSON with a stable code under `--json` (`fail`,
+//! `docs/CLI.md`).
 //!
 //! One file past 600 lines: the argument definitions and their printing are the CLI contract and
 //! read best together; the logic lives in the crates.
@@ -13,21 +15,24 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod datadir;
+mod fail;
+mod submit;
+mod table;
 mod travel;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use caseledger::domain::{
-    AppId, AttachmentFile, CaseId, Command, FormId, GroupId, Position, Timestamp, UserId,
-};
-use caseledger::{
-    view, Engine, EngineConfig, EngineError, Request, SubmitOutcome, SubmitStatus, UpgradeStatus,
-};
+use anyhow::Result;
+use caseledger::domain::{AppId, CaseId, Command, FormId, GroupId, Position, UserId};
+use caseledger::{view, Engine, EngineConfig, EngineError, Request, SubmitStatus, UpgradeStatus};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
+
+use crate::fail::{fail, Code};
+use crate::table::Table;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,7 +41,7 @@ use serde_json::{json, Value};
     about = "Event-sourced CommCare case store with case sharing",
     after_help = "\
 Exit status: 0 done (duplicates included), 2 a submission was rejected (it is still stored),
-1 usage, IO or unknown id (nothing appended),
+1 usage, IO, unknown id, no store or a store held by another process (nothing appended),
 3 damage or a refused export found by verify, export or import.
 
 Examples:
@@ -56,7 +61,7 @@ struct Cli {
     /// Project space.
     #[arg(long, global = true, default_value = "demo")]
     domain: String,
-    /// Print JSON instead of tables.
+    /// Print JSON instead of tables; errors become {"error":{"code","message"}} on stderr.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -95,7 +100,7 @@ enum Cmd {
         after_help = "Examples:\n  caseledger app create --id app-anc --name ANC --case-sharing --case-type pregnancy"
     )]
     App(AppCmd),
-    /// Submit form XML files, in order.
+    /// Submit form XML files, in order (each read whole before the store is opened).
     #[command(after_help = "\
 Exit status 2 when a form was rejected (it is still stored). A file over 4 x the parser's size
 limit (64 MiB) is refused unread and nothing is stored.
@@ -446,13 +451,62 @@ Examples:
     },
 }
 
+impl Cmd {
+    /// Whether the command may create the store (it writes, or builds a fresh one); every other
+    /// command needs an existing store and fails with `no_store` rather than create an empty one.
+    fn may_create_store(&self) -> bool {
+        match self {
+            Cmd::User(UserCmd::Create { .. })
+            | Cmd::Group(GroupCmd::Create { .. })
+            | Cmd::App(AppCmd::Create { .. })
+            | Cmd::Submit { .. }
+            | Cmd::Import { .. }
+            | Cmd::Demo => true,
+            Cmd::Group(_)
+            | Cmd::App(_)
+            | Cmd::Case(_)
+            | Cmd::Cases { .. }
+            | Cmd::Groups { .. }
+            | Cmd::Diagnostics { .. }
+            | Cmd::Conflicts { .. }
+            | Cmd::Log { .. }
+            | Cmd::Replay { .. }
+            | Cmd::Verify { .. }
+            | Cmd::Export { .. }
+            | Cmd::Form(_)
+            | Cmd::Reprocess { .. }
+            | Cmd::Restore { .. } => false,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: printed on stdout; a closed pipe is not a failure.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Parsing failed, so whether --json was given is read from the raw arguments.
+            let json = std::env::args_os()
+                .take_while(|a| a != "--")
+                .any(|a| a == "--json");
+            if json {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                let message = first.strip_prefix("error: ").unwrap_or(first);
+                fail::Failure {
+                    code: fail::Code::Usage,
+                    message: message.to_owned(),
+                    exit: 1,
+                }
+                .report(true);
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(1);
         }
     };
     tracing_subscriber::fmt()
@@ -468,16 +522,26 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            let e = anyhow::Error::new(e).context("cannot start the runtime");
+            return report(&e, cli.json);
         }
     };
+    let json = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
+        Err(e) => report(&e, json),
+    }
+}
+
+/// Reports a failure on stderr (JSON under `--json`) and gives its exit status; a closed stdout
+/// ends quietly with status 0.
+fn report(e: &anyhow::Error, json: bool) -> ExitCode {
+    match fail::Failure::of(e) {
+        Some(f) => {
+            f.report(json);
+            ExitCode::from(f.exit)
         }
+        None => ExitCode::SUCCESS,
     }
 }
 
@@ -494,8 +558,23 @@ pub(crate) fn print_line(line: &str) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
+    if !cli.command.may_create_store() {
+        datadir::require_store(&cli.data)?;
+    }
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);
+    }
+    let config = EngineConfig::default();
+    // Inputs are read whole, with a bound, before the store is opened: a slow or endless input
+    // (a FIFO without a writer, /dev/zero) never holds the store's lock.
+    let inputs = match &cli.command {
+        Cmd::Submit {
+            files, attachments, ..
+        } => Some(submit::read_inputs(files, attachments, &config)?),
+        _ => None,
+    };
+    if !matches!(cli.command, Cmd::Import { .. }) {
+        datadir::require_free(&cli.data)?;
     }
     if matches!(
         cli.command,
@@ -505,20 +584,12 @@ async fn run(cli: Cli) -> Result<u8> {
     }
     // The log alone: nothing derived from it (projections) can keep anyone from reading it.
     if let Cmd::Log { from, limit } = cli.command {
-        let log = Engine::open_log(
-            &cli.data,
-            &cli.domain.as_str().into(),
-            &EngineConfig::default(),
-        )
-        .with_context(|| format!("opening {}", cli.data.display()))?;
+        let log = Engine::open_log(&cli.data, &cli.domain.as_str().into(), &config)
+            .map_err(|e| opening(&cli, e))?;
         return print_log(&log, &cli, from, limit);
     }
-    let engine = Engine::open(
-        &cli.data,
-        &cli.domain.as_str().into(),
-        EngineConfig::default(),
-    )
-    .with_context(|| format!("opening {}", cli.data.display()))?;
+    let engine = Engine::open(&cli.data, &cli.domain.as_str().into(), config)
+        .map_err(|e| opening(&cli, e))?;
     // A one-shot command answers from projections folded by other rules rather than rebuild
     // them first (they read; a rebuild can take minutes): say so, and what rebuilds them.
     if let UpgradeStatus::Needed { stored, current } = engine.upgrade_status() {
@@ -531,7 +602,10 @@ async fn run(cli: Cli) -> Result<u8> {
             );
         }
     }
-    let result = dispatch(&engine, &cli).await;
+    let result = match inputs {
+        Some(inputs) => submit::submit(&engine, &cli, inputs).await,
+        None => dispatch(&engine, &cli).await,
+    };
     // Damaged projections were rebuilt from the log (on open or by a query); say so.
     for d in engine.repaired() {
         eprintln!("warning: damaged projections rebuilt from the log: {d}");
@@ -539,6 +613,14 @@ async fn run(cli: Cli) -> Result<u8> {
     let code = result?;
     engine.flush()?;
     Ok(code)
+}
+
+/// An error opening the store: a lock taken since the probe names its holder too.
+fn opening(cli: &Cli, e: EngineError) -> anyhow::Error {
+    match e {
+        EngineError::Locked { .. } => datadir::held(&cli.data),
+        e => anyhow::Error::new(e).context(format!("opening {}", cli.data.display())),
+    }
 }
 
 async fn command(engine: &Engine, cli: &Cli, cmd: Command, done: &str) -> Result<u8> {
@@ -626,22 +708,6 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             };
             command(engine, cli, cmd, &done).await
         }
-        Cmd::Submit {
-            files,
-            app,
-            received_at,
-            attachments,
-        } => {
-            submit(
-                engine,
-                cli,
-                files,
-                attachments,
-                app.as_deref(),
-                received_at.as_deref(),
-            )
-            .await
-        }
         Cmd::Case(CaseCmd::Show { case_id, at }) if at.is_set() => {
             travel::case_show(engine, cli.json, case_id, at)
         }
@@ -668,10 +734,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                     }
                     Ok(0)
                 }
-                None => {
-                    eprintln!("error: no case {case_id}");
-                    Ok(1)
-                }
+                None => Err(fail(Code::NotFound, format!("no case {case_id}"))),
             }
         }
         Cmd::Cases {
@@ -690,11 +753,13 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                 )? {
                     Some(cases) => cases,
                     None => {
-                        eprintln!(
-                            "error: unknown user {} at that point",
-                            user.as_deref().unwrap_or("")
-                        );
-                        return Ok(1);
+                        return Err(fail(
+                            Code::NotFound,
+                            format!(
+                                "unknown user {} at that point",
+                                user.as_deref().unwrap_or("")
+                            ),
+                        ))
                     }
                 }
             } else {
@@ -706,33 +771,29 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                             .users
                             .contains_key(&UserId::new(u.as_str()))
                         {
-                            eprintln!("error: unknown user {u}");
-                            return Ok(1);
+                            return Err(fail(Code::NotFound, format!("unknown user {u}")));
                         }
                         engine.query(|p| p.cases_for_user(u, *include_closed))?
                     }
                     (None, Some(o)) => engine.query(|p| p.cases_by_owner(o, *include_closed))?,
-                    (None, None) => anyhow::bail!("give --user or --owner"),
+                    (None, None) => return Err(fail(Code::Usage, "give --user or --owner")),
                 }
             };
             if cli.json {
                 out(&Value::Array(cases.iter().map(view::case_json).collect()))?;
             } else {
-                print_line(&format!(
-                    "{:<38} {:<12} {:<24} {:<14} {:<10} {}",
-                    "CASE_ID", "TYPE", "NAME", "OWNER", "USER", "STATUS"
-                ))?;
+                let mut table = Table::new(&["CASE_ID", "TYPE", "NAME", "OWNER", "USER", "STATUS"]);
                 for c in &cases {
-                    print_line(&format!(
-                        "{:<38} {:<12} {:<24} {:<14} {:<10} {}",
-                        c.case_id,
-                        c.case_type,
-                        c.case_name,
-                        c.owner_id,
-                        c.user_id,
-                        if c.closed { "closed" } else { "open" }
-                    ))?;
+                    table.row(vec![
+                        c.case_id.to_string(),
+                        c.case_type.clone(),
+                        c.case_name.clone(),
+                        c.owner_id.to_string(),
+                        c.user_id.to_string(),
+                        (if c.closed { "closed" } else { "open" }).to_owned(),
+                    ]);
                 }
+                table.print()?;
                 print_line(&format!("{} case(s)", cases.len()))?;
             }
             Ok(0)
@@ -747,19 +808,16 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             if cli.json {
                 out(&Value::Array(groups.iter().map(view::group_json).collect()))?;
             } else {
-                print_line(&format!(
-                    "{:<16} {:<24} {:<8} MEMBERS",
-                    "GROUP", "NAME", "SHARING"
-                ))?;
+                let mut table = Table::new(&["GROUP", "NAME", "SHARING", "MEMBERS"]);
                 for g in &groups {
-                    print_line(&format!(
-                        "{:<16} {:<24} {:<8} {}",
-                        g.id,
-                        g.name,
-                        if g.case_sharing { "on" } else { "off" },
-                        g.members.join(", ")
-                    ))?;
+                    table.row(vec![
+                        g.id.to_string(),
+                        g.name.clone(),
+                        (if g.case_sharing { "on" } else { "off" }).to_owned(),
+                        g.members.join(", "),
+                    ]);
                 }
+                table.print()?;
             }
             Ok(0)
         }
@@ -775,16 +833,16 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                     rows.iter().map(view::diagnostic_json).collect(),
                 ))?;
             } else {
-                print_line(&format!(
-                    "{:<8} {:<38} {:<40} DETAIL",
-                    "POS", "CODE", "SUBJECT"
-                ))?;
+                let mut table = Table::new(&["POSITION", "CODE", "SUBJECT", "DETAIL"]).right(0);
                 for d in &rows {
-                    print_line(&format!(
-                        "{:<8} {:<38} {:<40} {}",
-                        d.position, d.diagnostic.code, d.diagnostic.subject, d.diagnostic.detail
-                    ))?;
+                    table.row(vec![
+                        d.position.to_string(),
+                        d.diagnostic.code.to_string(),
+                        d.diagnostic.subject.to_string(),
+                        d.diagnostic.detail.to_string(),
+                    ]);
                 }
+                table.print()?;
             }
             Ok(0)
         }
@@ -810,7 +868,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
         }
         Cmd::Reprocess { form_id } => {
             let outcome = engine.reprocess(&FormId::new(form_id.as_str())).await?;
-            print_outcome(cli, form_id, &outcome)?;
+            submit::print_outcomes(cli.json, &[(form_id.clone(), outcome.clone())])?;
             Ok(if outcome.outcome == SubmitStatus::Rejected {
                 2
             } else {
@@ -826,7 +884,12 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Demo | Cmd::Verify { .. } | Cmd::Export { .. } | Cmd::Import { .. } => Ok(0),
+        // Handled by `run` before the engine is opened.
+        Cmd::Submit { .. }
+        | Cmd::Demo
+        | Cmd::Verify { .. }
+        | Cmd::Export { .. }
+        | Cmd::Import { .. } => Ok(0),
     }
 }
 
@@ -858,7 +921,10 @@ fn audit(cli: &Cli) -> Result<u8> {
         Cmd::Import { file, head } => {
             let head = head
                 .as_deref()
-                .map(|h| audit::parse_head(h).context("--head wants 64 hex digits"))
+                .map(|h| {
+                    audit::parse_head(h)
+                        .ok_or_else(|| fail(Code::InvalidInput, "--head wants 64 hex digits"))
+                })
                 .transpose()?;
             audit::import(file, &cli.data, &domain, head).map(Done::Imported)
         }
@@ -899,114 +965,12 @@ fn audit(cli: &Cli) -> Result<u8> {
                 };
                 out(&json!({"ok": false, "position": position, "error": e.to_string()}))?;
             }
-            eprintln!("error: {e}");
-            return Ok(3);
+            // Exit 3 (`fail` knows audit damage).
+            return Err(e.into());
         }
         Err(e) => return Err(e.into()),
     }
     Ok(0)
-}
-
-/// Bodies up to this many times `Limits::max_bytes` are stored even when rejected as too large.
-const TRANSPORT_FACTOR: u64 = 4;
-
-async fn submit(
-    engine: &Engine,
-    cli: &Cli,
-    files: &[PathBuf],
-    attachments: &[PathBuf],
-    app: Option<&str>,
-    received_at: Option<&str>,
-) -> Result<u8> {
-    if !attachments.is_empty() && files.len() != 1 {
-        anyhow::bail!("--attachment goes with exactly one form FILE");
-    }
-    let mut files_sent = Vec::with_capacity(attachments.len());
-    for a in attachments {
-        let name = a
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .with_context(|| format!("{} has no file name", a.display()))?;
-        let bytes = std::fs::read(a).with_context(|| format!("reading {}", a.display()))?;
-        files_sent.push(AttachmentFile { name, bytes });
-    }
-    let received_at = received_at
-        .map(|t| Timestamp::parse_rfc3339(t).context("--received-at"))
-        .transpose()?;
-    let app = app.map(AppId::new);
-    if let Some(a) = &app {
-        if !engine.projections().directory().apps.contains_key(a) {
-            anyhow::bail!("unknown app {a}");
-        }
-    }
-    // Read every file first: an unreadable file means nothing is appended. A body over the
-    // parser's size limit is still stored (rejected as InvalidXml, R50) up to a transport cap,
-    // beyond which it is refused unread, as an HTTP server answers 413: storing gigabytes
-    // because someone sent them is not "keeping the submission", it is a denial of service.
-    let cap = (engine.limits().max_bytes as u64).saturating_mul(TRANSPORT_FACTOR);
-    let mut bodies = Vec::with_capacity(files.len());
-    for f in files {
-        let size = std::fs::metadata(f)
-            .with_context(|| format!("reading {}", f.display()))?
-            .len();
-        if size > cap {
-            anyhow::bail!(
-                "{} is {size} bytes, over the {cap}-byte transport limit ({TRANSPORT_FACTOR} x max_bytes); nothing was stored",
-                f.display()
-            );
-        }
-        bodies.push(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
-    }
-    let requests = bodies
-        .into_iter()
-        .map(|raw| {
-            let sub =
-                engine.prepare_submission_with(raw, app.clone(), std::mem::take(&mut files_sent));
-            let mut r = Request::new(Command::SubmitForm(Box::new(sub)));
-            r.received_at = received_at;
-            r
-        })
-        .collect();
-    let results = engine.execute_many(requests).await?;
-    let mut code = 0;
-    for (file, result) in files.iter().zip(results) {
-        let outcome = SubmitOutcome::from_events(&result?.events)?;
-        if outcome.outcome == SubmitStatus::Rejected {
-            code = 2;
-        }
-        print_outcome(cli, &file.display().to_string(), &outcome)?;
-    }
-    Ok(code)
-}
-
-fn print_outcome(cli: &Cli, file: &str, outcome: &SubmitOutcome) -> Result<()> {
-    {
-        if cli.json {
-            out(&json!({
-                "file": file,
-                "instance_id": outcome.instance_id,
-                "outcome": outcome.outcome,
-                "error": outcome.error.as_ref().map(|e| json!({"code": e.code.as_str(), "message": e.message})),
-                "position": outcome.position.0,
-                "cases": outcome.cases,
-            }))?;
-        } else {
-            let detail = match &outcome.error {
-                Some(e) => format!("{}: {}", e.code, e.message),
-                None => outcome
-                    .cases
-                    .iter()
-                    .map(|c| c.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            };
-            print_line(&format!(
-                "{}  {:?}  {}  @{}  {}",
-                file, outcome.outcome, outcome.instance_id, outcome.position, detail
-            ))?;
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn print_case(c: &caseledger::domain::Case) -> Result<()> {
@@ -1039,12 +1003,16 @@ fn print_log(
         let entries: Vec<_> = events.iter().map(view::log_entry).collect();
         out(&serde_json::to_value(entries)?)?;
     } else {
+        let mut table = Table::new(&["POSITION", "RECORDED_AT", "TYPE", "SUMMARY"]).right(0);
         for e in events.iter().map(view::log_entry) {
-            print_line(&format!(
-                "{:>8}  {}  {}/v{}  {}",
-                e.position, e.recorded_at, e.kind, e.version, e.summary
-            ))?;
+            table.row(vec![
+                e.position.to_string(),
+                e.recorded_at,
+                format!("{}/v{}", e.kind, e.version),
+                e.summary,
+            ]);
         }
+        table.print()?;
     }
     Ok(0)
 }
