@@ -2,8 +2,10 @@
 //!
 //! Exit status (a contract scripts depend on): 0 when everything went through (duplicates
 //! included), 2 when a submission was rejected (it is still stored), 1 for usage, IO or
-//! unknown-id errors (nothing appended), 3 when `verify`, `export` or `import` found damage or
-//! a modified export.
+//! unknown-id errors, a data dir without a store or a store another process holds (nothing
+//! appended), 3 when `verify`, `export` or `import` found damage or a modified export.
+//! Failures print one line on stderr, JSON with a stable code under `--json` (`fail`,
+//! `docs/CLI.md`).
 //!
 //! One file past 600 lines: the argument definitions and their printing are the CLI contract and
 //! read best together; the logic lives in the crates.
@@ -13,27 +15,39 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod datadir;
+mod fail;
+mod submit;
+mod table;
 mod travel;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use caseledger::domain::{
-    AppId, AttachmentFile, CaseId, Command, FormId, GroupId, Position, Timestamp, UserId,
-};
-use caseledger::{
-    view, Engine, EngineConfig, EngineError, Request, SubmitOutcome, SubmitStatus, UpgradeStatus,
-};
+use anyhow::Result;
+use caseledger::domain::{AppId, CaseId, Command, FormId, GroupId, Position, UserId};
+use caseledger::{view, Engine, EngineConfig, EngineError, Request, SubmitStatus, UpgradeStatus};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
+
+use crate::fail::{fail, Code};
+use crate::table::Table;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "caseledger",
     version,
-    about = "Event-sourced CommCare case store with case sharing"
+    about = "Event-sourced CommCare case store with case sharing",
+    after_help = "\
+Exit status: 0 done (duplicates included), 2 a submission was rejected (it is still stored),
+1 usage, IO, unknown id, no store or a store held by another process (nothing appended),
+3 damage or a refused export found by verify, export or import.
+
+Examples:
+  caseledger --data /tmp/cl user create --id u-maria --username maria
+  caseledger --data /tmp/cl --json cases --user u-maria
+  CASELEDGER_DATA=/tmp/cl caseledger log --limit 20"
 )]
 struct Cli {
     /// Data directory (default: $CASELEDGER_DATA, else ./caseledger-data).
@@ -47,7 +61,7 @@ struct Cli {
     /// Project space.
     #[arg(long, global = true, default_value = "demo")]
     domain: String,
-    /// Print JSON instead of tables.
+    /// Print JSON instead of tables; errors become {"error":{"code","message"}} on stderr.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -69,17 +83,33 @@ impl OnOff {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Mobile workers.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger user create --id u-maria --username maria"
+    )]
     User(UserCmd),
     /// Groups and memberships.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger group create --id g-team --name \"Kibera CHW team\" --case-sharing\n  caseledger group add-member g-team u-maria"
+    )]
     Group(GroupCmd),
     /// Applications.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger app create --id app-anc --name ANC --case-sharing --case-type pregnancy"
+    )]
     App(AppCmd),
-    /// Submit form XML files, in order.
+    /// Submit form XML files, in order (each read whole before the store is opened).
+    #[command(after_help = "\
+Exit status 2 when a form was rejected (it is still stored). A file over 4 x the parser's size
+limit (64 MiB) is refused unread and nothing is stored.
+
+Examples:
+  caseledger submit register.xml visit.xml --app app-anc
+  caseledger --json submit photo-form.xml --attachment 1741330001001.jpg")]
     Submit {
-        /// Files to submit.
+        /// Form XML files to submit, in this order.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// The app the forms are submitted through.
@@ -94,9 +124,17 @@ enum Cmd {
         attachments: Vec<PathBuf>,
     },
     /// Cases.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger case show 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10\n  caseledger case history 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10"
+    )]
     Case(CaseCmd),
     /// A case list: by user (R44) or by owner.
+    #[command(after_help = "\
+Examples:
+  caseledger cases --user u-maria
+  caseledger cases --owner g-team --include-closed
+  caseledger cases --user u-maria --as-of 2025-03-07T12:00:00Z")]
     Cases {
         /// Cases the user sees: owned by the user or the user's case-sharing groups.
         #[arg(long, conflicts_with = "owner", required_unless_present = "owner")]
@@ -111,6 +149,10 @@ enum Cmd {
         at: travel::At,
     },
     /// Groups and their members.
+    #[command(after_help = "\
+Examples:
+  caseledger groups
+  caseledger groups --user u-maria --at 12")]
     Groups {
         /// Only groups listing this user.
         #[arg(long)]
@@ -119,12 +161,20 @@ enum Cmd {
         at: travel::At,
     },
     /// Validation diagnostics (R59–R66).
+    #[command(after_help = "\
+Examples:
+  caseledger diagnostics
+  caseledger --json diagnostics --at 40")]
     Diagnostics {
         #[command(flatten)]
         at: travel::At,
     },
     /// Conflicts between offline edits: a block made earlier on the phone that overwrote a
     /// value another form set later on its phone (base, theirs, mine, result).
+    #[command(after_help = "\
+Examples:
+  caseledger conflicts --user u-david
+  caseledger conflicts show 9c1e4b0a7f23")]
     Conflicts {
         /// Only this case's.
         #[arg(long)]
@@ -136,6 +186,10 @@ enum Cmd {
         show: Option<ConflictsCmd>,
     },
     /// Read the event log.
+    #[command(after_help = "\
+Examples:
+  caseledger log --from 1 --limit 20
+  caseledger --json log --from 120 | jq '.[].type'")]
     Log {
         /// First position.
         #[arg(long, default_value_t = 1)]
@@ -145,6 +199,10 @@ enum Cmd {
         limit: usize,
     },
     /// Rebuild every projection from the log and swap it in.
+    #[command(after_help = "\
+Examples:
+  caseledger replay
+  caseledger replay --verify")]
     Replay {
         /// Rebuild beside the live projections, report every key where they differ (exit 1 if
         /// any), and swap nothing.
@@ -153,12 +211,20 @@ enum Cmd {
     },
     /// Check every envelope and the hash chain from a position; print the head and its hash
     /// (exit 3 naming the first bad position).
+    #[command(after_help = "\
+Examples:
+  caseledger verify
+  caseledger --json verify --from 1000")]
     Verify {
         /// First position to check (its stored previous hash is taken on trust).
         #[arg(long, default_value_t = 1)]
         from: u64,
     },
     /// Export the log as JSON lines, one per event, with hashes and raw submissions.
+    #[command(after_help = "\
+Examples:
+  caseledger export --format jsonl > log.jsonl
+  caseledger export --from 100 --to 200 > part.jsonl")]
     Export {
         /// Output format.
         #[arg(long, value_enum, default_value = "jsonl")]
@@ -171,6 +237,10 @@ enum Cmd {
         to: Option<u64>,
     },
     /// Rebuild an empty data dir (`--data`) from an export, checking every line's chain.
+    #[command(after_help = "\
+Examples:
+  caseledger --data /tmp/restored import log.jsonl
+  caseledger --data /tmp/restored import log.jsonl --head 5d41402abc4b2a76b9719d911017c592ae2bd1c0b2f2f5ed7b0c1ab0c6a2f1e3")]
     Import {
         /// The export (JSON lines).
         file: PathBuf,
@@ -179,14 +249,24 @@ enum Cmd {
         head: Option<String>,
     },
     /// Archive or unarchive a form (R57).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caseledger form archive 3d307d25-cc07-51c3-bfcb-fcd7d6a6807c"
+    )]
     Form(FormCmd),
     /// Re-decide a stored rejected form after its cause was fixed (R56).
+    #[command(after_help = "\
+Examples:
+  caseledger reprocess 3d307d25-cc07-51c3-bfcb-fcd7d6a6807c")]
     Reprocess {
         /// The form's instanceID.
         form_id: String,
     },
     /// Print the OpenRosa restore XML a phone of this user would receive (R45–R48).
+    #[command(after_help = "\
+Examples:
+  caseledger restore --user u-maria > restore.xml
+  caseledger --json restore --user u-maria --since 42-5b0f2a9c8e7d4c1b9a6f3e2d1c0b9a8f")]
     Restore {
         /// The mobile worker.
         #[arg(long)]
@@ -196,6 +276,10 @@ enum Cmd {
         since: Option<String>,
     },
     /// Run the seed's case-sharing stories in a fresh data dir and show what each user sees.
+    #[command(after_help = "\
+Examples:
+  caseledger demo
+  caseledger --data /tmp/cl demo")]
     Demo,
 }
 
@@ -207,9 +291,14 @@ enum ExportFormat {
 #[derive(Subcommand, Debug)]
 enum UserCmd {
     /// Create a mobile worker.
+    #[command(after_help = "\
+Examples:
+  caseledger user create --id u-maria --username maria")]
     Create {
+        /// The user id that forms name in their meta (`userID`).
         #[arg(long)]
         id: String,
+        /// The login name.
         #[arg(long)]
         username: String,
     },
@@ -218,30 +307,66 @@ enum UserCmd {
 #[derive(Subcommand, Debug)]
 enum GroupCmd {
     /// Create a group.
+    #[command(after_help = "\
+Examples:
+  caseledger group create --id g-team --name \"Kibera CHW team\" --case-sharing")]
     Create {
+        /// The group id (a case owner id when case sharing is on).
         #[arg(long)]
         id: String,
+        /// The display name.
         #[arg(long)]
         name: String,
+        /// Members see the cases the group owns (R35).
         #[arg(long)]
         case_sharing: bool,
     },
     /// Turn a group's case sharing on or off.
-    SetCaseSharing { group: String, state: OnOff },
+    #[command(after_help = "\
+Examples:
+  caseledger group set-case-sharing g-team off")]
+    SetCaseSharing {
+        /// The group id.
+        group: String,
+        /// `on` or `off`.
+        state: OnOff,
+    },
     /// Add a user to a group.
-    AddMember { group: String, user: String },
+    #[command(after_help = "\
+Examples:
+  caseledger group add-member g-team u-maria")]
+    AddMember {
+        /// The group id.
+        group: String,
+        /// The user id.
+        user: String,
+    },
     /// Remove a user from a group.
-    RemoveMember { group: String, user: String },
+    #[command(after_help = "\
+Examples:
+  caseledger group remove-member g-team u-maria")]
+    RemoveMember {
+        /// The group id.
+        group: String,
+        /// The user id.
+        user: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum AppCmd {
     /// Create an app.
+    #[command(after_help = "\
+Examples:
+  caseledger app create --id app-anc --name ANC --case-sharing --case-type pregnancy")]
     Create {
+        /// The app id, which `submit --app` names.
         #[arg(long)]
         id: String,
+        /// The display name.
         #[arg(long)]
         name: String,
+        /// Forms through this app use case sharing (R36).
         #[arg(long)]
         case_sharing: bool,
         /// A case type its case lists show (repeat the flag).
@@ -249,29 +374,65 @@ enum AppCmd {
         case_types: Vec<String>,
     },
     /// Turn an app's case sharing on or off.
-    SetCaseSharing { app: String, state: OnOff },
+    #[command(after_help = "\
+Examples:
+  caseledger app set-case-sharing app-anc on")]
+    SetCaseSharing {
+        /// The app id.
+        app: String,
+        /// `on` or `off`.
+        state: OnOff,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum FormCmd {
     /// Revoke a form's case effects; affected cases are rebuilt without it.
-    Archive { form_id: String },
+    #[command(after_help = "\
+Examples:
+  caseledger form archive 3d307d25-cc07-51c3-bfcb-fcd7d6a6807c")]
+    Archive {
+        /// The form's instanceID.
+        form_id: String,
+    },
     /// Restore an archived form's case effects at its original position.
-    Unarchive { form_id: String },
+    #[command(after_help = "\
+Examples:
+  caseledger form unarchive 3d307d25-cc07-51c3-bfcb-fcd7d6a6807c")]
+    Unarchive {
+        /// The form's instanceID.
+        form_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum CaseCmd {
     /// Show one case (as of now, or `--at`/`--as-of` a point of the log).
+    #[command(after_help = "\
+Examples:
+  caseledger case show 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10
+  caseledger --json case show 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10 --at 12")]
     Show {
+        /// The case id.
         case_id: String,
         #[command(flatten)]
         at: travel::At,
     },
     /// Every change to a case, oldest first, with the forms that caused them.
-    History { case_id: String },
+    #[command(after_help = "\
+Examples:
+  caseledger case history 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10")]
+    History {
+        /// The case id.
+        case_id: String,
+    },
     /// The users whose case list held the case, and since which position.
+    #[command(after_help = "\
+Examples:
+  caseledger case who-could-see 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10
+  caseledger case who-could-see 3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10 --as-of 2025-03-07T12:00:00Z")]
     WhoCouldSee {
+        /// The case id.
         case_id: String,
         #[command(flatten)]
         at: travel::At,
@@ -281,16 +442,71 @@ enum CaseCmd {
 #[derive(Subcommand, Debug)]
 enum ConflictsCmd {
     /// One conflict, three-way, with the positions to time-travel to.
-    Show { id: String },
+    #[command(after_help = "\
+Examples:
+  caseledger conflicts show 9c1e4b0a7f23")]
+    Show {
+        /// The conflict id, as `conflicts` lists it.
+        id: String,
+    },
+}
+
+impl Cmd {
+    /// Whether the command may create the store (it writes, or builds a fresh one); every other
+    /// command needs an existing store and fails with `no_store` rather than create an empty one.
+    fn may_create_store(&self) -> bool {
+        match self {
+            Cmd::User(UserCmd::Create { .. })
+            | Cmd::Group(GroupCmd::Create { .. })
+            | Cmd::App(AppCmd::Create { .. })
+            | Cmd::Submit { .. }
+            | Cmd::Import { .. }
+            | Cmd::Demo => true,
+            Cmd::Group(_)
+            | Cmd::App(_)
+            | Cmd::Case(_)
+            | Cmd::Cases { .. }
+            | Cmd::Groups { .. }
+            | Cmd::Diagnostics { .. }
+            | Cmd::Conflicts { .. }
+            | Cmd::Log { .. }
+            | Cmd::Replay { .. }
+            | Cmd::Verify { .. }
+            | Cmd::Export { .. }
+            | Cmd::Form(_)
+            | Cmd::Reprocess { .. }
+            | Cmd::Restore { .. } => false,
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: printed on stdout; a closed pipe is not a failure.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Parsing failed, so whether --json was given is read from the raw arguments.
+            let json = std::env::args_os()
+                .take_while(|a| a != "--")
+                .any(|a| a == "--json");
+            if json {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                let message = first.strip_prefix("error: ").unwrap_or(first);
+                fail::Failure {
+                    code: fail::Code::Usage,
+                    message: message.to_owned(),
+                    exit: 1,
+                }
+                .report(true);
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(1);
         }
     };
     tracing_subscriber::fmt()
@@ -306,16 +522,26 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            let e = anyhow::Error::new(e).context("cannot start the runtime");
+            return report(&e, cli.json);
         }
     };
+    let json = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
+        Err(e) => report(&e, json),
+    }
+}
+
+/// Reports a failure on stderr (JSON under `--json`) and gives its exit status; a closed stdout
+/// ends quietly with status 0.
+fn report(e: &anyhow::Error, json: bool) -> ExitCode {
+    match fail::Failure::of(e) {
+        Some(f) => {
+            f.report(json);
+            ExitCode::from(f.exit)
         }
+        None => ExitCode::SUCCESS,
     }
 }
 
@@ -332,8 +558,23 @@ pub(crate) fn print_line(line: &str) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
+    if !cli.command.may_create_store() {
+        datadir::require_store(&cli.data)?;
+    }
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);
+    }
+    let config = EngineConfig::default();
+    // Inputs are read whole, with a bound, before the store is opened: a slow or endless input
+    // (a FIFO without a writer, /dev/zero) never holds the store's lock.
+    let inputs = match &cli.command {
+        Cmd::Submit {
+            files, attachments, ..
+        } => Some(submit::read_inputs(files, attachments, &config)?),
+        _ => None,
+    };
+    if !matches!(cli.command, Cmd::Import { .. }) {
+        datadir::require_free(&cli.data)?;
     }
     if matches!(
         cli.command,
@@ -343,20 +584,12 @@ async fn run(cli: Cli) -> Result<u8> {
     }
     // The log alone: nothing derived from it (projections) can keep anyone from reading it.
     if let Cmd::Log { from, limit } = cli.command {
-        let log = Engine::open_log(
-            &cli.data,
-            &cli.domain.as_str().into(),
-            &EngineConfig::default(),
-        )
-        .with_context(|| format!("opening {}", cli.data.display()))?;
+        let log = Engine::open_log(&cli.data, &cli.domain.as_str().into(), &config)
+            .map_err(|e| opening(&cli, e))?;
         return print_log(&log, &cli, from, limit);
     }
-    let engine = Engine::open(
-        &cli.data,
-        &cli.domain.as_str().into(),
-        EngineConfig::default(),
-    )
-    .with_context(|| format!("opening {}", cli.data.display()))?;
+    let engine = Engine::open(&cli.data, &cli.domain.as_str().into(), config)
+        .map_err(|e| opening(&cli, e))?;
     // A one-shot command answers from projections folded by other rules rather than rebuild
     // them first (they read; a rebuild can take minutes): say so, and what rebuilds them.
     if let UpgradeStatus::Needed { stored, current } = engine.upgrade_status() {
@@ -369,7 +602,10 @@ async fn run(cli: Cli) -> Result<u8> {
             );
         }
     }
-    let result = dispatch(&engine, &cli).await;
+    let result = match inputs {
+        Some(inputs) => submit::submit(&engine, &cli, inputs).await,
+        None => dispatch(&engine, &cli).await,
+    };
     // Damaged projections were rebuilt from the log (on open or by a query); say so.
     for d in engine.repaired() {
         eprintln!("warning: damaged projections rebuilt from the log: {d}");
@@ -377,6 +613,14 @@ async fn run(cli: Cli) -> Result<u8> {
     let code = result?;
     engine.flush()?;
     Ok(code)
+}
+
+/// An error opening the store: a lock taken since the probe names its holder too.
+fn opening(cli: &Cli, e: EngineError) -> anyhow::Error {
+    match e {
+        EngineError::Locked { .. } => datadir::held(&cli.data),
+        e => anyhow::Error::new(e).context(format!("opening {}", cli.data.display())),
+    }
 }
 
 async fn command(engine: &Engine, cli: &Cli, cmd: Command, done: &str) -> Result<u8> {
@@ -464,22 +708,6 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             };
             command(engine, cli, cmd, &done).await
         }
-        Cmd::Submit {
-            files,
-            app,
-            received_at,
-            attachments,
-        } => {
-            submit(
-                engine,
-                cli,
-                files,
-                attachments,
-                app.as_deref(),
-                received_at.as_deref(),
-            )
-            .await
-        }
         Cmd::Case(CaseCmd::Show { case_id, at }) if at.is_set() => {
             travel::case_show(engine, cli.json, case_id, at)
         }
@@ -506,10 +734,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                     }
                     Ok(0)
                 }
-                None => {
-                    eprintln!("error: no case {case_id}");
-                    Ok(1)
-                }
+                None => Err(fail(Code::NotFound, format!("no case {case_id}"))),
             }
         }
         Cmd::Cases {
@@ -528,11 +753,13 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                 )? {
                     Some(cases) => cases,
                     None => {
-                        eprintln!(
-                            "error: unknown user {} at that point",
-                            user.as_deref().unwrap_or("")
-                        );
-                        return Ok(1);
+                        return Err(fail(
+                            Code::NotFound,
+                            format!(
+                                "unknown user {} at that point",
+                                user.as_deref().unwrap_or("")
+                            ),
+                        ))
                     }
                 }
             } else {
@@ -544,33 +771,29 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                             .users
                             .contains_key(&UserId::new(u.as_str()))
                         {
-                            eprintln!("error: unknown user {u}");
-                            return Ok(1);
+                            return Err(fail(Code::NotFound, format!("unknown user {u}")));
                         }
                         engine.query(|p| p.cases_for_user(u, *include_closed))?
                     }
                     (None, Some(o)) => engine.query(|p| p.cases_by_owner(o, *include_closed))?,
-                    (None, None) => anyhow::bail!("give --user or --owner"),
+                    (None, None) => return Err(fail(Code::Usage, "give --user or --owner")),
                 }
             };
             if cli.json {
                 out(&Value::Array(cases.iter().map(view::case_json).collect()))?;
             } else {
-                print_line(&format!(
-                    "{:<38} {:<12} {:<24} {:<14} {:<10} {}",
-                    "CASE_ID", "TYPE", "NAME", "OWNER", "USER", "STATUS"
-                ))?;
+                let mut table = Table::new(&["CASE_ID", "TYPE", "NAME", "OWNER", "USER", "STATUS"]);
                 for c in &cases {
-                    print_line(&format!(
-                        "{:<38} {:<12} {:<24} {:<14} {:<10} {}",
-                        c.case_id,
-                        c.case_type,
-                        c.case_name,
-                        c.owner_id,
-                        c.user_id,
-                        if c.closed { "closed" } else { "open" }
-                    ))?;
+                    table.row(vec![
+                        c.case_id.to_string(),
+                        c.case_type.clone(),
+                        c.case_name.clone(),
+                        c.owner_id.to_string(),
+                        c.user_id.to_string(),
+                        (if c.closed { "closed" } else { "open" }).to_owned(),
+                    ]);
                 }
+                table.print()?;
                 print_line(&format!("{} case(s)", cases.len()))?;
             }
             Ok(0)
@@ -585,19 +808,16 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             if cli.json {
                 out(&Value::Array(groups.iter().map(view::group_json).collect()))?;
             } else {
-                print_line(&format!(
-                    "{:<16} {:<24} {:<8} MEMBERS",
-                    "GROUP", "NAME", "SHARING"
-                ))?;
+                let mut table = Table::new(&["GROUP", "NAME", "SHARING", "MEMBERS"]);
                 for g in &groups {
-                    print_line(&format!(
-                        "{:<16} {:<24} {:<8} {}",
-                        g.id,
-                        g.name,
-                        if g.case_sharing { "on" } else { "off" },
-                        g.members.join(", ")
-                    ))?;
+                    table.row(vec![
+                        g.id.to_string(),
+                        g.name.clone(),
+                        (if g.case_sharing { "on" } else { "off" }).to_owned(),
+                        g.members.join(", "),
+                    ]);
                 }
+                table.print()?;
             }
             Ok(0)
         }
@@ -613,16 +833,16 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
                     rows.iter().map(view::diagnostic_json).collect(),
                 ))?;
             } else {
-                print_line(&format!(
-                    "{:<8} {:<38} {:<40} DETAIL",
-                    "POS", "CODE", "SUBJECT"
-                ))?;
+                let mut table = Table::new(&["POSITION", "CODE", "SUBJECT", "DETAIL"]).right(0);
                 for d in &rows {
-                    print_line(&format!(
-                        "{:<8} {:<38} {:<40} {}",
-                        d.position, d.diagnostic.code, d.diagnostic.subject, d.diagnostic.detail
-                    ))?;
+                    table.row(vec![
+                        d.position.to_string(),
+                        d.diagnostic.code.to_string(),
+                        d.diagnostic.subject.to_string(),
+                        d.diagnostic.detail.to_string(),
+                    ]);
                 }
+                table.print()?;
             }
             Ok(0)
         }
@@ -648,7 +868,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
         }
         Cmd::Reprocess { form_id } => {
             let outcome = engine.reprocess(&FormId::new(form_id.as_str())).await?;
-            print_outcome(cli, form_id, &outcome)?;
+            submit::print_outcomes(cli.json, &[(form_id.clone(), outcome.clone())])?;
             Ok(if outcome.outcome == SubmitStatus::Rejected {
                 2
             } else {
@@ -664,7 +884,12 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Demo | Cmd::Verify { .. } | Cmd::Export { .. } | Cmd::Import { .. } => Ok(0),
+        // Handled by `run` before the engine is opened.
+        Cmd::Submit { .. }
+        | Cmd::Demo
+        | Cmd::Verify { .. }
+        | Cmd::Export { .. }
+        | Cmd::Import { .. } => Ok(0),
     }
 }
 
@@ -696,7 +921,10 @@ fn audit(cli: &Cli) -> Result<u8> {
         Cmd::Import { file, head } => {
             let head = head
                 .as_deref()
-                .map(|h| audit::parse_head(h).context("--head wants 64 hex digits"))
+                .map(|h| {
+                    audit::parse_head(h)
+                        .ok_or_else(|| fail(Code::InvalidInput, "--head wants 64 hex digits"))
+                })
                 .transpose()?;
             audit::import(file, &cli.data, &domain, head).map(Done::Imported)
         }
@@ -737,114 +965,12 @@ fn audit(cli: &Cli) -> Result<u8> {
                 };
                 out(&json!({"ok": false, "position": position, "error": e.to_string()}))?;
             }
-            eprintln!("error: {e}");
-            return Ok(3);
+            // Exit 3 (`fail` knows audit damage).
+            return Err(e.into());
         }
         Err(e) => return Err(e.into()),
     }
     Ok(0)
-}
-
-/// Bodies up to this many times `Limits::max_bytes` are stored even when rejected as too large.
-const TRANSPORT_FACTOR: u64 = 4;
-
-async fn submit(
-    engine: &Engine,
-    cli: &Cli,
-    files: &[PathBuf],
-    attachments: &[PathBuf],
-    app: Option<&str>,
-    received_at: Option<&str>,
-) -> Result<u8> {
-    if !attachments.is_empty() && files.len() != 1 {
-        anyhow::bail!("--attachment goes with exactly one form FILE");
-    }
-    let mut files_sent = Vec::with_capacity(attachments.len());
-    for a in attachments {
-        let name = a
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .with_context(|| format!("{} has no file name", a.display()))?;
-        let bytes = std::fs::read(a).with_context(|| format!("reading {}", a.display()))?;
-        files_sent.push(AttachmentFile { name, bytes });
-    }
-    let received_at = received_at
-        .map(|t| Timestamp::parse_rfc3339(t).context("--received-at"))
-        .transpose()?;
-    let app = app.map(AppId::new);
-    if let Some(a) = &app {
-        if !engine.projections().directory().apps.contains_key(a) {
-            anyhow::bail!("unknown app {a}");
-        }
-    }
-    // Read every file first: an unreadable file means nothing is appended. A body over the
-    // parser's size limit is still stored (rejected as InvalidXml, R50) up to a transport cap,
-    // beyond which it is refused unread, as an HTTP server answers 413: storing gigabytes
-    // because someone sent them is not "keeping the submission", it is a denial of service.
-    let cap = (engine.limits().max_bytes as u64).saturating_mul(TRANSPORT_FACTOR);
-    let mut bodies = Vec::with_capacity(files.len());
-    for f in files {
-        let size = std::fs::metadata(f)
-            .with_context(|| format!("reading {}", f.display()))?
-            .len();
-        if size > cap {
-            anyhow::bail!(
-                "{} is {size} bytes, over the {cap}-byte transport limit ({TRANSPORT_FACTOR} x max_bytes); nothing was stored",
-                f.display()
-            );
-        }
-        bodies.push(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
-    }
-    let requests = bodies
-        .into_iter()
-        .map(|raw| {
-            let sub =
-                engine.prepare_submission_with(raw, app.clone(), std::mem::take(&mut files_sent));
-            let mut r = Request::new(Command::SubmitForm(Box::new(sub)));
-            r.received_at = received_at;
-            r
-        })
-        .collect();
-    let results = engine.execute_many(requests).await?;
-    let mut code = 0;
-    for (file, result) in files.iter().zip(results) {
-        let outcome = SubmitOutcome::from_events(&result?.events)?;
-        if outcome.outcome == SubmitStatus::Rejected {
-            code = 2;
-        }
-        print_outcome(cli, &file.display().to_string(), &outcome)?;
-    }
-    Ok(code)
-}
-
-fn print_outcome(cli: &Cli, file: &str, outcome: &SubmitOutcome) -> Result<()> {
-    {
-        if cli.json {
-            out(&json!({
-                "file": file,
-                "instance_id": outcome.instance_id,
-                "outcome": outcome.outcome,
-                "error": outcome.error.as_ref().map(|e| json!({"code": e.code.as_str(), "message": e.message})),
-                "position": outcome.position.0,
-                "cases": outcome.cases,
-            }))?;
-        } else {
-            let detail = match &outcome.error {
-                Some(e) => format!("{}: {}", e.code, e.message),
-                None => outcome
-                    .cases
-                    .iter()
-                    .map(|c| c.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            };
-            print_line(&format!(
-                "{}  {:?}  {}  @{}  {}",
-                file, outcome.outcome, outcome.instance_id, outcome.position, detail
-            ))?;
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn print_case(c: &caseledger::domain::Case) -> Result<()> {
@@ -877,12 +1003,16 @@ fn print_log(
         let entries: Vec<_> = events.iter().map(view::log_entry).collect();
         out(&serde_json::to_value(entries)?)?;
     } else {
+        let mut table = Table::new(&["POSITION", "RECORDED_AT", "TYPE", "SUMMARY"]).right(0);
         for e in events.iter().map(view::log_entry) {
-            print_line(&format!(
-                "{:>8}  {}  {}/v{}  {}",
-                e.position, e.recorded_at, e.kind, e.version, e.summary
-            ))?;
+            table.row(vec![
+                e.position.to_string(),
+                e.recorded_at,
+                format!("{}/v{}", e.kind, e.version),
+                e.summary,
+            ]);
         }
+        table.print()?;
     }
     Ok(0)
 }

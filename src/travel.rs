@@ -4,13 +4,15 @@
 //! Exit status as everywhere: 0 answered, 1 for an unknown id, a case that did not exist yet, or
 //! a point outside the log.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use caseledger::domain::{CaseId, Position, Timestamp, UserId};
 use caseledger::projections::{CaseAt, ConflictRow, HistoryEntry};
 use caseledger::{view, AsOf, Engine};
 use clap::Args;
 use serde_json::{json, Value};
 
+use crate::fail::{fail, Code};
+use crate::table::Table;
 use crate::{out, print_case, print_line};
 
 /// Where to look: `--at POSITION` or `--as-of RFC3339` (server received time); now by default.
@@ -34,7 +36,10 @@ impl At {
     pub fn resolve(&self, engine: &Engine) -> Result<Position> {
         let at = match (&self.at, &self.as_of) {
             (Some(p), _) => AsOf::Position(Position(*p)),
-            (None, Some(t)) => AsOf::Time(Timestamp::parse_rfc3339(t).context("--as-of")?),
+            (None, Some(t)) => AsOf::Time(
+                Timestamp::parse_rfc3339(t)
+                    .map_err(|e| fail(Code::InvalidInput, format!("--as-of: {e}")))?,
+            ),
             (None, None) => AsOf::Head,
         };
         Ok(engine.resolve(at)?)
@@ -53,16 +58,16 @@ pub fn case_show(engine: &Engine, json: bool, id: &str, at: &At) -> Result<u8> {
             }
             Ok(0)
         }
-        CaseAt::NotYet => {
-            eprintln!("error: case {id} did not exist yet at position {p}");
-            Ok(1)
-        }
-        CaseAt::Deleted { since } => {
-            eprintln!(
-                "error: case {id} was deleted at position {since} (every form that touched it was archived or edited away), before {p}"
-            );
-            Ok(1)
-        }
+        CaseAt::NotYet => Err(fail(
+            Code::NotFound,
+            format!("case {id} did not exist yet at position {p}"),
+        )),
+        CaseAt::Deleted { since } => Err(fail(
+            Code::NotFound,
+            format!(
+                "case {id} was deleted at position {since} (every form that touched it was archived or edited away), before {p}"
+            ),
+        )),
     }
 }
 
@@ -70,34 +75,38 @@ pub fn case_show(engine: &Engine, json: bool, id: &str, at: &At) -> Result<u8> {
 pub fn case_history(engine: &Engine, json: bool, id: &str) -> Result<u8> {
     let entries = engine.query(|p| p.case_history(&CaseId::new(id)))?;
     if entries.is_empty() {
-        eprintln!("error: no case {id}");
-        return Ok(1);
+        return Err(fail(Code::NotFound, format!("no case {id}")));
     }
     if json {
         out(&serde_json::to_value(&entries)?)?;
         return Ok(0);
     }
+    let mut table = Table::new(&[
+        "POSITION", "RECEIVED", "ACTION", "FORM", "USER", "APP", "CHANGE",
+    ])
+    .right(0);
     for e in &entries {
-        print_history_entry(e)?;
+        history_rows(&mut table, e)?;
     }
+    table.print()?;
     Ok(0)
 }
 
-fn print_history_entry(e: &HistoryEntry) -> Result<()> {
+/// One row per change of the entry; the entry's own columns only on its first row.
+fn history_rows(table: &mut Table, e: &HistoryEntry) -> Result<()> {
     let replaces = e
         .replaces
         .map(|p| format!(" (replaces @{p})"))
         .unwrap_or_default();
-    print_line(&format!(
-        "@{:<7} {}  {:<10} form {}{}  user {}  app {}",
-        e.position,
-        e.received_at,
-        e.action,
-        e.form_id,
-        replaces,
-        e.user.as_deref().unwrap_or("-"),
-        e.app.as_deref().unwrap_or("-"),
-    ))?;
+    let mut head = vec![
+        e.position.to_string(),
+        e.received_at.to_string(),
+        e.action.to_string(),
+        format!("{}{replaces}", e.form_id),
+        e.user.as_deref().unwrap_or("-").to_owned(),
+        e.app.as_deref().unwrap_or("-").to_owned(),
+    ];
+    let mut changes = Vec::with_capacity(e.changes.len());
     for c in &e.changes {
         let line = match serde_json::to_value(c)? {
             Value::Object(map) => {
@@ -116,7 +125,21 @@ fn print_history_entry(e: &HistoryEntry) -> Result<()> {
             }
             other => other.to_string(),
         };
-        print_line(&format!("           {line}"))?;
+        changes.push(line);
+    }
+    if changes.is_empty() {
+        head.push(String::new());
+        table.row(head);
+        return Ok(());
+    }
+    for (i, change) in changes.into_iter().enumerate() {
+        let mut row = if i == 0 {
+            std::mem::take(&mut head)
+        } else {
+            vec![String::new(); 6]
+        };
+        row.push(change);
+        table.row(row);
     }
     Ok(())
 }
@@ -127,18 +150,25 @@ pub fn who_could_see(engine: &Engine, json: bool, id: &str, at: &At) -> Result<u
     let case = CaseId::new(id);
     let state = engine.query(|proj| proj.case_at(&case, p))?;
     if state == CaseAt::NotYet {
-        eprintln!("error: case {id} did not exist yet at position {p}");
-        return Ok(1);
+        return Err(fail(
+            Code::NotFound,
+            format!("case {id} did not exist yet at position {p}"),
+        ));
     }
     let viewers = engine.query(|proj| proj.who_could_see(&case, p))?;
     if json {
         out(&json!({"case_id": id, "at": p, "viewers": viewers}))?;
     } else {
         print_line(&format!("case {id} as of @{p}"))?;
-        print_line(&format!("{:<24} {:<10} VIA", "USER", "SINCE"))?;
+        let mut table = Table::new(&["USER", "SINCE", "VIA"]).right(1);
         for v in &viewers {
-            print_line(&format!("{:<24} @{:<9} {}", v.user, v.since, v.via))?;
+            table.row(vec![
+                v.user.to_string(),
+                v.since.to_string(),
+                v.via.to_string(),
+            ]);
         }
+        table.print()?;
         print_line(&format!("{} user(s)", viewers.len()))?;
     }
     Ok(0)
@@ -165,7 +195,7 @@ pub fn cases(
             Some(engine.query(|proj| proj.cases_for_user_at(u, include_closed, p))?)
         }
         (None, Some(o)) => Some(engine.query(|proj| proj.cases_by_owner_at(o, include_closed, p))?),
-        (None, None) => anyhow::bail!("give --user or --owner"),
+        (None, None) => return Err(fail(Code::Usage, "give --user or --owner")),
     })
 }
 
@@ -190,23 +220,20 @@ pub fn conflicts(
         out(&Value::Array(rows.iter().map(conflict_json).collect()))?;
         return Ok(0);
     }
-    print_line(&format!(
-        "{:<13} {:<38} {:<16} {:<12} {:<12} {:<12} RESULT",
-        "ID", "CASE", "PROPERTY", "BASE", "THEIRS", "MINE"
-    ))?;
+    let mut table = Table::new(&["ID", "CASE", "PROPERTY", "BASE", "THEIRS", "MINE", "RESULT"]);
     for r in &rows {
         let c = &r.conflict;
-        print_line(&format!(
-            "{:<13} {:<38} {:<16} {:<12} {:<12} {:<12} {}",
-            r.id,
-            c.case_id,
-            c.property,
-            c.base.as_deref().unwrap_or("∅"),
-            c.theirs.value,
-            c.mine.value,
-            c.result
-        ))?;
+        table.row(vec![
+            r.id.clone(),
+            c.case_id.to_string(),
+            c.property.clone(),
+            c.base.as_deref().unwrap_or("∅").to_owned(),
+            c.theirs.value.clone(),
+            c.mine.value.clone(),
+            c.result.clone(),
+        ]);
     }
+    table.print()?;
     print_line(&format!("{} conflict(s)", rows.len()))?;
     Ok(0)
 }
@@ -218,8 +245,7 @@ pub fn conflict_show(engine: &Engine, json: bool, id: &str) -> Result<u8> {
         .into_iter()
         .find(|r| r.id == id)
     else {
-        eprintln!("error: no conflict {id}");
-        return Ok(1);
+        return Err(fail(Code::NotFound, format!("no conflict {id}")));
     };
     if json {
         out(&conflict_json(&row))?;

@@ -381,7 +381,14 @@ fn flipped_bytes_in_any_store_file_are_reported_or_change_nothing() {
                         harmless += 1;
                     }
                     Some(code) => {
-                        assert!(err.starts_with("error:"), "{at}: unclear error {err}");
+                        // One sentence, or under --json one error object (docs/CLI.md).
+                        let clear = if command.contains(&"--json") {
+                            serde_json::from_str::<Value>(err.lines().last().unwrap_or_default())
+                                .is_ok_and(|v| v["error"]["code"].is_string())
+                        } else {
+                            err.starts_with("error:")
+                        };
+                        assert!(clear, "{at}: unclear error {err}");
                         if command.contains(&"verify") || command.contains(&"export") {
                             assert_eq!(code, DAMAGE, "{at}: {err}");
                         }

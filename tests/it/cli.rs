@@ -509,3 +509,487 @@ fn time_travel_history_and_conflicts_through_the_cli() {
     let out = run(data, &["conflicts", "show", "nope"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Runs the binary without `--json`.
+fn run_text(data: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .env_remove("CASELEDGER_DATA")
+        .output()
+        .expect("run caseledger")
+}
+
+/// The `{"error":{"code","message"}}` object a failed `--json` command ends stderr with; fails
+/// the test unless it has exactly that shape.
+fn json_error(out: &Output) -> (String, String) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    let value: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("stderr does not end with JSON ({e}): {stderr}"));
+    let error = value["error"].as_object().expect("an error object");
+    assert_eq!(value.as_object().map(|o| o.len()), Some(1), "{value}");
+    assert_eq!(error.len(), 2, "{value}");
+    let text = |k: &str| error[k].as_str().expect("a string").to_owned();
+    (text("code"), text("message"))
+}
+
+/// Issue 10: a read-only command on a data dir without a store says so and creates nothing.
+#[test]
+fn read_only_commands_on_a_missing_data_dir_say_so_and_create_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("nowhere");
+    for args in [
+        &["case", "show", "c1"][..],
+        &["case", "history", "c1"],
+        &["case", "who-could-see", "c1"],
+        &["cases", "--user", "u1"],
+        &["groups"],
+        &["diagnostics"],
+        &["conflicts"],
+        &["log"],
+        &["verify"],
+        &["export"],
+        &["restore", "--user", "u1"],
+        &["replay"],
+        &["reprocess", "f1"],
+        &["form", "archive", "f1"],
+        &["group", "add-member", "g1", "u1"],
+        &["app", "set-case-sharing", "a1", "on"],
+    ] {
+        let out = run(&data, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let (code, message) = json_error(&out);
+        assert_eq!(code, "no_store", "{args:?}: {message}");
+        assert!(message.contains("does not exist"), "{args:?}: {message}");
+        assert!(!data.exists(), "{args:?} created the data dir");
+        let text = run_text(&data, args);
+        assert_eq!(text.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&text.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one sentence: {stderr}");
+        assert!(stderr.starts_with("error: the data dir"), "{stderr}");
+    }
+    // An empty directory is no store either.
+    std::fs::create_dir(&data).expect("mkdir");
+    let (code, message) = json_error(&run(&data, &["groups"]));
+    assert_eq!(code, "no_store");
+    assert!(message.contains("holds no caseledger store"), "{message}");
+    // A command that writes creates it.
+    ok(
+        &data,
+        &["user", "create", "--id", "u1", "--username", "one"],
+    );
+    assert_eq!(ok(&data, &["groups"]), Value::Array(vec![]));
+}
+
+/// Issue 10: `submit /dev/zero` stops at the transport limit (4 x `Limits::max_bytes`) with a
+/// clear error and appends nothing.
+#[test]
+fn submit_of_an_endless_input_stops_at_the_limit() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    let before = head(data);
+    let out = run(data, &["submit", "/dev/zero", "--app", "app-anc"]);
+    assert_eq!(out.status.code(), Some(1));
+    let (code, message) = json_error(&out);
+    assert_eq!(code, "too_large");
+    assert!(
+        message.contains("/dev/zero holds more than 67108864 bytes"),
+        "{message}"
+    );
+    assert!(message.contains("nothing was stored"), "{message}");
+    // An attachment is bounded the same way.
+    let form = support::conformance_dir().join("01-shared-team/01-register.xml");
+    let out = run(
+        data,
+        &[
+            "submit",
+            form.to_str().unwrap_or_default(),
+            "--attachment",
+            "/dev/zero",
+        ],
+    );
+    assert_eq!(json_error(&out).0, "too_large");
+    assert_eq!(head(data), before);
+}
+
+/// Issue 10: `submit` of a FIFO reads it before opening the store, so while it waits for a
+/// writer the store stays free for other commands.
+#[test]
+fn submit_of_a_fifo_waits_without_holding_the_store() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    setup(&data);
+    let fifo = tmp.path().join("form.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo (coreutils)");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let mut waiting = std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--json", "submit", "--app", "app-anc"])
+        .arg(&fifo)
+        .env_remove("CASELEDGER_DATA")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        waiting.try_wait().expect("poll").is_none(),
+        "submit waits for a writer"
+    );
+    // The store is free meanwhile.
+    ok(
+        &data,
+        &["user", "create", "--id", "u-late", "--username", "late"],
+    );
+    let form = std::fs::read(support::conformance_dir().join("01-shared-team/01-register.xml"))
+        .expect("form");
+    std::fs::write(&fifo, form).expect("write the fifo");
+    let out = waiting.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"accepted\""));
+}
+
+/// Issue 10: while another process holds the store, a command fails at once with one sentence
+/// naming it: `caseledger serve` by its `server.json`, else the pid that holds sled's lock.
+#[test]
+fn a_store_held_by_another_process_is_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    let engine = caseledger::Engine::open(data, &"demo".into(), Default::default()).expect("open");
+    let me = std::process::id();
+    let proc_locks = std::path::Path::new("/proc/locks").exists();
+    for args in [
+        &["cases", "--user", "u-maria"][..],
+        &["log"],
+        &["verify"],
+        &["user", "create", "--id", "u-new", "--username", "new"],
+    ] {
+        let out = run(data, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let (code, message) = json_error(&out);
+        assert_eq!(code, "store_locked", "{args:?}: {message}");
+        assert!(
+            message.contains("is held by another process"),
+            "{args:?}: {message}"
+        );
+        if proc_locks {
+            assert!(
+                message.contains(&format!("(pid {me}")),
+                "{args:?}: {message}"
+            );
+        }
+        assert!(!message.contains("could not acquire lock"), "{message}");
+    }
+    // The server's file names it and its address; the server answers at once.
+    let server = serde_json::json!({
+        "pid": me,
+        "addr": "127.0.0.1:48123",
+        "started_at": "2025-03-07T12:00:00Z",
+    });
+    std::fs::write(data.join("server.json"), server.to_string()).expect("server.json");
+    let started = std::time::Instant::now();
+    let out = run_text(data, &["groups"]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "error: the data dir {} is held by caseledger serve (pid {me}, \
+             http://127.0.0.1:48123); stop it, or send the command to it over HTTP",
+            data.display()
+        )
+    );
+    // Once the holder is gone, a server.json left behind does not matter.
+    drop(engine);
+    ok(data, &["groups"]);
+}
+
+/// Issue 10: under `--json` every error is one object with a stable code; exit codes are those of
+/// the contract.
+#[test]
+fn errors_under_json_have_stable_codes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    let reg = support::conformance_dir().join("01-shared-team/01-register.xml");
+    ok(
+        data,
+        &[
+            "submit",
+            reg.to_str().unwrap_or_default(),
+            "--app",
+            "app-anc",
+        ],
+    );
+    let case = "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10";
+    for (args, want) in [
+        (&["case", "show", "no-such-case"][..], "not_found"),
+        (&["case", "history", "no-such-case"], "not_found"),
+        (&["cases", "--user", "u-nope"], "not_found"),
+        (&["group", "add-member", "g-nope", "u-david"], "not_found"),
+        (&["conflicts", "show", "nope"], "not_found"),
+        (&["restore", "--user", "u-nope"], "not_found"),
+        (&["form", "archive", "no-such-form"], "not_found"),
+        (
+            &[
+                "submit",
+                reg.to_str().unwrap_or_default(),
+                "--app",
+                "app-nope",
+            ],
+            "not_found",
+        ),
+        (
+            &["user", "create", "--id", "u-david", "--username", "again"],
+            "already_exists",
+        ),
+        (&["case", "show", case, "--at", "999999"], "out_of_range"),
+        (
+            &["case", "show", case, "--as-of", "yesterday"],
+            "invalid_input",
+        ),
+        (
+            &["restore", "--user", "u-maria", "--since", "garbage"],
+            "invalid_input",
+        ),
+        (&["submit", "/nonexistent/form.xml"], "io"),
+        (&["no-such-command"], "usage"),
+        (&["cases"], "usage"),
+    ] {
+        let out = run(data, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let (code, message) = json_error(&out);
+        assert_eq!(code, want, "{args:?}: {message}");
+        assert!(!message.is_empty());
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+    }
+}
+
+/// Checks that every line of a table lines up with its header row: each column after the first
+/// starts where its header does, two spaces after the previous one.
+fn assert_aligned(what: &str, stdout: &[u8]) {
+    let text = String::from_utf8_lossy(stdout);
+    let mut lines = text.lines();
+    let header: Vec<char> = lines.next().unwrap_or_default().chars().collect();
+    assert!(
+        header
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || *c == '_' || *c == ' '),
+        "{what}: the first line is a header row: {text}"
+    );
+    let starts: Vec<usize> = (2..header.len())
+        .filter(|&i| header[i] != ' ' && header[i - 1] == ' ' && header[i - 2] == ' ')
+        .collect();
+    assert!(!starts.is_empty(), "{what}: {text}");
+    let mut rows = 0;
+    for line in lines.filter(|l| !l.ends_with("(s)")) {
+        let chars: Vec<char> = line.chars().collect();
+        for &s in &starts {
+            if chars.len() > s {
+                assert_eq!(
+                    chars[s - 1],
+                    ' ',
+                    "{what}: misaligned at column {s}:\n{text}"
+                );
+            }
+        }
+        rows += 1;
+    }
+    assert!(rows > 0, "{what}: no rows: {text}");
+}
+
+/// Issue 10: every table has a header row and aligned columns, whatever the widths of the values.
+#[test]
+fn tables_are_aligned_under_a_header_row() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    setup(data);
+    ok(
+        data,
+        &[
+            "group",
+            "create",
+            "--id",
+            "g-a-much-longer-group-id-than-usual",
+            "--name",
+            "X",
+        ],
+    );
+    let dir = support::conformance_dir().join("10-offline-received-order");
+    let files: Vec<String> = ["01-register.xml", "02-maria-day4.xml", "03-david-day3.xml"]
+        .iter()
+        .map(|f| dir.join(f).display().to_string())
+        .collect();
+    let mut args = vec!["submit"];
+    args.extend(files.iter().map(String::as_str));
+    args.extend(["--app", "app-anc"]);
+    let out = run_text(data, &args);
+    assert_eq!(out.status.code(), Some(0));
+    assert_aligned("submit", &out.stdout);
+    let bad = data.join("bad.xml");
+    std::fs::write(&bad, b"<data><unclosed></data>").expect("write");
+    let out = run_text(data, &["submit", bad.to_str().unwrap_or_default()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_aligned("submit rejected", &out.stdout);
+    let case = "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10";
+    for args in [
+        &["cases", "--user", "u-maria"][..],
+        &["cases", "--owner", "g-team", "--at", "12"],
+        &["groups"],
+        &["diagnostics"],
+        &["conflicts"],
+        &["log"],
+        &["case", "history", case],
+    ] {
+        let out = run_text(data, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert_aligned(&format!("{args:?}"), &out.stdout);
+    }
+    // who-could-see opens with a title line, then its table.
+    let out = run_text(data, &["case", "who-could-see", case]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let table: Vec<&str> = text.lines().skip(1).collect();
+    assert_aligned("who-could-see", table.join("\n").as_bytes());
+}
+
+/// Issue 10: a reader that goes away (`caseledger log | head -1`) ends the command quietly.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    {
+        let engine =
+            caseledger::Engine::open(data, &"demo".into(), Default::default()).expect("open");
+        let requests = (0..1500)
+            .map(|i| {
+                caseledger::Request::new(caseledger::domain::Command::CreateUser {
+                    id: format!("u-{i:05}").as_str().into(),
+                    username: format!("worker number {i} of a long list"),
+                })
+            })
+            .collect();
+        let results = support::rt()
+            .block_on(engine.execute_many(requests))
+            .expect("execute");
+        assert!(results.iter().all(Result::is_ok));
+    }
+    for args in [
+        &["log", "--limit", "100000"][..],
+        &["--json", "log", "--limit", "100000"],
+        &["export"],
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+            .arg("--data")
+            .arg(data)
+            .args(args)
+            .env_remove("CASELEDGER_DATA")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut first = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .expect("a line");
+        assert!(!first.is_empty(), "{args:?}");
+        // The reader is gone (dropped with the BufReader); the writer must end quietly.
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{args:?}");
+    }
+}
+
+/// The help of `path` (`-h`, the one-line-per-option layout).
+fn help(path: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .args(path)
+        .arg("--help")
+        .env_remove("CASELEDGER_DATA")
+        .output()
+        .expect("run caseledger");
+    assert_eq!(out.status.code(), Some(0), "{path:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The entries of a help section (`Commands:`, `Arguments:`, `Options:`): the name or spec, and
+/// its description (from the same line, or the next one in the long layout).
+fn section(text: &str, title: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines.iter().position(|l| *l == title) else {
+        return Vec::new();
+    };
+    let mut entries = Vec::new();
+    let mut i = start + 1;
+    while i < lines.len() && (lines[i].starts_with(' ') || lines[i].is_empty()) {
+        let line = lines[i];
+        let indent = line.len() - line.trim_start().len();
+        if !line.trim().is_empty() && indent <= 6 {
+            let body = line.trim_start();
+            let (spec, description) = match body.find("  ") {
+                Some(at) => (&body[..at], body[at..].trim()),
+                None => (body, ""),
+            };
+            let description = if description.is_empty() {
+                lines
+                    .get(i + 1)
+                    .filter(|next| next.len() - next.trim_start().len() > 6)
+                    .map_or("", |next| next.trim())
+            } else {
+                description
+            };
+            entries.push((spec.to_owned(), description.to_owned()));
+        }
+        i += 1;
+    }
+    entries
+}
+
+/// Issue 10: every command's `--help` describes every argument and option and shows an example.
+#[test]
+fn every_help_documents_every_option_and_shows_an_example() {
+    let mut pending: Vec<Vec<String>> = vec![Vec::new()];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let args: Vec<&str> = path.iter().map(String::as_str).collect();
+        let text = help(&args);
+        seen += 1;
+        assert!(
+            text.contains("\nExamples:\n  caseledger "),
+            "{args:?} --help shows no example:\n{text}"
+        );
+        for title in ["Arguments:", "Options:"] {
+            for (spec, description) in section(&text, title) {
+                assert!(
+                    !description.is_empty(),
+                    "{args:?} --help leaves {spec} undocumented:\n{text}"
+                );
+            }
+        }
+        for (name, description) in section(&text, "Commands:") {
+            if name == "help" {
+                continue;
+            }
+            assert!(!description.is_empty(), "{args:?} {name} has no summary");
+            let mut sub = path.clone();
+            sub.push(name);
+            pending.push(sub);
+        }
+    }
+    assert!(seen > 25, "walked only {seen} commands");
+}

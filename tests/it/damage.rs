@@ -213,7 +213,8 @@ fn i2_cli_log_and_case_show_work_over_a_damaged_case_value() {
     });
     let log = cli(dir.path(), &["log", "--limit", "100000"]);
     assert_eq!(log.status.code(), Some(0), "{}", text(&log.stderr));
-    assert_eq!(text(&log.stdout).lines().count(), 204);
+    // A header row, then every event.
+    assert_eq!(text(&log.stdout).lines().count(), 1 + 204);
     let again = cli(dir.path(), &["--json", "case", "show", "c000010"]);
     assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
     assert_eq!(text(&again.stdout), text(&shown.stdout));
@@ -329,7 +330,7 @@ fn truncated_data_file_is_an_error_naming_the_file_never_a_panic() {
         assert!(!stderr.contains("panicked at"), "cut {cut}: {stderr}");
         if out.status.code() == Some(0) {
             // Never a shorter log without a word (the head recorded at the last flush).
-            assert_eq!(text(&out.stdout).lines().count(), 4004, "cut {cut}");
+            assert_eq!(text(&out.stdout).lines().count(), 1 + 4004, "cut {cut}");
         } else {
             assert!(
                 stderr.contains(&copy.display().to_string()),
@@ -505,7 +506,12 @@ fn flipped_byte_in_the_data_file_never_loses_events_silently() {
         let out = cli(&copy, &["log", "--limit", "1000"]);
         let stderr = text(&out.stderr);
         match out.status.code() {
-            Some(0) => assert_eq!(text(&out.stdout).lines().count(), 24, "at {at}: {stderr}"),
+            // A header row, then every event.
+            Some(0) => assert_eq!(
+                text(&out.stdout).lines().count(),
+                1 + 24,
+                "at {at}: {stderr}"
+            ),
             Some(1) => {
                 assert!(
                     stderr.contains(&format!("{} is damaged", db.display())),

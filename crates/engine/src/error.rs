@@ -23,6 +23,14 @@ pub enum EngineError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// Another process holds the store's file lock (sled's exclusive lock on `DIR/db`): a
+    /// server, or another command still running. Nothing was read or written; wait for it to
+    /// finish, or go through the process that holds it.
+    #[error("{} is held by another process (sled's lock on its data file)", .dir.display())]
+    Locked {
+        /// The store directory.
+        dir: std::path::PathBuf,
+    },
     /// sled failed to open or flush.
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),

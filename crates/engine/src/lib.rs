@@ -295,9 +295,12 @@ impl Engine {
         loop {
             match store::open_sled(&sled_config, dir)? {
                 Ok(db) => return Ok(db),
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock") && waited < LOCK_WAIT =>
-                {
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if waited >= LOCK_WAIT {
+                        return Err(EngineError::Locked {
+                            dir: dir.to_path_buf(),
+                        });
+                    }
                     std::thread::sleep(LOCK_POLL);
                     waited += LOCK_POLL;
                 }

@@ -29,7 +29,10 @@ fn a_store_held_by_a_live_engine_cannot_be_opened_twice() {
     let _held = Engine::open(dir.path(), &"d".into(), EngineConfig::default()).expect("open");
     let started = std::time::Instant::now();
     let second = Engine::open(dir.path(), &"d".into(), EngineConfig::default());
-    assert!(matches!(second, Err(EngineError::Storage(_))));
+    assert!(
+        matches!(&second, Err(EngineError::Locked { dir: d }) if d == dir.path()),
+        "a typed lock error naming the store"
+    );
     assert!(
         started.elapsed() >= LOCK_WAIT,
         "waited for the lock before failing"
