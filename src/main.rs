@@ -13,6 +13,8 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod credentials;
+mod serve;
 mod travel;
 
 use std::io::Write;
@@ -197,6 +199,11 @@ enum Cmd {
     },
     /// Run the seed's case-sharing stories in a fresh data dir and show what each user sees.
     Demo,
+    /// API keys for services and auditors (the server's `Authorization: ApiKey user:key`).
+    #[command(subcommand)]
+    Apikey(credentials::ApiKeyCmd),
+    /// Serve the CommCare phone routes over HTTP until SIGTERM or SIGINT (docs/API.md).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -212,7 +219,11 @@ enum UserCmd {
         id: String,
         #[arg(long)]
         username: String,
+        #[command(flatten)]
+        password: credentials::PasswordArgs,
     },
+    /// Set or replace a mobile worker's password (only its argon2id hash is recorded).
+    SetPassword(credentials::SetPasswordArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -332,6 +343,9 @@ pub(crate) fn print_line(line: &str) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
+    if let Cmd::Serve(args) = &cli.command {
+        return serve::run(&cli.data, args);
+    }
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);
     }
@@ -393,13 +407,15 @@ async fn command(engine: &Engine, cli: &Cli, cmd: Command, done: &str) -> Result
 
 async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
     match &cli.command {
-        Cmd::User(UserCmd::Create { id, username }) => {
-            let cmd = Command::CreateUser {
-                id: UserId::new(id.as_str()),
-                username: username.clone(),
-            };
-            command(engine, cli, cmd, &format!("user {id} created")).await
+        Cmd::User(UserCmd::Create {
+            id,
+            username,
+            password,
+        }) => credentials::create_user(engine, cli.json, id, username, password).await,
+        Cmd::User(UserCmd::SetPassword(args)) => {
+            credentials::set_password(engine, cli.json, args).await
         }
+        Cmd::Apikey(cmd) => credentials::apikey(engine, cli.json, cmd).await,
         Cmd::Group(g) => {
             let (cmd, done) = match g {
                 GroupCmd::Create {
@@ -664,7 +680,11 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Demo | Cmd::Verify { .. } | Cmd::Export { .. } | Cmd::Import { .. } => Ok(0),
+        Cmd::Demo
+        | Cmd::Serve(_)
+        | Cmd::Verify { .. }
+        | Cmd::Export { .. }
+        | Cmd::Import { .. } => Ok(0),
     }
 }
 
