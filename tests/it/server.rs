@@ -806,3 +806,120 @@ async fn issue10_a_body_over_the_cap_is_413_before_it_is_read_and_nothing_is_sto
         .iter()
         .all(|e| e.form_record().is_none()));
 }
+
+fn cli(data: &Path, args: &[&str], stdin: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .arg("--data")
+        .arg(data)
+        .arg("--json")
+        .args(args)
+        .env_remove("CASELEDGER_DATA")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run caseledger");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue10_the_cli_makes_credentials_and_serve_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    cli(
+        data,
+        &[
+            "user",
+            "create",
+            "--id",
+            "u-ana",
+            "--username",
+            "ana",
+            "--password-stdin",
+        ],
+        "ana's password\n",
+    );
+    cli(
+        data,
+        &["user", "create", "--id", "u-svc", "--username", "svc"],
+        "",
+    );
+    let created = cli(
+        data,
+        &["apikey", "create", "--user", "u-svc", "--role", "auditor"],
+        "",
+    );
+    let key = created["key"].as_str().expect("key").to_owned();
+    let key_id = created["key_id"].as_str().expect("key_id").to_owned();
+    assert!(key.starts_with(&format!("{key_id}.")));
+    let listed = cli(data, &["apikey", "list"], "");
+    assert_eq!(listed[0]["role"], "auditor");
+    assert_eq!(listed[0]["revoked"], false);
+    assert!(
+        !listed.to_string().contains(&key),
+        "list never shows the key"
+    );
+
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .arg("--data")
+        .arg(data)
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .env_remove("CASELEDGER_DATA")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    let file = data.join("server.json");
+    let mut waited = 0;
+    while !file.exists() && waited < 200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    let running: server::ServerFile =
+        serde_json::from_slice(&std::fs::read(&file).expect("server.json")).expect("json");
+    assert_eq!(running.pid, child.id());
+    let addr: SocketAddr = running.addr.parse().expect("addr");
+    let ana = basic("ana", "ana's password");
+    let r = http(
+        addr,
+        "GET",
+        "/a/demo/phone/restore/",
+        &[("Authorization", &ana)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http(
+        addr,
+        "GET",
+        "/a/demo/phone/restore/?user_id=u-ana",
+        &[("Authorization", &apikey("svc", &key))],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "a clean exit on SIGTERM");
+    assert!(!file.exists(), "server.json removed");
+    // The store is free again: the key can be revoked.
+    cli(data, &["apikey", "revoke", &key_id], "");
+    assert_eq!(cli(data, &["apikey", "list"], "")[0]["revoked"], true);
+}
