@@ -15,8 +15,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod credentials;
 mod datadir;
 mod fail;
+mod serve;
 mod submit;
 mod table;
 mod travel;
@@ -281,6 +283,22 @@ Examples:
   caseledger demo
   caseledger --data /tmp/cl demo")]
     Demo,
+    /// API keys for services and auditors (the server's `Authorization: ApiKey user:key`).
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  caseledger apikey create --user u-audit --role auditor
+  caseledger apikey list
+  caseledger apikey revoke 3f2a9c0d1e4b5a67"
+    )]
+    Apikey(credentials::ApiKeyCmd),
+    /// Serve the CommCare phone routes over HTTP until SIGTERM or SIGINT (docs/API.md).
+    #[command(after_help = "\
+Examples:
+  caseledger serve --addr 127.0.0.1:8000
+  caseledger --data /srv/caseledger serve --addr 0.0.0.0:8443")]
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -301,7 +319,14 @@ Examples:
         /// The login name.
         #[arg(long)]
         username: String,
+        #[command(flatten)]
+        password: credentials::PasswordArgs,
     },
+    /// Set or replace a mobile worker's password (only its argon2id hash is recorded).
+    #[command(after_help = "\
+Examples:
+  caseledger user set-password u-maria --password-stdin < password.txt")]
+    SetPassword(credentials::SetPasswordArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -475,7 +500,10 @@ impl Cmd {
             | Cmd::Export { .. }
             | Cmd::Form(_)
             | Cmd::Reprocess { .. }
-            | Cmd::Restore { .. } => false,
+            | Cmd::Restore { .. }
+            | Cmd::User(_)
+            | Cmd::Apikey(_)
+            | Cmd::Serve(_) => false,
         }
     }
 }
@@ -561,6 +589,10 @@ async fn run(cli: Cli) -> Result<u8> {
     if !cli.command.may_create_store() {
         datadir::require_store(&cli.data)?;
     }
+    if let Cmd::Serve(args) = &cli.command {
+        datadir::require_free(&cli.data)?;
+        return serve::run(&cli.data, args);
+    }
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);
     }
@@ -637,13 +669,15 @@ async fn command(engine: &Engine, cli: &Cli, cmd: Command, done: &str) -> Result
 
 async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
     match &cli.command {
-        Cmd::User(UserCmd::Create { id, username }) => {
-            let cmd = Command::CreateUser {
-                id: UserId::new(id.as_str()),
-                username: username.clone(),
-            };
-            command(engine, cli, cmd, &format!("user {id} created")).await
+        Cmd::User(UserCmd::Create {
+            id,
+            username,
+            password,
+        }) => credentials::create_user(engine, cli.json, id, username, password).await,
+        Cmd::User(UserCmd::SetPassword(args)) => {
+            credentials::set_password(engine, cli.json, args).await
         }
+        Cmd::Apikey(cmd) => credentials::apikey(engine, cli.json, cmd).await,
         Cmd::Group(g) => {
             let (cmd, done) = match g {
                 GroupCmd::Create {
@@ -887,6 +921,7 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
         // Handled by `run` before the engine is opened.
         Cmd::Submit { .. }
         | Cmd::Demo
+        | Cmd::Serve(_)
         | Cmd::Verify { .. }
         | Cmd::Export { .. }
         | Cmd::Import { .. } => Ok(0),

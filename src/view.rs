@@ -147,6 +147,16 @@ pub fn log_entry(ev: &RecordedEvent) -> LogEntry {
                 .join(", ")
         ),
         Event::FormUnarchivedV1(e) => format!("form {} unarchived", e.form_id),
+        // Hashes only; still not worth a line of their bytes.
+        Event::UserPasswordSetV1(e) => format!("user {} password set", e.user_id),
+        Event::ApiKeyCreatedV1(e) => format!(
+            "API key {} created for {} ({})",
+            e.key_id, e.user_id, e.role
+        ),
+        Event::ApiKeyRevokedV1(e) => format!("API key {} revoked", e.key_id),
+        Event::FormLastSyncTokenV1(e) => {
+            format!("form {} based on sync token {}", e.form_id, e.token)
+        }
         Event::DiagnosticRaisedV1(e) => format!(
             "{} {}: {}",
             e.diagnostic.code, e.diagnostic.subject, e.diagnostic.detail

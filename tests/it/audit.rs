@@ -439,7 +439,8 @@ fn a_lost_tail_is_reported_by_verify_export_and_open() {
 }
 
 /// The checked-in format-1/2 envelopes of `tests/data/fixtures/events-v1.bin` (I6), as stored
-/// before the chain: length-prefixed, positions 1 to 15.
+/// before the chain: length-prefixed, positions 1 to 15 (the types added later follow them in
+/// today's format and are left out).
 fn legacy_envelopes() -> Vec<Vec<u8>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures/events-v1.bin");
     let stored = std::fs::read(path).expect("fixture present");
@@ -447,7 +448,9 @@ fn legacy_envelopes() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     while let Some((len, tail)) = rest.split_first_chunk::<4>() {
         let (one, tail) = tail.split_at(u32::from_le_bytes(*len) as usize);
-        out.push(one.to_vec());
+        if matches!(one.first(), Some(1 | 2)) {
+            out.push(one.to_vec());
+        }
         rest = tail;
     }
     out

@@ -286,7 +286,7 @@ fn projections_without_a_version_record_are_layout_1() {
         meta.remove("rules").expect("remove");
         db.flush().expect("flush");
     }
-    // Layout 1 had no time-travel rows: this code (layout 2) rebuilds it on open.
+    // Layout 1 had no time-travel rows: this code (a later layout) rebuilds it on open.
     let engine = open(dir.path());
     assert_eq!(
         engine.repaired(),

@@ -3,7 +3,8 @@
 //! Modules: `conformance` (the data-driven CommCare suite), `stories` (the seed page's stories
 //! through the facade), `cli` (the command-line contract), `damage` (damaged stores, I10),
 //! `replay` (replay == live, I3), `audit` (verify, export, import, I12), `timetravel` (I11),
-//! `upgrade` (projections of other rules answer while their rebuild is built beside them).
+//! `upgrade` (projections of other rules answer while their rebuild is built beside them),
+//! `server` (the HTTP server's doors: authentication, roles, the receiver, restore, shutdown).
 
 mod audit;
 mod cli;
@@ -14,6 +15,7 @@ mod errors;
 mod fixtures;
 mod replay;
 mod restore;
+mod server;
 mod stories;
 mod support;
 mod timetravel;

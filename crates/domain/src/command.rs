@@ -1,6 +1,6 @@
 //! Commands: what a caller asks for. Deciding one yields events or a [`CommandError`].
 
-use crate::{AppId, AttachmentFile, FormId, GroupId, ParsedForm, UserId};
+use crate::{ApiKeyId, AppId, AttachmentFile, FormId, GroupId, ParsedForm, Role, UserId};
 
 /// A form submission as handed to `decide`: the verbatim bytes, the parse result and the app.
 #[derive(Debug, Clone)]
@@ -15,6 +15,9 @@ pub struct Submission {
     pub app: Option<AppId>,
     /// Files sent with the form (multipart), kept whatever the outcome.
     pub attachments: Vec<AttachmentFile>,
+    /// The sync token the phone named as its base (`X-CommCareHQ-LastSyncToken`), recorded
+    /// with the form whatever the outcome.
+    pub last_sync_token: Option<String>,
 }
 
 /// Everything caseledger can be asked to do to a project space.
@@ -88,6 +91,29 @@ pub enum Command {
         /// The form.
         form: FormId,
     },
+    /// Set (or replace) a user's password; the command carries its argon2id hash.
+    SetPassword {
+        /// The user.
+        user: UserId,
+        /// argon2id PHC string ([`crate::check_argon2id`]).
+        hash: String,
+    },
+    /// Create an API key for a user; the command carries the hash of its secret.
+    CreateApiKey {
+        /// The key's public id, chosen by the caller.
+        key_id: ApiKeyId,
+        /// The user it authenticates as.
+        user: UserId,
+        /// What it may do.
+        role: Role,
+        /// argon2id PHC string of the secret.
+        hash: String,
+    },
+    /// Revoke an API key; revoking a revoked key changes nothing.
+    RevokeApiKey {
+        /// The key.
+        key_id: ApiKeyId,
+    },
 }
 
 /// A command that cannot be carried out; nothing is appended.
@@ -103,6 +129,9 @@ pub enum CommandError {
     /// The group id is not in the project space. Create the group first.
     #[error("unknown group {0}")]
     UnknownGroup(GroupId),
+    /// No API key with that id was ever created in the project space (`apikey list` shows them).
+    #[error("unknown API key {0}")]
+    UnknownApiKey(ApiKeyId),
     /// The app id is not in the project space. Create the app first.
     #[error("unknown app {0}")]
     UnknownApp(AppId),
@@ -120,7 +149,7 @@ pub enum CommandError {
     /// An object with that id exists already; ids are never reused.
     #[error("{kind} {id} already exists")]
     AlreadyExists {
-        /// `user`, `group` or `app`.
+        /// `user`, `group`, `app` or `API key`.
         kind: &'static str,
         /// The id.
         id: String,

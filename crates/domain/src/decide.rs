@@ -12,11 +12,12 @@
 use std::collections::HashMap;
 
 use crate::{
-    apply_block, AppCaseSharingSetV1, AppCreatedV1, BlockApplied, Case, CaseId, Command,
-    CommandError, Diagnostic, DiagnosticCode, DiagnosticRaisedV1, Directory, ErrorCode, Event,
-    FormAcceptedV1, FormArchiveV1, FormAttachmentsV1, FormDuplicateV1, FormEditedV1, FormId,
-    FormRecord, FormRejectedV1, GroupCaseSharingSetV1, GroupCreatedV1, MembershipV1, ParsedForm,
-    Position, Rejection, Submission, Timestamp, UserCreatedV1, MAX_VALUE_LEN,
+    apply_block, check_argon2id, ApiKeyCreatedV1, ApiKeyRevokedV1, AppCaseSharingSetV1,
+    AppCreatedV1, BlockApplied, Case, CaseId, Command, CommandError, Diagnostic, DiagnosticCode,
+    DiagnosticRaisedV1, Directory, ErrorCode, Event, FormAcceptedV1, FormArchiveV1,
+    FormAttachmentsV1, FormDuplicateV1, FormEditedV1, FormId, FormLastSyncTokenV1, FormRecord,
+    FormRejectedV1, GroupCaseSharingSetV1, GroupCreatedV1, MembershipV1, ParsedForm, Position,
+    Rejection, Submission, Timestamp, UserCreatedV1, UserPasswordSetV1, MAX_VALUE_LEN,
 };
 
 /// What `decide` knows about a form id that was seen before.
@@ -153,8 +154,59 @@ pub fn decide(
             });
             Ok(with_directory_diagnostics(dir, event))
         }
+        Command::SetPassword { user, hash } => {
+            if !dir.users.contains_key(user) {
+                return Err(CommandError::UnknownUser(user.clone()));
+            }
+            check_argon2id(hash)?;
+            Ok(vec![Event::UserPasswordSetV1(UserPasswordSetV1 {
+                user_id: user.clone(),
+                hash: hash.clone(),
+            })])
+        }
+        Command::CreateApiKey {
+            key_id,
+            user,
+            role,
+            hash,
+        } => {
+            check_id("API key id", key_id.as_str())?;
+            if !dir.users.contains_key(user) {
+                return Err(CommandError::UnknownUser(user.clone()));
+            }
+            if dir.api_keys.contains_key(key_id) {
+                return Err(exists("API key", key_id.as_str()));
+            }
+            check_argon2id(hash)?;
+            Ok(vec![Event::ApiKeyCreatedV1(ApiKeyCreatedV1 {
+                key_id: key_id.clone(),
+                user_id: user.clone(),
+                role: *role,
+                hash: hash.clone(),
+            })])
+        }
+        Command::RevokeApiKey { key_id } => match dir.api_keys.get(key_id) {
+            None => Err(CommandError::UnknownApiKey(key_id.clone())),
+            // Already revoked: nothing happened, nothing to record (as R86 for flags).
+            Some(k) if k.revoked => Ok(Vec::new()),
+            Some(_) => Ok(vec![Event::ApiKeyRevokedV1(ApiKeyRevokedV1 {
+                key_id: key_id.clone(),
+            })]),
+        },
         Command::SubmitForm(sub) => {
             let mut events = decide_submission(state, sub, received_at)?;
+            if let Some(token) = &sub.last_sync_token {
+                // Recorded with the form whatever its outcome, as its base (issue 10).
+                if let Some(form_id) = events.first().and_then(filed_under) {
+                    events.insert(
+                        1,
+                        Event::FormLastSyncTokenV1(FormLastSyncTokenV1 {
+                            form_id,
+                            token: token.clone(),
+                        }),
+                    );
+                }
+            }
             if !sub.attachments.is_empty() {
                 // I7: the files are kept whatever the outcome, right after the form's event.
                 if let Some(form_id) = events.first().and_then(filed_under) {

@@ -1,5 +1,8 @@
 //! The project's directory: users, groups, memberships and apps, as a fold over events.
 //!
+//! It also holds credentials as of now (password hashes, API keys), so authentication reads the
+//! same fold as everything else and the log stays their only source of truth (I2).
+//!
 //! Small enough to keep in memory (thousands of users, not millions); `decide` reads it for owner
 //! defaulting (R38) and projections read it for visibility (R44).
 
@@ -7,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AppId, Event, GroupId, Timestamp, UserId};
+use crate::{ApiKey, ApiKeyId, AppId, Event, GroupId, Timestamp, UserId};
 
 /// A mobile worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,6 +19,8 @@ pub struct User {
     pub username: String,
     /// When the user was created (server received time); restore sends it as `date_joined`.
     pub created_on: Option<Timestamp>,
+    /// argon2id PHC string of the user's password; `None` until one is set.
+    pub password_hash: Option<String>,
 }
 
 /// A group.
@@ -49,6 +54,8 @@ pub struct Directory {
     pub groups: BTreeMap<GroupId, Group>,
     /// Apps by id.
     pub apps: BTreeMap<AppId, App>,
+    /// API keys by id, revoked ones included.
+    pub api_keys: BTreeMap<ApiKeyId, ApiKey>,
 }
 
 impl Directory {
@@ -61,6 +68,7 @@ impl Directory {
                     User {
                         username: e.username.clone(),
                         created_on: None,
+                        password_hash: None,
                     },
                 );
             }
@@ -104,8 +112,37 @@ impl Directory {
                     a.case_sharing = e.case_sharing;
                 }
             }
+            Event::UserPasswordSetV1(e) => {
+                if let Some(u) = self.users.get_mut(&e.user_id) {
+                    u.password_hash = Some(e.hash.clone());
+                }
+            }
+            Event::ApiKeyCreatedV1(e) => {
+                self.api_keys.insert(
+                    e.key_id.clone(),
+                    ApiKey {
+                        user_id: e.user_id.clone(),
+                        role: e.role,
+                        hash: e.hash.clone(),
+                        revoked: false,
+                    },
+                );
+            }
+            Event::ApiKeyRevokedV1(e) => {
+                if let Some(k) = self.api_keys.get_mut(&e.key_id) {
+                    k.revoked = true;
+                }
+            }
             _ => {}
         }
+    }
+
+    /// The user whose username (or, failing that, id) is `login`, as HTTP Basic names it.
+    pub fn user_by_login(&self, login: &str) -> Option<(&UserId, &User)> {
+        self.users
+            .iter()
+            .find(|(_, u)| u.username == login)
+            .or_else(|| self.users.get_key_value(&UserId::new(login)))
     }
 
     /// Folds a recorded event, keeping its received time where the directory records one.

@@ -14,7 +14,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AppId, BlockApplied, CaseId, FormId, GroupId, Position, UserId};
+use crate::{ApiKeyId, AppId, BlockApplied, CaseId, FormId, GroupId, Position, Role, UserId};
 
 /// Why a whole form was rejected (SEMANTICS §7, R50).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -485,6 +485,46 @@ pub struct FormAttachmentsV1 {
     pub files: Vec<AttachmentFile>,
 }
 
+/// `UserPasswordSet` v1: a mobile worker's password, as an argon2id PHC string. The password
+/// itself is never recorded; the hash is in the log and in exports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserPasswordSetV1 {
+    /// The user.
+    pub user_id: UserId,
+    /// `$argon2id$v=19$m=…,t=…,p=…$<salt>$<hash>`.
+    pub hash: String,
+}
+
+/// `ApiKeyCreated` v1: an API key of a user with a role; only its hash is recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyCreatedV1 {
+    /// The key's public id.
+    pub key_id: ApiKeyId,
+    /// The user the key authenticates as.
+    pub user_id: UserId,
+    /// What the key may do.
+    pub role: Role,
+    /// argon2id PHC string of the key's secret.
+    pub hash: String,
+}
+
+/// `ApiKeyRevoked` v1: the key stops authenticating from this position on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRevokedV1 {
+    /// The key.
+    pub key_id: ApiKeyId,
+}
+
+/// `FormLastSyncToken` v1: the sync token a phone named as its base when it submitted the form
+/// (`X-CommCareHQ-LastSyncToken`), recorded right after the form's event, whatever its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormLastSyncTokenV1 {
+    /// The form id the submission was filed under.
+    pub form_id: FormId,
+    /// The token as the phone sent it.
+    pub token: String,
+}
+
 /// `DiagnosticRaised` v1 (§9).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiagnosticRaisedV1 {
@@ -526,6 +566,14 @@ pub enum Event {
     FormUnarchivedV1(FormArchiveV1),
     /// Files sent with a submission.
     FormAttachmentsV1(FormAttachmentsV1),
+    /// A user's password was set (its hash).
+    UserPasswordSetV1(UserPasswordSetV1),
+    /// An API key was created (its hash).
+    ApiKeyCreatedV1(ApiKeyCreatedV1),
+    /// An API key was revoked.
+    ApiKeyRevokedV1(ApiKeyRevokedV1),
+    /// The sync token a submission named as its base.
+    FormLastSyncTokenV1(FormLastSyncTokenV1),
 }
 
 impl Event {
@@ -547,6 +595,10 @@ impl Event {
             Event::FormArchivedV1(_) => "FormArchived",
             Event::FormUnarchivedV1(_) => "FormUnarchived",
             Event::FormAttachmentsV1(_) => "FormAttachments",
+            Event::UserPasswordSetV1(_) => "UserPasswordSet",
+            Event::ApiKeyCreatedV1(_) => "ApiKeyCreated",
+            Event::ApiKeyRevokedV1(_) => "ApiKeyRevoked",
+            Event::FormLastSyncTokenV1(_) => "FormLastSyncToken",
         }
     }
 
@@ -567,7 +619,11 @@ impl Event {
             | Event::FormEditedV1(_)
             | Event::FormArchivedV1(_)
             | Event::FormUnarchivedV1(_)
-            | Event::FormAttachmentsV1(_) => 1,
+            | Event::FormAttachmentsV1(_)
+            | Event::UserPasswordSetV1(_)
+            | Event::ApiKeyCreatedV1(_)
+            | Event::ApiKeyRevokedV1(_)
+            | Event::FormLastSyncTokenV1(_) => 1,
         }
     }
 }

@@ -74,6 +74,11 @@ string_id!(
     /// The id of the command that produced an event; also the log's idempotency key.
     CommandId
 );
+string_id!(
+    /// An API key's public part: what names the key in `apikey list` and `apikey revoke` and
+    /// finds its record when a client presents it. Not a secret.
+    ApiKeyId
+);
 
 /// A gapless global position in one project space's log, starting at 1.
 ///

@@ -3,7 +3,8 @@
 //! - [`Command`]s are decided by [`decide`] against a read-only [`State`] into [`Event`]s or a
 //!   [`CommandError`]; a rejected *form* is not an error but a `FormRejected` event (I7).
 //! - [`apply_block`] folds one recorded case block into a [`Case`] (R11–R31).
-//! - [`Directory`] folds users, groups, memberships and apps (R34, R35).
+//! - [`Directory`] folds users, groups, memberships and apps (R34, R35), and credentials as of
+//!   now: password hashes and API keys with their [`Role`].
 //!
 //! This crate does no IO (I1): no sled, no tokio, no files, no clock. Time comes in as data.
 //!
@@ -13,6 +14,7 @@
 
 mod case;
 mod command;
+mod credential;
 mod decide;
 mod directory;
 mod event;
@@ -27,6 +29,7 @@ mod tests;
 
 pub use case::{apply_block, Attachment, BlockApplied, Case, Index, RESTRICTED_PROPERTIES};
 pub use command::{Command, CommandError, Submission};
+pub use credential::{check_argon2id, ApiKey, Role};
 pub use decide::{decide, FormStatus, State};
 pub use directory::{App, Directory, Group, User};
 pub use event::*;
@@ -37,7 +40,7 @@ pub use fold::{
 pub use form::{
     Actions, AttachmentChange, CaseBlock, Create, IndexChange, ParsedForm, Problem, Relationship,
 };
-pub use ids::{AppId, CaseId, CommandId, DomainName, FormId, GroupId, Position, UserId};
+pub use ids::{ApiKeyId, AppId, CaseId, CommandId, DomainName, FormId, GroupId, Position, UserId};
 pub use time::{DateError, Timestamp};
 
 use serde::{Deserialize, Serialize};

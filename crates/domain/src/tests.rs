@@ -186,6 +186,7 @@ fn submit_with(
         }),
         app: Some(AppId::new(app)),
         attachments: Vec::new(),
+        last_sync_token: None,
     }))
 }
 
@@ -672,5 +673,113 @@ fn admin_commands_refuse_unknown_and_duplicate_ids() {
     assert!(
         m.when(&member("g-team", "u-david")).unwrap().is_empty(),
         "already a member: no event"
+    );
+}
+
+const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+
+#[test]
+fn issue10_password_and_api_keys_fold_into_the_directory_as_hashes() {
+    let mut m = Memory::given(&[user("u1")]);
+    m.when(&Command::SetPassword {
+        user: "u1".into(),
+        hash: HASH.into(),
+    })
+    .unwrap();
+    m.when(&Command::CreateApiKey {
+        key_id: "k1".into(),
+        user: "u1".into(),
+        role: Role::Auditor,
+        hash: HASH.into(),
+    })
+    .unwrap();
+    let u = m.dir.users.get(&UserId::new("u1")).unwrap();
+    assert_eq!(u.password_hash.as_deref(), Some(HASH));
+    let k = m.dir.api_keys.get(&ApiKeyId::new("k1")).unwrap();
+    assert_eq!((k.role, k.revoked), (Role::Auditor, false));
+    let revoked = m
+        .when(&Command::RevokeApiKey {
+            key_id: "k1".into(),
+        })
+        .unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert!(m.dir.api_keys.get(&ApiKeyId::new("k1")).unwrap().revoked);
+    // Revoking again changes nothing and records nothing.
+    let again = m
+        .when(&Command::RevokeApiKey {
+            key_id: "k1".into(),
+        })
+        .unwrap();
+    assert!(again.is_empty());
+}
+
+#[test]
+fn issue10_credentials_of_unknown_users_and_keys_are_typed_errors() {
+    let mut m = Memory::given(&[user("u1")]);
+    let set = Command::SetPassword {
+        user: "nobody".into(),
+        hash: HASH.into(),
+    };
+    assert_eq!(
+        m.when(&set),
+        Err(CommandError::UnknownUser("nobody".into()))
+    );
+    let key = Command::CreateApiKey {
+        key_id: "k1".into(),
+        user: "nobody".into(),
+        role: Role::Admin,
+        hash: HASH.into(),
+    };
+    assert_eq!(
+        m.when(&key),
+        Err(CommandError::UnknownUser("nobody".into()))
+    );
+    let revoke = Command::RevokeApiKey {
+        key_id: "k9".into(),
+    };
+    assert_eq!(
+        m.when(&revoke),
+        Err(CommandError::UnknownApiKey("k9".into()))
+    );
+}
+
+#[test]
+fn issue10_a_secret_in_clear_is_never_recorded() {
+    let mut m = Memory::given(&[user("u1")]);
+    for clear in [
+        "hunter2",
+        "$argon2i$v=19$m=1,t=1,p=1$c2FsdA$aGFzaA",
+        "",
+        "$argon2id$$$$",
+    ] {
+        let set = Command::SetPassword {
+            user: "u1".into(),
+            hash: clear.into(),
+        };
+        assert!(
+            matches!(
+                m.when(&set),
+                Err(CommandError::Invalid { field: "hash", .. })
+            ),
+            "{clear:?} accepted"
+        );
+    }
+}
+
+#[test]
+fn issue10_the_last_sync_token_is_recorded_with_the_form_whatever_its_outcome() {
+    let mut m = Memory::given(&[user("u1"), app("a", false)]);
+    let Command::SubmitForm(mut sub) = submit("f1", "nobody", "a", Vec::new()) else {
+        unreachable!()
+    };
+    sub.last_sync_token = Some("7-abc".into());
+    let events = m.when(&Command::SubmitForm(sub)).unwrap();
+    assert!(matches!(events.first(), Some(Event::FormRejectedV1(_))));
+    assert_eq!(
+        events.get(1),
+        Some(&Event::FormLastSyncTokenV1(FormLastSyncTokenV1 {
+            form_id: "f1".into(),
+            token: "7-abc".into(),
+        }))
     );
 }

@@ -237,6 +237,27 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
         let db = Self::open_db(dir, &config)?;
+        let mut config = config;
+        config
+            .scratch_dir
+            .get_or_insert_with(|| dir.join("replay-scratch"));
+        Self::open_in(db, dir, domain, config)
+    }
+
+    /// Opens the engine of `domain` over `db`, the sled database of the store in `dir`
+    /// ([`Engine::open_db`]), which the engines of other project spaces may share (a server).
+    ///
+    /// Does for one project space what [`Engine::open`] does: refuses a log shorter than its
+    /// acknowledged head (`DIR/log-head.<domain>`, I10), keeps raw submissions in its own files
+    /// under `DIR/raw`, syncs sled's data file on every group commit when `config.fsync`, pins
+    /// the head file. Replay scratch defaults to `DIR/replay-scratch/<domain>`, so the rebuilds
+    /// of two project spaces never share runs.
+    pub fn open_in(
+        db: sled::Db,
+        dir: &Path,
+        domain: &DomainName,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
         // Before anything is folded or rebuilt from a log that lost its tail.
         let log = SledLog::open(&db, domain, config.log)?;
         store::check_head(dir, &log)?;
@@ -245,7 +266,7 @@ impl Engine {
         let mut config = config;
         let scratch = config
             .scratch_dir
-            .get_or_insert_with(|| dir.join("replay-scratch"));
+            .get_or_insert_with(|| dir.join("replay-scratch").join(file_name_of(domain)));
         // Sorted runs of a replay that crashed: scratch derived from the log, never truth (I2).
         if scratch.exists() {
             std::fs::remove_dir_all(&*scratch)
@@ -280,8 +301,9 @@ impl Engine {
     }
 
     /// Opens sled in `dir`: `conf` checked first, damaged files as [`EngineError::DamagedFile`],
-    /// and a lock held by a store just dropped in this process waited for.
-    fn open_db(dir: &Path, config: &EngineConfig) -> Result<sled::Db, EngineError> {
+    /// and a lock held by a store just dropped in this process waited for. Hand the database to
+    /// [`Engine::open_in`] once per project space.
+    pub fn open_db(dir: &Path, config: &EngineConfig) -> Result<sled::Db, EngineError> {
         store::check_conf(dir)?;
         let sled_config = sled::Config::new()
             .path(dir)
@@ -511,6 +533,7 @@ impl Engine {
             parsed,
             app,
             attachments,
+            last_sync_token: None,
         }
     }
 
@@ -1020,6 +1043,18 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         }
         _ => f(),
     }
+}
+
+/// `domain` as one file name: ASCII letters, digits, `-` and `_` kept, other bytes `%XX`.
+fn file_name_of(domain: &DomainName) -> String {
+    domain.as_str().bytes().fold(String::new(), |mut name, b| {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            name.push(char::from(b));
+        } else {
+            name.push_str(&format!("%{b:02X}"));
+        }
+        name
+    })
 }
 
 fn last_max(acc: &mut Option<Position>, p: Option<Position>) {

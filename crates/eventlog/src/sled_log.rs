@@ -140,7 +140,24 @@ impl fmt::Debug for SledLog {
     }
 }
 
+/// Tree `log/<domain>` holds the log of one project space.
+const LOG_TREE_PREFIX: &str = "log/";
+
 impl SledLog {
+    /// The project spaces that have a log in `db`, sorted; opening none of them.
+    pub fn domains(db: &sled::Db) -> Vec<DomainName> {
+        let mut found: Vec<DomainName> = db
+            .tree_names()
+            .iter()
+            .filter_map(|name| {
+                let name = std::str::from_utf8(name).ok()?;
+                name.strip_prefix(LOG_TREE_PREFIX).map(DomainName::new)
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
     /// Opens (or creates) the log of `domain` in tree `log/<domain>` of `db`.
     ///
     /// Finds the head from the last event key, checks that position 1 exists, that the last 64
@@ -151,7 +168,7 @@ impl SledLog {
     /// [`LogError::Corrupt`] if the tail has a gap or the last event does not verify,
     /// [`LogError::Storage`] if sled fails.
     pub fn open(db: &sled::Db, domain: &DomainName, config: LogConfig) -> Result<Self, LogError> {
-        let tree = db.open_tree(format!("log/{domain}"))?;
+        let tree = db.open_tree(format!("{LOG_TREE_PREFIX}{domain}"))?;
         let (head, hash) = recover_head(&tree)?;
         db.flush()?;
         tracing::info!(domain = %domain, head = head.0, "opened event log");

@@ -174,7 +174,9 @@ where
                     };
                     writer.insert(keys::diagnostic(p, 0), codec::encode(&row))?;
                 }
-                Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
+                Event::FormDuplicateV1(_)
+                | Event::FormAttachmentsV1(_)
+                | Event::FormLastSyncTokenV1(_) => {}
                 _ => {
                     directory.apply_recorded(&ev);
                     writer.insert(keys::directory_event(p), codec::encode(&ev))?;

@@ -315,7 +315,9 @@ impl Pending {
                     position: ev.position,
                     diagnostic: d.diagnostic.clone(),
                 }),
-                Event::FormDuplicateV1(_) | Event::FormAttachmentsV1(_) => {}
+                Event::FormDuplicateV1(_)
+                | Event::FormAttachmentsV1(_)
+                | Event::FormLastSyncTokenV1(_) => {}
                 _ => {
                     // Directory events: copy on write, they are rare next to forms.
                     Arc::make_mut(&mut self.directory).apply_recorded(ev);

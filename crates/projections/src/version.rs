@@ -25,7 +25,8 @@ use crate::{keys, Damage};
 /// - 3: cases keyed by owner then id, their value led by the closed flag; the owner index maps a
 ///   case id to its owner.
 /// - 4: case values hold the case's past (`past`) between its history and the case.
-pub const LAYOUT_VERSION: u64 = 4;
+/// - 5: the directory holds credentials (users' password hashes, API keys).
+pub const LAYOUT_VERSION: u64 = 5;
 
 /// The rules version of the fold this code runs: change it with any change to what the fold
 /// writes for the same events when the layout stays readable (a rule of SEMANTICS.md, a bug fix

@@ -11,8 +11,8 @@ pub enum RestoreError {
     /// (it is the user id, not the username).
     #[error("unknown user {0:?}")]
     UnknownUser(String),
-    /// `since` is not a token this store issued: not `<position>-<random>`, or a position ahead
-    /// of the log. HQ answers 412 and the phone falls back to a full restore; callers should do
+    /// `since` is not a token this store issued to this user: not `<position>-<random>`, a
+    /// position ahead of the log, or bound to another user or project space. HQ answers 412 and the phone falls back to a full restore; callers should do
     /// the same (restore again without `since`).
     #[error("bad sync token: {0}")]
     BadToken(String),

@@ -21,6 +21,9 @@
 //! - Output is deterministic for a given store apart from the token's random part and the
 //!   registration date: cases are sorted by id, properties and indices by name.
 //!
+//! A token names the position it was issued at and is bound to its user and project space by
+//! a digest, so a token of another user or project space is refused ([`RestoreError::BadToken`]).
+//!
 //! It is not a sync log. HQ stores, per token, the case ids it sent and diffs against them;
 //! caseledger keeps nothing per token (R48 allows a full restore every time). An incremental
 //! restore therefore works from the log instead, see [`restore`] for what it sends and misses.
@@ -32,8 +35,9 @@ mod xml;
 
 use std::collections::BTreeSet;
 
-use domain::{CaseId, Position, UserId};
+use domain::{CaseId, DomainName, Position, UserId};
 use engine::{now, Engine};
+use sha2::{Digest, Sha256};
 
 pub use error::RestoreError;
 use footprint::Graph;
@@ -78,7 +82,13 @@ pub fn restore(engine: &Engine, user: &str, since: Option<&str>) -> Result<Resto
     // R48: the token stands for a position that is projected and durable. Read before anything
     // else: what the queries below see is at least this new, so `since` may resend, never skip.
     let at = projections.checkpoint().min(engine.log().durable_head());
-    let since = since.map(|t| parse_token(t, at)).transpose()?;
+    let since = since
+        .map(|t| {
+            let p = parse_token(t, at)?;
+            check_issued_to(t, engine.domain(), user)?;
+            Ok::<_, RestoreError>(p)
+        })
+        .transpose()?;
     let directory = projections.directory();
     let (username, joined) = directory
         .users
@@ -94,7 +104,7 @@ pub fn restore(engine: &Engine, user: &str, since: Option<&str>) -> Result<Resto
         Some(since) => graph.changed(engine, &directory, user, &owner_ids, &live, since, at)?,
     };
 
-    let token = format!("{}-{}", at.0, uuid::Uuid::new_v4().simple());
+    let token = issue_token(at, engine.domain(), user);
     let mut x = Xml::new();
     x.open("OpenRosaResponse", &[("xmlns", RESPONSE_XMLNS)])?;
     x.line()?;
@@ -127,7 +137,54 @@ pub fn restore(engine: &Engine, user: &str, since: Option<&str>) -> Result<Resto
     })
 }
 
-/// R48: a token is `<position>-<random>`; only the position means anything to caseledger.
+/// The 16 hex digits that bind a token's nonce and position to one user of one project space.
+fn binding(domain: &DomainName, user: &str, position: &str, nonce: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"caseledger sync token\0")
+        .chain_update(domain.as_str())
+        .chain_update(b"\0")
+        .chain_update(user)
+        .chain_update(b"\0")
+        .chain_update(position)
+        .chain_update(b"\0")
+        .chain_update(nonce)
+        .finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// R48: `<position>-<nonce><binding>`, 16 hex digits each; the binding ties the token to the
+/// user and project space it was issued to, so a foreign token is told apart without a sync log.
+fn issue_token(at: Position, domain: &DomainName, user: &str) -> String {
+    let uuid = uuid::Uuid::new_v4().simple().to_string();
+    let nonce = uuid.get(..16).unwrap_or(&uuid);
+    let position = at.0.to_string();
+    let bound = binding(domain, user, &position, nonce);
+    format!("{position}-{nonce}{bound}")
+}
+
+/// Refuses a token issued to another user or project space, or not issued by this code (a
+/// token of an earlier version, before tokens were bound): the phone then restores in full,
+/// as HQ's 412 makes it. The binding is a digest, not a secret: it tells a phone's mistake
+/// apart, and a forged token could only ever restore the caller's own cases.
+fn check_issued_to(token: &str, domain: &DomainName, user: &str) -> Result<(), RestoreError> {
+    let foreign = || {
+        RestoreError::BadToken(format!(
+            "{token:?}: not issued to user {user:?} of project space {domain}"
+        ))
+    };
+    let (position, rest) = token.split_once('-').ok_or_else(foreign)?;
+    if rest.len() != 32 || !rest.is_char_boundary(16) {
+        return Err(foreign());
+    }
+    let (nonce, bound) = rest.split_at(16);
+    if binding(domain, user, position, nonce) == bound {
+        Ok(())
+    } else {
+        Err(foreign())
+    }
+}
+
+/// R48: a token is `<position>-<random>`; only the position says what was sent.
 fn parse_token(token: &str, at: Position) -> Result<Position, RestoreError> {
     let bad = |why: &str| RestoreError::BadToken(format!("{token:?}: {why}"));
     let (position, random) = token

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use domain::{CaseId, Position, Timestamp};
+use domain::{CaseId, DomainName, Position, Timestamp};
 
 use crate::payload::date_only;
 use crate::xml::{escape, is_xml_name, Xml};
@@ -87,4 +87,24 @@ fn r48_tokens_carry_a_position_and_a_random_part() {
 fn dates_are_utc_calendar_days() {
     let t = Timestamp::parse_phone("2026-03-02T01:15:22.104+03:00").unwrap();
     assert_eq!(date_only(t), "2026-03-01");
+}
+
+#[test]
+fn r48_a_token_is_bound_to_its_user_and_project_space() {
+    let demo = DomainName::new("demo");
+    let token = crate::issue_token(Position(12), &demo, "u1");
+    assert_eq!(
+        parse_token(&token, Position(40)).map(|p| p.0).ok(),
+        Some(12)
+    );
+    assert!(crate::check_issued_to(&token, &demo, "u1").is_ok());
+    for (domain, user) in [("demo", "u2"), ("other", "u1")] {
+        assert!(matches!(
+            crate::check_issued_to(&token, &DomainName::new(domain), user),
+            Err(RestoreError::BadToken(_))
+        ));
+    }
+    // Another position with the same nonce and binding is refused too.
+    let moved = token.replacen("12-", "11-", 1);
+    assert!(crate::check_issued_to(&moved, &demo, "u1").is_err());
 }
