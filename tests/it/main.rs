@@ -4,7 +4,8 @@
 //! through the facade), `cli` (the command-line contract), `damage` (damaged stores, I10),
 //! `replay` (replay == live, I3), `audit` (verify, export, import, I12), `timetravel` (I11),
 //! `upgrade` (projections of other rules answer while their rebuild is built beside them),
-//! `server` (the HTTP server's doors: authentication, roles, the receiver, restore, shutdown).
+//! `server` (the HTTP server's doors: authentication, roles, the receiver, restore, shutdown),
+//! `server_crash` (SIGKILL during a submission storm loses and doubles nothing).
 
 mod audit;
 mod cli;
@@ -16,6 +17,7 @@ mod fixtures;
 mod replay;
 mod restore;
 mod server;
+mod server_crash;
 mod stories;
 mod support;
 mod timetravel;

@@ -28,6 +28,7 @@
 //! [`Engine::upgrade`] (or [`Engine::upgrade_in_background`]) rebuilds them beside the live
 //! generation and swaps the rebuild in ([`UpgradeStatus`]).
 
+mod combine;
 mod committer;
 mod error;
 mod outcome;
@@ -194,6 +195,8 @@ pub struct Engine {
     /// Held by each rebuild (replay, verify, upgrade) from its start to its install or discard:
     /// they share the scratch directory, and a second would only redo the first.
     rebuilding: Mutex<()>,
+    /// Concurrent [`Engine::execute`] calls waiting to be decided as a group.
+    combiner: combine::Combiner,
     /// What was done about projections of other rules ([`Engine::upgrade_status`]).
     upgrade: Mutex<Upgrade>,
     /// The store directory when opened with [`Engine::open`], where [`Engine::flush`] records
@@ -359,6 +362,7 @@ impl Engine {
             config,
             repaired: Mutex::new(Vec::new()),
             rebuilding: Mutex::new(()),
+            combiner: combine::Combiner::default(),
             upgrade: Mutex::new(Upgrade::Idle),
             dir: None,
         };
@@ -537,13 +541,6 @@ impl Engine {
         }
     }
 
-    /// Executes one command durably.
-    pub async fn execute(&self, request: Request) -> Result<Outcome, EngineError> {
-        let mut all = self.execute_many(vec![request]).await?;
-        all.pop()
-            .unwrap_or_else(|| Err(EngineError::Internal("no outcome for a request".into())))
-    }
-
     /// Submits one form durably.
     pub async fn submit(
         &self,
@@ -602,16 +599,25 @@ impl Engine {
     /// flush and the projection batch's write. Each command succeeds or fails on its own; a
     /// failed command appends nothing.
     pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
+        let (results, last, written) = self.begin(&requests)?;
+        self.finish(last, written).await?;
+        Ok(results)
+    }
+
+    /// The first half of [`Engine::execute_many`]: decides the requests and writes their events
+    /// and projections (not yet durable), rebuilding damaged projections first if it meets
+    /// them before anything was appended.
+    fn begin(&self, requests: &[Request]) -> Result<Written, EngineError> {
         // Reading ahead and deciding block on sled and on the writer lock: on a multi-thread
         // runtime, hand this worker's other tasks to another worker meanwhile.
         let run = || {
             blocking(|| {
-                let prefetched = self.prefetch(&requests)?;
-                self.decide_and_write(&requests, prefetched)
+                let prefetched = self.prefetch(requests)?;
+                self.decide_and_write(requests, prefetched)
             })
         };
         let before = self.log.written_head();
-        let (results, last, written) = match run() {
+        let written = match run() {
             // A damaged projection met before anything was appended: rebuild from the log and
             // decide again, as if the projections had been sound.
             Err(EngineError::Projection(e))
@@ -626,19 +632,33 @@ impl Engine {
             }
             other => other?,
         };
-        if let Some(last) = last {
-            self.log.wait_durable(last).await?;
+        Ok(written)
+    }
+
+    /// The second half of [`Engine::execute_many`]: waits until the log is durable up to
+    /// `last` and the projection batch `written` is written. Owns what it waits on, so it can
+    /// run on a task of its own.
+    fn finish(
+        &self,
+        last: Option<Position>,
+        written: Option<Arc<Done>>,
+    ) -> impl std::future::Future<Output = Result<(), EngineError>> + Send + 'static {
+        let log = self.log.clone();
+        async move {
+            if let Some(last) = last {
+                log.wait_durable(last).await?;
+            }
+            // Acknowledge only what readers can see, so that a client reads its own writes.
+            if let Some(written) = written {
+                written.done().await.map_err(|e| {
+                    EngineError::Internal(format!(
+                        "projection write failed ({e}); the log holds the events and the next \
+                         command catches the projections up"
+                    ))
+                })?;
+            }
+            Ok(())
         }
-        // Acknowledge only what readers can see, so that a client reads its own writes.
-        if let Some(written) = written {
-            written.done().await.map_err(|e| {
-                EngineError::Internal(format!(
-                    "projection write failed ({e}); the log holds the events and the next \
-                     command catches the projections up"
-                ))
-            })?;
-        }
-        Ok(results)
     }
 
     /// Reads what deciding the submissions among `requests` will read (their form entries and

@@ -1,0 +1,361 @@
+//! HTTP load (issue 10): 64 concurrent clients on loopback submit distinct forms through the
+//! form receiver for 60 s, with authentication, against the engine's own forms/s in the same run.
+//!
+//! 1. Store: project space `bench`, 64 mobile workers with passwords (argon2id), a case-sharing
+//!    app. Each form (~1.6 KB) registers a case owned by its submitter.
+//! 2. HTTP: `server::Server` in this process on 127.0.0.1:0 (a two-worker tokio runtime, as
+//!    `caseledger serve` on this machine); 64 client tasks on their own two-worker runtime, each
+//!    a mobile worker with HTTP Basic on one keep-alive connection, posting to
+//!    `/a/bench/receiver/secure/` one form at a time until the time is up. A connection error
+//!    retries the same form on a new connection, as a phone does. Latency is from the request's
+//!    first byte to the response's last.
+//! 3. Check, untimed: the log is read back; every acknowledged (201) form is accepted exactly
+//!    once, and nothing is accepted that was not sent.
+//! 4. Engine baseline: a fresh store with the same users; 64 tasks call `Engine::submit` with
+//!    the same kind of forms for the same time (no HTTP, no auth): the ratio is the HTTP cost.
+//!
+//! `cargo bench --bench server`; `CASELEDGER_BENCH_SECONDS` sets the duration (default 60),
+//! `CASELEDGER_BENCH_CLIENTS` the clients (default 64).
+//! Targets: >= 5 000 forms/s accepted, p99 submit latency <= 50 ms, zero lost or duplicated.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod common;
+
+use common::{env_or, machine, BenchResult};
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use caseledger::domain::{Command, DomainName, Event, Position, UserId};
+use caseledger::{Engine, EngineConfig, Request};
+use server::{Server, ServerConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const DOMAIN: &str = "bench";
+const APP: &str = "app-bench";
+
+fn user(i: usize) -> String {
+    format!("u-{i:03}")
+}
+
+fn password(i: usize) -> String {
+    format!("pw-{i:03}-correct-horse-battery")
+}
+
+/// A form of client `c`, its `n`th: distinct instance id and case.
+fn form(c: usize, n: u64) -> (String, Vec<u8>) {
+    let id = format!("f{c:03}-{n:08}-5c1e-4a7b-9d2f-{:012x}", n * 7919 + c as u64);
+    let user = user(c);
+    let xml = format!(
+        r#"<?xml version="1.0"?>
+<data xmlns="http://openrosa.org/formdesigner/BENCH-REG" name="Registration">
+  <visit_date>2026-03-{day:02}</visit_date><hb_level>11.{n1}</hb_level><bp_systolic>1{n2:02}</bp_systolic>
+  <danger_signs><bleeding>no</bleeding><headache>no</headache><fever>no</fever><swelling>no</swelling></danger_signs>
+  <counselling><nutrition>yes</nutrition><birth_plan>yes</birth_plan><itn_use>yes</itn_use></counselling>
+  <household><members>{n3}</members><water_source>piped</water_source><latrine>shared</latrine></household>
+  <chw_notes>Client reports feeling well; reminded about the clinic visit, iron tablets and the birth plan. Husband present; both agreed to deliver at the facility.</chw_notes>
+  <case xmlns="http://commcarehq.org/case/transaction/v2" case_id="case-{id}" date_modified="2026-03-{day:02}T10:00:00Z" user_id="{user}">
+    <create><case_type>pregnancy</case_type><case_name>Client {n}</case_name><owner_id>{user}</owner_id></create>
+    <update><edd>2026-09-{day:02}</edd><gravida>2</gravida><parity>1</parity><phone>+2547{n:08}</phone></update>
+  </case>
+  <meta xmlns="http://openrosa.org/jr/xforms"><deviceID>phone-{c}</deviceID><timeStart>2026-03-{day:02}T09:50:00Z</timeStart><timeEnd>2026-03-{day:02}T10:00:00Z</timeEnd><username>user{c}</username><userID>{user}</userID><instanceID>{id}</instanceID></meta>
+</data>"#,
+        day = 1 + n % 28,
+        n1 = n % 10,
+        n2 = n % 40,
+        n3 = 2 + n % 6,
+    );
+    (id, xml.into_bytes())
+}
+
+/// Users with passwords and the app, in a fresh store at `dir`.
+fn seed(dir: &Path, clients: usize) -> BenchResult<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let engine = Engine::open(dir, &DomainName::new(DOMAIN), EngineConfig::default())?;
+    rt.block_on(async {
+        let mut commands = vec![Command::CreateApp {
+            id: APP.into(),
+            name: "Bench".into(),
+            case_sharing: false,
+            case_types: vec!["pregnancy".into()],
+        }];
+        for i in 0..clients {
+            commands.push(Command::CreateUser {
+                id: UserId::new(user(i)),
+                username: format!("user{i}"),
+            });
+            commands.push(Command::SetPassword {
+                user: UserId::new(user(i)),
+                hash: server::secret::hash(&password(i)).map_err(|e| e.to_string())?,
+            });
+        }
+        for c in commands {
+            engine.execute(Request::new(c)).await?;
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    engine.flush()?;
+    Ok(())
+}
+
+/// What one client did.
+#[derive(Default)]
+struct Client {
+    acked: Vec<String>,
+    other: u64,
+    retries: u64,
+    latencies: Vec<Duration>,
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Posts `body` and reads the response; returns its status.
+    async fn post(&mut self, path: &str, auth: &str, body: &[u8]) -> std::io::Result<u16> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: {auth}\r\nX-OpenRosa-Version: 3.0\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let trimmed = line.trim_end();
+            if trimmed.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = trimmed.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.reader.read_exact(&mut body).await?;
+        Ok(status)
+    }
+}
+
+async fn client(addr: SocketAddr, c: usize, deadline: Instant) -> Client {
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("user{c}:{}", password(c)))
+    );
+    let path = format!("/a/{DOMAIN}/receiver/secure/{APP}/");
+    let mut out = Client::default();
+    let mut conn: Option<Conn> = None;
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let (id, body) = form(c, n);
+        let started = Instant::now();
+        let result = match conn.as_mut() {
+            Some(conn) => conn.post(&path, &auth, &body).await,
+            None => match Conn::open(addr).await {
+                Ok(new) => conn.insert(new).post(&path, &auth, &body).await,
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(201) => {
+                out.latencies.push(started.elapsed());
+                out.acked.push(id);
+                n += 1;
+            }
+            Ok(_) => {
+                out.other += 1;
+                n += 1;
+            }
+            Err(_) => {
+                // Not acknowledged: the same form again on a new connection, as a phone does.
+                out.retries += 1;
+                conn = None;
+            }
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+fn main() -> BenchResult<()> {
+    let seconds: u64 = env_or("CASELEDGER_BENCH_SECONDS", 60)?;
+    let clients: usize = env_or("CASELEDGER_BENCH_CLIENTS", 64)?.try_into()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "server: {}", machine())?;
+    writeln!(
+        out,
+        "workload: {clients} clients x distinct ~1.6 KB registration forms for {seconds} s, HTTP Basic (argon2id, verified once per connection's login and cached), OpenRosa 3.0"
+    )?;
+
+    // HTTP.
+    let dir = tempfile::tempdir()?;
+    seed(dir.path(), clients)?;
+    let server_rt = runtime()?;
+    let server = server_rt.block_on(Server::bind(
+        dir.path(),
+        "127.0.0.1:0".parse()?,
+        ServerConfig::default(),
+    ))?;
+    let addr = server.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = server_rt.spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let client_rt = runtime()?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let results: Vec<Client> = client_rt.block_on(async {
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| tokio::spawn(client(addr, c, deadline)))
+            .collect();
+        let mut results = Vec::with_capacity(clients);
+        for t in tasks {
+            results.push(t.await.unwrap_or_default());
+        }
+        results
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    server_rt.block_on(serving)??;
+    drop(server_rt);
+    let mut latencies: Vec<Duration> = results.iter().flat_map(|r| r.latencies.clone()).collect();
+    latencies.sort_unstable();
+    let acked: u64 = results.iter().map(|r| r.acked.len() as u64).sum();
+    let other: u64 = results.iter().map(|r| r.other).sum();
+    let retries: u64 = results.iter().map(|r| r.retries).sum();
+    let http_rate = acked as f64 / elapsed;
+    let p50 = percentile(&latencies, 0.50);
+    let p99 = percentile(&latencies, 0.99);
+    writeln!(
+        out,
+        "  HTTP receiver, durable, with auth            {http_rate:>8.0} forms/s  {elapsed:.1} s; {acked} acknowledged (201), {other} other statuses, {retries} retried; latency p50 {p50:.2} ms, p99 {p99:.2} ms, max {:.2} ms",
+        percentile(&latencies, 1.0)
+    )?;
+
+    // Check: every acknowledged form accepted exactly once, nothing else accepted.
+    let engine = Engine::open(
+        dir.path(),
+        &DomainName::new(DOMAIN),
+        EngineConfig::default(),
+    )?;
+    let mut accepted: HashMap<String, u32> = HashMap::new();
+    for e in engine.log().iter_from(Position(1)) {
+        if let Event::FormAcceptedV1(f) = e?.event {
+            *accepted
+                .entry(f.form.form_id.as_str().to_owned())
+                .or_default() += 1;
+        }
+    }
+    drop(engine);
+    let acked_ids: Vec<&String> = results.iter().flat_map(|r| r.acked.iter()).collect();
+    let lost = acked_ids
+        .iter()
+        .filter(|id| !accepted.contains_key(id.as_str()))
+        .count();
+    let doubled = accepted.values().filter(|n| **n > 1).count();
+    let unsent = accepted.len().saturating_sub(acked_ids.len());
+    writeln!(
+        out,
+        "  check: {} accepted in the log; acknowledged but missing {lost}, accepted more than once {doubled}, accepted but never acknowledged {unsent}",
+        accepted.len()
+    )?;
+
+    // Engine baseline: the same clients, forms and time, without HTTP.
+    let base_dir = tempfile::tempdir()?;
+    seed(base_dir.path(), clients)?;
+    let engine = Arc::new(Engine::open(
+        base_dir.path(),
+        &DomainName::new(DOMAIN),
+        EngineConfig::default(),
+    )?);
+    let rt = runtime()?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let base_acked: u64 = rt.block_on(async {
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| {
+                let engine = Arc::clone(&engine);
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let (_, body) = form(c, n);
+                        if engine.submit(body, Some(APP.into()), None).await.is_err() {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap_or(0);
+        }
+        total
+    });
+    let base_elapsed = started.elapsed().as_secs_f64();
+    let base_rate = base_acked as f64 / base_elapsed;
+    writeln!(
+        out,
+        "  Engine::submit, durable, no HTTP             {base_rate:>8.0} forms/s  {base_elapsed:.1} s; {base_acked} forms"
+    )?;
+    writeln!(
+        out,
+        "ratio HTTP/engine {:.2}; HTTP {http_rate:.0} forms/s (target >= 5000: {}), p99 {p99:.2} ms (target <= 50 ms: {}), lost {lost}, duplicated {doubled} (target 0: {})",
+        http_rate / base_rate.max(1.0),
+        if http_rate >= 5000.0 { "met" } else { "MISSED" },
+        if p99 <= 50.0 { "met" } else { "MISSED" },
+        if lost == 0 && doubled == 0 { "met" } else { "MISSED" },
+    )?;
+    if lost > 0 || doubled > 0 || unsent > 0 {
+        return Err("acknowledged forms lost or duplicated".into());
+    }
+    Ok(())
+}
