@@ -4,8 +4,10 @@
 //! through the facade), `cli` (the command-line contract), `damage` (damaged stores, I10),
 //! `replay` (replay == live, I3), `audit` (verify, export, import, I12), `timetravel` (I11),
 //! `upgrade` (projections of other rules answer while their rebuild is built beside them),
-//! `server` (the HTTP server's doors: authentication, roles, the receiver, restore, shutdown).
+//! `server` (the HTTP server's doors: authentication, roles, the receiver, restore, shutdown),
+//! `api` (caseledger's own API: read-your-writes, SSE, OpenAPI, metrics).
 
+mod api;
 mod audit;
 mod cli;
 mod concurrency;
