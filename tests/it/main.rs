@@ -6,7 +6,9 @@
 //! `upgrade` (projections of other rules answer while their rebuild is built beside them),
 //! `server` (the HTTP server's doors: authentication, roles, the receiver, restore, shutdown),
 //! `server_crash` (SIGKILL during a submission storm loses and doubles nothing).
+//! `api` (caseledger's own API: read-your-writes, SSE, OpenAPI, metrics).
 
+mod api;
 mod audit;
 mod cli;
 mod concurrency;

@@ -14,20 +14,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A response as read off the socket.
 #[derive(Debug)]
-struct Response {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: String,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) body: String,
 }
 
 impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
     }
 }
 
 /// One request on a fresh connection (`Connection: close`), the response read to its end.
-async fn http(
+pub(crate) async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -40,7 +40,7 @@ async fn http(
 }
 
 /// [`http`], `None` when the connection fails or ends before a response head.
-async fn try_http(
+pub(crate) async fn try_http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -96,13 +96,13 @@ fn dechunk(mut rest: &str) -> String {
     out
 }
 
-fn basic(login: &str, password: &str) -> String {
+pub(crate) fn basic(login: &str, password: &str) -> String {
     let b = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{password}"));
     format!("Basic {b}")
 }
 
 /// A form by `user` creating case `case`, with instance id `id`.
-fn form(id: &str, user: &str, case: &str) -> String {
+pub(crate) fn form(id: &str, user: &str, case: &str) -> String {
     format!(
         r#"<?xml version="1.0"?>
 <data xmlns="http://openrosa.org/formdesigner/F1">
@@ -114,19 +114,19 @@ fn form(id: &str, user: &str, case: &str) -> String {
     )
 }
 
-const DAVID_PW: &str = "david-correct-horse";
-const MARIA_PW: &str = "maria-battery-staple";
+pub(crate) const DAVID_PW: &str = "david-correct-horse";
+pub(crate) const MARIA_PW: &str = "maria-battery-staple";
 
 /// Keys made in `seed`, as (key id, full key).
-struct Keys {
-    admin: String,
-    service: String,
-    auditor: String,
+pub(crate) struct Keys {
+    pub(crate) admin: String,
+    pub(crate) service: String,
+    pub(crate) auditor: String,
     revoked: String,
-    other_admin: String,
+    pub(crate) other_admin: String,
 }
 
-async fn run(engine: &Engine, commands: Vec<Command>) {
+pub(crate) async fn run(engine: &Engine, commands: Vec<Command>) {
     for c in commands {
         engine.execute(Request::new(c)).await.expect("command");
     }
@@ -149,7 +149,7 @@ async fn key(engine: &Engine, user: &str, role: Role) -> (ApiKeyId, String) {
 
 /// Project space `demo` with mobile workers david and maria (passwords) and a service user
 /// with keys of every role (one revoked); project space `other` with an admin key of its own.
-async fn seed(dir: &Path) -> Keys {
+pub(crate) async fn seed(dir: &Path) -> Keys {
     let engine = Engine::open(dir, &"demo".into(), EngineConfig::default()).expect("open");
     let mut commands = Vec::new();
     for (id, name, pw) in [
@@ -204,13 +204,13 @@ async fn seed(dir: &Path) -> Keys {
 }
 
 /// A running server: its address, the signal that stops it, and its task.
-struct Running {
-    addr: SocketAddr,
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), server::ServerError>>,
 }
 
-async fn start(dir: &Path, config: ServerConfig) -> Running {
+pub(crate) async fn start(dir: &Path, config: ServerConfig) -> Running {
     let server = Server::bind(dir, "127.0.0.1:0".parse().expect("addr"), config)
         .await
         .expect("bind");
@@ -223,7 +223,7 @@ async fn start(dir: &Path, config: ServerConfig) -> Running {
 }
 
 impl Running {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         self.task
             .await
@@ -232,14 +232,14 @@ impl Running {
     }
 }
 
-fn apikey(login: &str, key: &str) -> String {
+pub(crate) fn apikey(login: &str, key: &str) -> String {
     format!("ApiKey {login}:{key}")
 }
 
 const RECEIVER: &str = "/a/demo/receiver/secure/";
 const RESTORE: &str = "/a/demo/phone/restore/?version=2.0";
 
-fn events(dir: &Path, domain: &str) -> Vec<Event> {
+pub(crate) fn events(dir: &Path, domain: &str) -> Vec<Event> {
     let engine = Engine::open(dir, &domain.into(), EngineConfig::default()).expect("reopen");
     engine
         .log()

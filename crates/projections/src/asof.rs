@@ -645,6 +645,26 @@ impl Projections {
         Ok(out)
     }
 
+    /// Diagnostics raised after `after` up to `upto`, in position order (a change feed's step).
+    pub fn diagnostics_between(
+        &self,
+        after: Position,
+        upto: Position,
+    ) -> Result<Vec<DiagnosticRow>, ProjectionError> {
+        let generation = self.current();
+        let mut out = Vec::new();
+        let start = keys::diagnostic(after.0.saturating_add(1), 0);
+        let end = keys::diagnostic(upto.0, u32::MAX);
+        if start > end {
+            return Ok(out);
+        }
+        for item in generation.tree.range(start..=end) {
+            let (key, value) = item?;
+            out.push(codec::decode(&key, &value)?);
+        }
+        Ok(out)
+    }
+
     /// The users whose case list held the case at `at` (closed or open: the case was theirs to
     /// see), and since which position without a break.
     pub fn who_could_see(&self, id: &CaseId, at: Position) -> Result<Vec<Viewer>, ProjectionError> {

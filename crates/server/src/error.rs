@@ -2,6 +2,8 @@
 //!
 //! Phone routes answer in OpenRosa's envelope (`<OpenRosaResponse><message nature=…>`); the
 //! nature is `ota_restore_error` for restore failures and `submit_error` for the rest.
+//! caseledger's own API (`/api/v1`) answers `{"error":{"code","message"}}` through
+//! [`ApiError`], with the same statuses and headers; [`ServerError::code`] is the wire code.
 
 use std::time::Duration;
 
@@ -42,6 +44,22 @@ pub enum ServerError {
     /// Building a restore failed (500).
     #[error(transparent)]
     Restore(restore::RestoreError),
+    /// A time-travel point outside the log (`at` beyond the head, `as_of` before the first
+    /// event) (400). Ask for a point between position 1 and the head.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The projections had not reached the `min_position` asked for within the wait (503 with
+    /// `Retry-After`). Retry after that many seconds; the write it names may be on another
+    /// server, or not have happened.
+    #[error("the projections are at position {reached}, not yet at {wanted}")]
+    NotCaughtUp {
+        /// The `min_position` asked for.
+        wanted: u64,
+        /// Where the projections were when the wait ended.
+        reached: u64,
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// Binding, serving or the data dir's files failed.
     #[error("{0}")]
     Io(String),
@@ -72,26 +90,43 @@ impl ServerError {
             ServerError::NotFound(_) => StatusCode::NOT_FOUND,
             ServerError::BadSyncToken(_) => StatusCode::PRECONDITION_FAILED,
             ServerError::Engine(engine::EngineError::Command(_)) => StatusCode::BAD_REQUEST,
+            ServerError::Engine(engine::EngineError::OutOfRange(_))
+            | ServerError::OutOfRange(_) => StatusCode::BAD_REQUEST,
+            ServerError::NotCaughtUp { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServerError::Engine(_)
             | ServerError::Restore(_)
             | ServerError::Io(_)
             | ServerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
-}
 
-impl IntoResponse for ServerError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+    /// The error's code in caseledger's own API (`{"error":{"code",…}}`), one per variant.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServerError::Unauthenticated => "unauthenticated",
+            ServerError::TooManyAttempts(_) => "too_many_attempts",
+            ServerError::Forbidden(_) => "forbidden",
+            ServerError::BadRequest(_) => "bad_request",
+            ServerError::Body(..) => "bad_body",
+            ServerError::NotFound(_) => "not_found",
+            ServerError::BadSyncToken(_) => "bad_sync_token",
+            ServerError::Engine(engine::EngineError::Command(_)) => "command_refused",
+            ServerError::Engine(engine::EngineError::OutOfRange(_))
+            | ServerError::OutOfRange(_) => "out_of_range",
+            ServerError::NotCaughtUp { .. } => "not_caught_up",
+            ServerError::Engine(_)
+            | ServerError::Restore(_)
+            | ServerError::Io(_)
+            | ServerError::Internal(_) => "internal",
         }
-        let nature = match self {
-            ServerError::BadSyncToken(_) | ServerError::Restore(_) => "ota_restore_error",
-            _ => "submit_error",
+    }
+
+    /// The challenge or the wait that goes with the status.
+    fn add_headers(&self, headers: &mut axum::http::HeaderMap) {
+        let retry = |headers: &mut axum::http::HeaderMap, wait: &Duration| {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         };
-        let mut response = openrosa(status, nature, &self.to_string());
-        let headers = response.headers_mut();
         match self {
             ServerError::Unauthenticated => {
                 headers.insert(
@@ -99,12 +134,61 @@ impl IntoResponse for ServerError {
                     HeaderValue::from_static("Basic realm=\"caseledger\""),
                 );
             }
-            ServerError::TooManyAttempts(wait) => {
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            }
+            ServerError::TooManyAttempts(wait)
+            | ServerError::NotCaughtUp {
+                retry_after: wait, ..
+            } => retry(headers, wait),
             _ => {}
         }
+    }
+
+    fn log(&self, status: StatusCode) {
+        if status.is_server_error() && !matches!(self, ServerError::NotCaughtUp { .. }) {
+            tracing::error!(error = %self, "request failed");
+        }
+    }
+}
+
+impl IntoResponse for ServerError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        self.log(status);
+        let nature = match self {
+            ServerError::BadSyncToken(_) | ServerError::Restore(_) => "ota_restore_error",
+            _ => "submit_error",
+        };
+        let mut response = openrosa(status, nature, &self.to_string());
+        self.add_headers(response.headers_mut());
+        response
+    }
+}
+
+/// A [`ServerError`] as caseledger's own API answers it: `{"error":{"code","message"}}`.
+#[derive(Debug)]
+pub struct ApiError(pub ServerError);
+
+impl From<ServerError> for ApiError {
+    fn from(e: ServerError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl From<engine::EngineError> for ApiError {
+    fn from(e: engine::EngineError) -> Self {
+        ApiError(ServerError::Engine(e))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let error = self.0;
+        let status = error.status();
+        error.log(status);
+        let body = serde_json::json!({
+            "error": {"code": error.code(), "message": error.to_string()}
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        error.add_headers(response.headers_mut());
         response
     }
 }

@@ -6,21 +6,31 @@
 //! durable before it is acknowledged, I5), flushes, and removes `DIR/server.json`, the file
 //! that names the serving process while it runs.
 //!
-//! Every route but `/healthz` and `/readyz` takes a [`Principal`] (module `auth`), so none can
-//! forget to authenticate; [`ServerError`] is turned into a response in one place (`error`).
-//! Only this crate knows HTTP.
+//! Every route but `/healthz`, `/readyz`, `/metrics` and `/api/v1/openapi.json` takes a
+//! [`Principal`] (module `auth`), so none can forget to authenticate; [`ServerError`] is turned
+//! into a response in one place (`error`): OpenRosa XML on the phone routes, JSON
+//! ([`ApiError`]) on caseledger's own API. Only this crate knows HTTP.
+//!
+//! Modules: `receiver` and `phone` are CommCare's routes; `api_v1` caseledger's JSON commands
+//! and queries, `sse` its live subscriptions, `openapi` the document of both, `metrics` the
+//! Prometheus exposition.
 //!
 //! ```ignore
 //! let server = server::Server::bind(dir, "127.0.0.1:8000".parse()?, ServerConfig::default()).await?;
 //! server.run(server::shutdown_signal()).await?;
 //! ```
 
+pub mod api_types;
+mod api_v1;
 mod auth;
 mod error;
 mod limit;
+mod metrics;
+pub mod openapi;
 mod phone;
 mod receiver;
 pub mod secret;
+mod sse;
 mod state;
 
 #[cfg(test)]
@@ -41,8 +51,9 @@ use serde::Serialize;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
+pub use api_v1::{ApiPrincipal, DEFAULT_WAIT, MAX_WAIT};
 pub use auth::{Access, Principal};
-pub use error::ServerError;
+pub use error::{ApiError, ServerError};
 pub use limit::LoginLimit;
 pub use receiver::POSITION_HEADER;
 pub use state::AppState;
@@ -135,6 +146,12 @@ impl Server {
         write_server_file(&file, addr)?;
         tracing::info!(addr = %addr, dir = %self.state.dir().display(), "serving");
         let app = router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        // SSE streams end on this signal; the graceful shutdown would wait for them forever.
+        let streams = self.state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            streams.inner.shutdown.send_replace(true);
+        };
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -167,14 +184,13 @@ fn router(state: AppState) -> Router {
     let request_timeout = config.request_timeout;
     let receive = post(receiver::receive);
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
         .route("/a/{domain}/receiver/", receive.clone())
         .route("/a/{domain}/receiver/{app_id}/", receive.clone())
         .route("/a/{domain}/receiver/secure/", receive.clone())
         .route("/a/{domain}/receiver/secure/{app_id}/", receive)
         .route("/a/{domain}/phone/restore/", get(phone::restore))
         .route("/a/{domain}/phone/restore/{app_id}/", get(phone::restore))
+        .merge(openapi::routes().split_for_parts().0)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
@@ -182,15 +198,24 @@ fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 
 /// Alive: answers while the process serves. Reveals nothing.
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "ok", content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
 /// Ready: every project space's projections have folded the log up to its written head.
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    responses((status = 200, description = "ready", content_type = "text/plain"),
+        (status = 503, description = "not ready", content_type = "text/plain")))]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     let behind = state
         .engines()

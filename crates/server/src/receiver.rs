@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Path, Request};
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use domain::{AppId, AttachmentFile, Command};
@@ -29,6 +29,7 @@ const SUCCESS: &str = "   √   ";
 
 pub(crate) async fn receive(
     principal: Principal,
+    State(state): State<crate::AppState>,
     Path(params): Path<HashMap<String, String>>,
     headers: HeaderMap,
     request: Request,
@@ -51,7 +52,9 @@ pub(crate) async fn receive(
         principal.require_user(form.user_id.as_deref().unwrap_or_default())?;
     }
     let request = engine::Request::new(Command::SubmitForm(Box::new(submission)));
+    let started = std::time::Instant::now();
     let outcome = engine.execute(request).await?;
+    state.inner.metrics.observe_append(started.elapsed());
     let last = outcome.events.last().map(|e| e.position);
     let submitted = SubmitOutcome::from_events(&outcome.events)?;
     tracing::info!(

@@ -1,5 +1,6 @@
 //! What every request shares: the data dir's sled database, one engine per project space over
-//! it, the login throttles and the cache of verified credentials.
+//! it, the login throttles, the cache of verified credentials, the metrics and the shutdown
+//! signal that ends SSE streams.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,11 @@ pub(crate) struct Inner {
     /// a client presenting the same credentials again skips argon2 while that hash is still the
     /// one on record (a new password or a revocation changes or removes it).
     pub(crate) verified: Mutex<HashMap<[u8; 32], String>>,
+    /// Request, append and subscriber figures for `/metrics`.
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// Turns true when the server begins to shut down: SSE streams end cleanly on it, so the
+    /// graceful shutdown does not wait for them forever.
+    pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// Entries of [`Inner::verified`] beyond which it is cleared.
@@ -52,6 +58,8 @@ impl AppState {
                 engines: RwLock::new(HashMap::new()),
                 opening: Mutex::new(()),
                 verified: Mutex::new(HashMap::new()),
+                metrics: crate::metrics::Metrics::default(),
+                shutdown: tokio::sync::watch::Sender::new(false),
             }),
         };
         for domain in SledLog::domains(&state.inner.db) {
