@@ -23,7 +23,8 @@ use crate::{keys, Damage};
 /// - 2: case values hold their history first; plus the time-travel rows (`v` version rows by
 ///   position, `h` owner departures, `y` directory events).
 /// - 3: the directory holds credentials (users' password hashes, API keys).
-pub const LAYOUT_VERSION: u64 = 3;
+/// - 4: the `indexed_on` indexes of cases and forms and their clocks (`i`, `j`, `I`, `J`).
+pub const LAYOUT_VERSION: u64 = 4;
 
 /// The rules version of the fold this code runs: change it with any change to what the fold
 /// writes for the same events when the layout stays readable (a rule of SEMANTICS.md, a bug fix
