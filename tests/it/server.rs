@@ -14,20 +14,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A response as read off the socket.
 #[derive(Debug)]
-struct Response {
-    status: u16,
+pub(crate) struct Response {
+    pub(crate) status: u16,
     headers: BTreeMap<String, String>,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
     }
 }
 
 /// One request on a fresh connection (`Connection: close`), the response read to its end.
-async fn http(
+pub(crate) async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -96,7 +96,7 @@ fn dechunk(mut rest: &str) -> String {
     out
 }
 
-fn basic(login: &str, password: &str) -> String {
+pub(crate) fn basic(login: &str, password: &str) -> String {
     let b = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{password}"));
     format!("Basic {b}")
 }
@@ -126,13 +126,13 @@ struct Keys {
     other_admin: String,
 }
 
-async fn run(engine: &Engine, commands: Vec<Command>) {
+pub(crate) async fn run(engine: &Engine, commands: Vec<Command>) {
     for c in commands {
         engine.execute(Request::new(c)).await.expect("command");
     }
 }
 
-async fn key(engine: &Engine, user: &str, role: Role) -> (ApiKeyId, String) {
+pub(crate) async fn key(engine: &Engine, user: &str, role: Role) -> (ApiKeyId, String) {
     let k = server::secret::new_api_key().expect("key");
     run(
         engine,
@@ -204,13 +204,13 @@ async fn seed(dir: &Path) -> Keys {
 }
 
 /// A running server: its address, the signal that stops it, and its task.
-struct Running {
-    addr: SocketAddr,
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), server::ServerError>>,
 }
 
-async fn start(dir: &Path, config: ServerConfig) -> Running {
+pub(crate) async fn start(dir: &Path, config: ServerConfig) -> Running {
     let server = Server::bind(dir, "127.0.0.1:0".parse().expect("addr"), config)
         .await
         .expect("bind");
@@ -223,7 +223,7 @@ async fn start(dir: &Path, config: ServerConfig) -> Running {
 }
 
 impl Running {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         self.task
             .await
@@ -232,7 +232,7 @@ impl Running {
     }
 }
 
-fn apikey(login: &str, key: &str) -> String {
+pub(crate) fn apikey(login: &str, key: &str) -> String {
     format!("ApiKey {login}:{key}")
 }
 

@@ -149,8 +149,9 @@ pub struct IndexedPage<T> {
     pub total: u64,
 }
 
-/// The first position whose first row of `prefix` has a stamp `>= start`, by binary search:
-/// stamps increase with positions.
+/// The position to scan from for the rows of `prefix` with a stamp `>= start`, by binary
+/// search (stamps increase with positions): the first position `lo` from which every row has
+/// such a stamp, less one, since the rows of one event (several cases) may straddle `start`.
 fn seek(generation: &Generation, prefix: u8, start: u64) -> Result<Position, ProjectionError> {
     let first_stamp_from = |p: u64| -> Result<Option<u64>, ProjectionError> {
         let from = key(prefix, Position(p), "");
@@ -167,7 +168,7 @@ fn seek(generation: &Generation, prefix: u8, start: u64) -> Result<Position, Pro
             _ => hi = mid,
         }
     }
-    Ok(Position(lo))
+    Ok(Position(lo.saturating_sub(1)))
 }
 
 /// Walks the rows of `prefix` the query matches, calling `keep` on each to filter and load it.

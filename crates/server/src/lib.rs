@@ -16,6 +16,7 @@
 //! ```
 
 mod auth;
+mod data_api;
 mod error;
 mod limit;
 mod phone;
@@ -175,6 +176,7 @@ fn router(state: AppState) -> Router {
         .route("/a/{domain}/receiver/secure/{app_id}/", receive)
         .route("/a/{domain}/phone/restore/", get(phone::restore))
         .route("/a/{domain}/phone/restore/{app_id}/", get(phone::restore))
+        .merge(data_api::routes())
         .layer(DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
