@@ -490,10 +490,14 @@ fn issue10_commcare_export_exports_the_seed_stories_cases_and_forms() {
             .map(|a| (*a).to_owned())
             .collect();
             let exe = exe.clone();
-            let out = tokio::task::spawn_blocking(move || Process::new(exe).args(&args).output())
-                .await
-                .expect("task")
-                .expect("commcare-export runs");
+            // It writes `commcare_export.log` into its working directory: the scratch one.
+            let cwd = work.path().to_path_buf();
+            let out = tokio::task::spawn_blocking(move || {
+                Process::new(exe).args(&args).current_dir(cwd).output()
+            })
+            .await
+            .expect("task")
+            .expect("commcare-export runs");
             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             assert!(
