@@ -432,13 +432,15 @@ fn a_lost_tail_is_reported_by_verify_export_and_open() {
 }
 
 /// The checked-in format-1/2 envelopes of `tests/data/fixtures/events-v1.bin` (I6), as stored
-/// before the chain: length-prefixed, positions 1 to 15.
+/// before the chain: length-prefixed, positions 1 to 15. The fixture's later envelopes (the
+/// credential and sync-token types of issue 10) were appended in today's format; they are not
+/// legacy and are left out.
 fn legacy_envelopes() -> Vec<Vec<u8>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures/events-v1.bin");
     let stored = std::fs::read(path).expect("fixture present");
     let mut rest = stored.as_slice();
     let mut out = Vec::new();
-    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+    while let Some((len, tail)) = rest.split_first_chunk::<4>().filter(|_| out.len() < 15) {
         let (one, tail) = tail.split_at(u32::from_le_bytes(*len) as usize);
         out.push(one.to_vec());
         rest = tail;
