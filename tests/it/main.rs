@@ -14,6 +14,7 @@ mod cli;
 mod concurrency;
 mod conformance;
 mod damage;
+mod data_api;
 mod errors;
 mod fixtures;
 mod replay;

@@ -3,6 +3,7 @@
 
 use caseledger::demo::{form, Block};
 use caseledger::domain::{AppId, Command, GroupId, UserId};
+use caseledger::projections::IndexedQuery;
 use caseledger::{view, Engine, EngineConfig, Request};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -191,6 +192,28 @@ fn snapshot(engine: &Engine) -> Vec<Value> {
     out.push(Value::Array(
         p.groups(None).iter().map(view::group_json).collect(),
     ));
+    // The data APIs' indexes: ids, places and `indexed_on` values (issue 10).
+    let all = IndexedQuery {
+        limit: usize::MAX,
+        include_archived: true,
+        ..IndexedQuery::default()
+    };
+    let cases = p.cases_by_indexed_on(&all).expect("cases by indexed_on");
+    let forms = p.forms_by_indexed_on(&all).expect("forms by indexed_on");
+    out.push(serde_json::json!([
+        cases.total,
+        cases
+            .items
+            .iter()
+            .map(|i| format!("{}@{}:{}", i.item.case_id.0, i.position.0, i.indexed_on))
+            .collect::<Vec<_>>(),
+        forms.total,
+        forms
+            .items
+            .iter()
+            .map(|i| format!("{}@{}:{}", i.item.0 .0, i.position.0, i.indexed_on))
+            .collect::<Vec<_>>(),
+    ]));
     out
 }
 

@@ -132,7 +132,7 @@ pub(crate) async fn run(engine: &Engine, commands: Vec<Command>) {
     }
 }
 
-async fn key(engine: &Engine, user: &str, role: Role) -> (ApiKeyId, String) {
+pub(crate) async fn key(engine: &Engine, user: &str, role: Role) -> (ApiKeyId, String) {
     let k = server::secret::new_api_key().expect("key");
     run(
         engine,

@@ -10,7 +10,7 @@ use crate::support::World;
 impl World {
     /// The seed page's people and apps: two case-sharing teams, a supervisor in both, Tom in
     /// none, an ANC app and a clinic app sharing a case type, and a non-sharing app.
-    fn stories() -> Self {
+    pub(crate) fn stories() -> Self {
         let w = World::empty();
         for u in ["u-david", "u-maria", "u-ana", "u-grace", "u-tom", "u-sup"] {
             w.user(u, u);
@@ -28,7 +28,7 @@ impl World {
     }
 }
 
-fn register<'a>(case: &'a str, user: &'a str, owner: Option<&'a str>) -> Block<'a> {
+pub(crate) fn register<'a>(case: &'a str, user: &'a str, owner: Option<&'a str>) -> Block<'a> {
     Block {
         case_id: case,
         user,
@@ -39,7 +39,7 @@ fn register<'a>(case: &'a str, user: &'a str, owner: Option<&'a str>) -> Block<'
     }
 }
 
-fn visit<'a>(
+pub(crate) fn visit<'a>(
     case: &'a str,
     user: &'a str,
     date: &'a str,
@@ -483,4 +483,190 @@ fn r54_an_edit_rebuilds_the_case_in_the_old_versions_place() {
     );
     assert_eq!(c.properties["gravida"], "2");
     assert_eq!(c.xform_ids, vec!["f1".into(), "f2".into()]);
+}
+
+/// A case every story leaves behind, as the data APIs must show it.
+pub(crate) struct StoryCase {
+    pub id: &'static str,
+    pub owner: &'static str,
+    pub case_type: &'static str,
+    pub closed: bool,
+}
+
+/// What [`play_all`] leaves: the cases, and the ids of the forms in force (accepted, not
+/// archived), both in the order they were last changed.
+pub(crate) struct Played {
+    pub cases: Vec<StoryCase>,
+    pub forms: Vec<&'static str>,
+}
+
+/// The seed page's stories played one after the other in one project space, each with ids of
+/// its own (`c-uc1`, `f-uc1-1`, …): the store the data API tests export (issue 10).
+pub(crate) fn play_all(w: &World) -> Played {
+    let ok = |o: caseledger::SubmitOutcome| assert_eq!(o.outcome, SubmitStatus::Accepted, "{o:?}");
+    let refused = |o: caseledger::SubmitOutcome| assert_eq!(o.outcome, SubmitStatus::Rejected);
+    // Use case 1: David registers, Maria visits.
+    ok(w.submit(
+        "app-anc",
+        form("f-uc1-1", "u-david", &[register("c-uc1", "u-david", None)]),
+    ));
+    let v = [("anc_visits", "1")];
+    ok(w.submit(
+        "app-anc",
+        form(
+            "f-uc1-2",
+            "u-maria",
+            &[visit("c-uc1", "u-maria", "2026-03-03T09:00:00Z", &v)],
+        ),
+    ));
+    // Use case 2: the clinic app shares the case type.
+    ok(w.submit(
+        "app-anc",
+        form("f-uc2-1", "u-david", &[register("c-uc2", "u-david", None)]),
+    ));
+    let v = [("clinic_outcome", "admitted")];
+    ok(w.submit(
+        "app-clinic",
+        form(
+            "f-uc2-2",
+            "u-grace",
+            &[visit("c-uc2", "u-grace", "2026-03-04T09:00:00Z", &v)],
+        ),
+    ));
+    // Errors: Tom is in no group.
+    refused(w.submit(
+        "app-anc",
+        form("f-err-1", "u-tom", &[register("c-err", "u-tom", None)]),
+    ));
+    // Advanced: the supervisor reviews but cannot create.
+    ok(w.submit(
+        "app-anc",
+        form("f-adv-1", "u-david", &[register("c-adv", "u-david", None)]),
+    ));
+    let v = [("reviewed", "yes")];
+    ok(w.submit(
+        "app-anc",
+        form(
+            "f-adv-2",
+            "u-sup",
+            &[visit("c-adv", "u-sup", "2026-03-05T09:00:00Z", &v)],
+        ),
+    ));
+    refused(w.submit(
+        "app-anc",
+        form("f-adv-3", "u-sup", &[register("c-adv2", "u-sup", None)]),
+    ));
+    // FAQ 4: owner_id set to the user keeps a case private.
+    ok(w.submit(
+        "app-anc",
+        form(
+            "f-faq4-1",
+            "u-david",
+            &[register("c-private", "u-david", Some("u-david"))],
+        ),
+    ));
+    // FAQ 3: an update to a closed case leaves it closed.
+    ok(w.submit(
+        "app-anc",
+        form(
+            "f-close-1",
+            "u-david",
+            &[register("c-closed", "u-david", None)],
+        ),
+    ));
+    let close = Block {
+        case_id: "c-closed",
+        user: "u-maria",
+        date: "2026-03-10T09:00:00Z",
+        create: None,
+        update: &[],
+        close: true,
+    };
+    ok(w.submit("app-anc", form("f-close-2", "u-maria", &[close])));
+    let v = [("pnc", "done")];
+    ok(w.submit(
+        "app-anc",
+        form(
+            "f-close-3",
+            "u-david",
+            &[visit("c-closed", "u-david", "2026-03-09T09:00:00Z", &v)],
+        ),
+    ));
+    // R57: archiving the closing form reopens the case.
+    ok(w.submit(
+        "app-anc",
+        form(
+            "f-arch-1",
+            "u-david",
+            &[register("c-arch", "u-david", None)],
+        ),
+    ));
+    let close = Block {
+        case_id: "c-arch",
+        user: "u-maria",
+        date: "2026-03-10T09:00:00Z",
+        create: None,
+        update: &[],
+        close: true,
+    };
+    ok(w.submit("app-anc", form("f-arch-2", "u-maria", &[close])));
+    w.cmd(Command::ArchiveForm {
+        form: "f-arch-2".into(),
+    });
+    // FAQ 1: a case from before sharing keeps its owner.
+    ok(w.submit(
+        "app-old",
+        form("f-faq1-1", "u-david", &[register("c-old", "u-david", None)]),
+    ));
+    w.cmd(Command::SetAppCaseSharing {
+        app: AppId::new("app-old"),
+        on: true,
+    });
+    let v = [("v", "2")];
+    ok(w.submit(
+        "app-old",
+        form(
+            "f-faq1-2",
+            "u-david",
+            &[visit("c-old", "u-david", "2026-03-06T09:00:00Z", &v)],
+        ),
+    ));
+    ok(w.submit(
+        "app-old",
+        form("f-faq1-3", "u-david", &[register("c-new", "u-david", None)]),
+    ));
+    let case = |id, owner, closed| StoryCase {
+        id,
+        owner,
+        case_type: "pregnancy",
+        closed,
+    };
+    Played {
+        cases: vec![
+            case("c-uc1", "g-team", false),
+            case("c-uc2", "g-team", false),
+            case("c-adv", "g-team", false),
+            case("c-private", "u-david", false),
+            case("c-closed", "g-team", true),
+            case("c-arch", "g-team", false),
+            case("c-old", "u-david", false),
+            case("c-new", "g-team", false),
+        ],
+        forms: vec![
+            "f-uc1-1",
+            "f-uc1-2",
+            "f-uc2-1",
+            "f-uc2-2",
+            "f-adv-1",
+            "f-adv-2",
+            "f-faq4-1",
+            "f-close-1",
+            "f-close-2",
+            "f-close-3",
+            "f-arch-1",
+            "f-faq1-1",
+            "f-faq1-2",
+            "f-faq1-3",
+        ],
+    }
 }

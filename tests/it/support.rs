@@ -45,6 +45,13 @@ impl World {
         }
     }
 
+    /// Flushes and closes the engine, handing over its data dir (to start a server on it).
+    pub fn into_dir(self) -> tempfile::TempDir {
+        self.engine.flush().expect("flush");
+        drop(self.engine);
+        self._dir
+    }
+
     /// Executes a command that must succeed.
     pub fn cmd(&self, c: Command) {
         self.rt

@@ -20,6 +20,11 @@
 //!    by owner) and the reverse-index entries go through one more sorter and are written in key
 //!    order.
 //!
+//! 4. The `indexed_on` clocks (module `indexed`) run in position order: the case clock over the
+//!    version rows as they are gathered (one part per event and case, in case-id order), the
+//!    form clock over the versions in force that phase 2 sorted by position; each case's and
+//!    form's last value is written as its index row.
+//!
 //! The generation gets its checkpoint last; until then it is not installed, and a crash leaves a
 //! tree that the next open reclaims (I4).
 
@@ -34,6 +39,7 @@ use domain::{
 use serde::{Deserialize, Serialize};
 
 use crate::asof::{departures, encode_part, push_len, Action, VersionMeta};
+use crate::indexed::{self, Clocks};
 use crate::pending::stored_of;
 use crate::sorter::{Record, Sorter};
 use crate::{codec, keys, past, DiagnosticRow, Generation, ProjectionError};
@@ -193,6 +199,7 @@ where
 
     // Phase 2: forms, in form-id order; marks for the cases edits and archives touched.
     let mut marks = Sorter::new(scratch, "marks", budget);
+    let mut in_force = Sorter::new(scratch, "in-force", budget);
     let mut special: HashMap<FormId, Special> = HashMap::new();
     let mut group: Vec<(u64, FormRecordFact)> = Vec::new();
     let mut current: Option<Vec<u8>> = None;
@@ -202,7 +209,14 @@ where
         let record = record?;
         if current.as_ref().is_some_and(|k| *k != record.key) {
             if let Some(key) = current.take() {
-                stats.forms += fold_form(&key, &mut group, &mut writer, &mut marks, &mut special)?;
+                stats.forms += fold_form(
+                    &key,
+                    &mut group,
+                    &mut writer,
+                    &mut marks,
+                    &mut in_force,
+                    &mut special,
+                )?;
             }
         }
         let fact = codec::decode(&record.key, &record.payload)?;
@@ -210,13 +224,39 @@ where
         current = Some(record.key);
     }
     if let Some(key) = current.take() {
-        stats.forms += fold_form(&key, &mut group, &mut writer, &mut marks, &mut special)?;
+        stats.forms += fold_form(
+            &key,
+            &mut group,
+            &mut writer,
+            &mut marks,
+            &mut in_force,
+            &mut special,
+        )?;
+    }
+    writer.flush()?;
+
+    // The form clock over the versions in force, in position order (one form per position).
+    let mut clocks = Clocks::default();
+    let in_force = in_force.finish()?;
+    stats.runs += in_force.runs();
+    for record in in_force {
+        let record = record?;
+        let (form, at, last): (FormId, Timestamp, bool) =
+            codec::decode(&record.key, &record.payload)?;
+        clocks.form = indexed::next(clocks.form, at);
+        if last {
+            writer.insert(
+                indexed::key(keys::FORM_INDEXED, Position(record.position), form.as_str()),
+                indexed::value(clocks.form, at),
+            )?;
+        }
     }
     writer.flush()?;
 
     // Phase 3: cases, in case-id order, blocks and marks merged.
     let mut index = Sorter::new(scratch, "index", budget);
     let mut rows = Sorter::new(scratch, "versions", budget);
+    let mut latest = Sorter::new(scratch, "latest", budget);
     let (cases, marks) = (cases.finish()?, marks.finish()?);
     stats.runs += cases.runs() + marks.runs();
     let mut case_records = cases.peekable();
@@ -290,6 +330,15 @@ where
         }
         match case {
             Some(case) => {
+                if let Some(last) = history.last() {
+                    // Its `indexed_on` row, at its last change; the value comes with the clock.
+                    latest.push(Record {
+                        key: indexed::key(keys::CASE_INDEXED, *last, &id),
+                        position: 0,
+                        seq: 0,
+                        payload: Vec::new(),
+                    })?;
+                }
                 let stored = stored_of(&case);
                 writer.insert(keys::owner(&id), stored.owner.as_bytes().to_vec())?;
                 // Cases are keyed by owner: they are written after this pass, in key order.
@@ -329,9 +378,21 @@ where
     // Each record is its meta's length and bytes, then its case's part of the row: a row is the
     // meta once, the count, then the parts in case-id order (`asof::encode_version`), so nothing
     // is decoded again here.
+    // The case clock runs over the same parts, (position, case id) in order; a case's row is
+    // written at the part of its last change, which `latest` lists in the same order.
+    let latest = latest.finish()?;
+    stats.runs += latest.runs();
+    let mut latest = latest.peekable();
     let mut row = RowBuilder::default();
     for record in rows {
         let record = record?;
+        let at = part_recorded_at(&record.key, &record.payload)?;
+        clocks.case = indexed::next(clocks.case, at);
+        let rest = record.key.get(1..).unwrap_or_default();
+        if let Some(l) = latest.next_if(|l| l.as_ref().is_ok_and(|l| l.key.get(1..) == Some(rest)))
+        {
+            writer.insert(l?.key, indexed::value(clocks.case, at))?;
+        }
         let position = record.key.get(..9).unwrap_or_default().to_vec();
         if row.key != position {
             row.write(&mut writer)?;
@@ -340,10 +401,25 @@ where
         row.push(&record.key, &record.payload)?;
     }
     row.write(&mut writer)?;
+    if let Some(l) = latest.next() {
+        let key = l?.key;
+        return Err(ProjectionError::Scratch {
+            path: String::from_utf8_lossy(&key).into_owned(),
+            reason: "a case's last change has no version part".into(),
+        });
+    }
+    writer.insert(
+        keys::CASE_CLOCK.to_vec(),
+        clocks.case.to_be_bytes().to_vec(),
+    )?;
+    writer.insert(
+        keys::FORM_CLOCK.to_vec(),
+        clocks.form.to_be_bytes().to_vec(),
+    )?;
     writer.insert(keys::DIRECTORY.to_vec(), codec::encode(&directory))?;
     writer.insert(keys::CHECKPOINT.to_vec(), checkpoint.to_be_bytes().to_vec())?;
     writer.flush()?;
-    generation.published(Arc::new(directory), checkpoint);
+    generation.published(Arc::new(directory), checkpoint, clocks);
     progress(checkpoint);
     Ok(stats)
 }
@@ -395,6 +471,25 @@ impl RowBuilder {
         self.count = 0;
         writer.insert(std::mem::take(&mut self.key), value)
     }
+}
+
+/// The received time in a version part's meta (`RowBuilder::push` reads the same layout).
+fn part_recorded_at(key: &[u8], record: &[u8]) -> Result<Timestamp, ProjectionError> {
+    let len = record
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(usize::MAX);
+    let meta =
+        record
+            .get(4..4usize.saturating_add(len))
+            .ok_or_else(|| ProjectionError::Scratch {
+                path: String::from_utf8_lossy(key).into_owned(),
+                reason: "version part without its meta".into(),
+            })?;
+    let meta: VersionMeta = codec::decode(key, meta)?;
+    Ok(meta.recorded_at)
 }
 
 fn take_err(records: &mut std::iter::Peekable<crate::sorter::Merge>) -> ProjectionError {
@@ -452,9 +547,12 @@ fn fold_form(
     facts: &mut Vec<(u64, FormRecordFact)>,
     writer: &mut Writer<'_>,
     marks: &mut Sorter,
+    in_force: &mut Sorter,
     special: &mut HashMap<FormId, Special>,
 ) -> Result<u64, ProjectionError> {
     let mut entry: Option<FormEntry> = None;
+    // Positions where a version came in force, with their received times (the form clock).
+    let mut versions: Vec<(u64, Timestamp)> = Vec::new();
     let mut rewritten = false;
     let id = FormId::new(String::from_utf8_lossy(key).into_owned());
     for (p, (fact, recorded_at, replaces)) in facts.drain(..) {
@@ -491,10 +589,22 @@ fn fold_form(
             }
         }
         if let Some(e) = step.entry {
+            if e.accepted && e.position == Position(p) {
+                versions.push((p, recorded_at));
+            }
             entry = Some(e);
         }
     }
     let Some(entry) = entry else { return Ok(0) };
+    for (p, at) in versions {
+        let last = entry.accepted && entry.position == Position(p);
+        in_force.push(Record {
+            key: Vec::new(),
+            position: p,
+            seq: 0,
+            payload: payload(&(&id, at, last)),
+        })?;
+    }
     if rewritten {
         special.insert(
             id.clone(),

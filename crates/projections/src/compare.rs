@@ -32,6 +32,8 @@ pub enum KeyKind {
     OwnerDeparture,
     /// A directory event (time travel).
     DirectoryEvent,
+    /// A case's or form's `indexed_on` row, or one of their clocks.
+    Indexed,
     /// A key this code does not know.
     Other,
 }
@@ -50,6 +52,7 @@ impl std::fmt::Display for KeyKind {
             KeyKind::CaseVersion => "case-version",
             KeyKind::OwnerDeparture => "owner-departure",
             KeyKind::DirectoryEvent => "directory-event",
+            KeyKind::Indexed => "indexed-on",
             KeyKind::Other => "other",
         })
     }
@@ -157,6 +160,9 @@ fn kind(key: &[u8]) -> KeyKind {
     if key == keys::CHECKPOINT {
         return KeyKind::Checkpoint;
     }
+    if key == keys::CASE_CLOCK || key == keys::FORM_CLOCK {
+        return KeyKind::Indexed;
+    }
     match key.first() {
         Some(&keys::CASE) => KeyKind::Case,
         Some(&keys::OWNER) => KeyKind::Owner,
@@ -167,6 +173,7 @@ fn kind(key: &[u8]) -> KeyKind {
         Some(&keys::VERSION) => KeyKind::CaseVersion,
         Some(&keys::DEPARTED) => KeyKind::OwnerDeparture,
         Some(&keys::DIRECTORY_EVENT) => KeyKind::DirectoryEvent,
+        Some(&keys::CASE_INDEXED | &keys::FORM_INDEXED) => KeyKind::Indexed,
         _ => KeyKind::Other,
     }
 }
@@ -211,6 +218,18 @@ fn id(kind: KeyKind, key: &[u8]) -> String {
             let position = <[u8; 8]>::try_from(position).map_or(0, u64::from_be_bytes);
             let name: Vec<u8> = name.iter().copied().filter(|b| *b != 0).collect();
             format!("{}@{position}", String::from_utf8_lossy(&name))
+        }
+        KeyKind::Indexed => {
+            // A position then an id; a clock is its one-letter name.
+            let position = rest.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok());
+            match position {
+                Some(p) => format!(
+                    "{}@{}",
+                    String::from_utf8_lossy(rest.get(8..).unwrap_or_default()),
+                    u64::from_be_bytes(p)
+                ),
+                None => String::from_utf8_lossy(key).into_owned(),
+            }
         }
         KeyKind::Other => String::from_utf8_lossy(key).into_owned(),
     }
@@ -307,7 +326,11 @@ fn describe(kind: KeyKind, key: &[u8], bytes: &[u8]) -> Described {
                 full: None,
             },
         },
-        KeyKind::CaseVersion | KeyKind::OwnerDeparture | KeyKind::DirectoryEvent | KeyKind::Other => {
+        KeyKind::CaseVersion
+        | KeyKind::OwnerDeparture
+        | KeyKind::DirectoryEvent
+        | KeyKind::Indexed
+        | KeyKind::Other => {
             Described {
                 summary: format!("{} bytes", bytes.len()),
                 full: Some(format!("{bytes:?}")),

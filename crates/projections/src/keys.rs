@@ -12,6 +12,10 @@
 //! | `v` | position BE | the event at that position and every case it touched as it left them (`asof`) |
 //! | `h` | u32 BE owner length, owner id, case id, position BE | empty: the case left this owner at that position (moved or deleted) |
 //! | `y` | position BE | bincode [`domain::RecordedEvent`] of a directory event |
+//! | `i` | position BE, case id | `indexed_on` µs BE, received ms BE: the case's last change (`indexed`) |
+//! | `j` | position BE, form id | `indexed_on` µs BE, received ms BE: an accepted form's version in force |
+//! | `I` | — | the case `indexed_on` clock, µs BE |
+//! | `J` | — | the form `indexed_on` clock, µs BE |
 //! | `D` | — | bincode [`domain::Directory`] |
 //! | `K` | — | checkpoint position BE |
 //!
@@ -31,6 +35,10 @@ pub const TOMBSTONE: u8 = b'x';
 pub const VERSION: u8 = b'v';
 pub const DEPARTED: u8 = b'h';
 pub const DIRECTORY_EVENT: u8 = b'y';
+pub const CASE_INDEXED: u8 = b'i';
+pub const FORM_INDEXED: u8 = b'j';
+pub const CASE_CLOCK: &[u8] = b"I";
+pub const FORM_CLOCK: &[u8] = b"J";
 pub const DIRECTORY: &[u8] = b"D";
 pub const CHECKPOINT: &[u8] = b"K";
 

@@ -30,6 +30,7 @@ mod codec;
 mod compare;
 mod damage;
 mod error;
+mod indexed;
 mod keys;
 mod past;
 mod pending;
@@ -55,6 +56,7 @@ pub use bulk::BulkStats;
 pub use compare::{Difference, KeyKind};
 pub use damage::Damage;
 pub use error::ProjectionError;
+pub use indexed::{Indexed, IndexedPage, IndexedQuery};
 pub use pending::{Overlay, Pending, Sealed};
 pub use prefetch::{Prefetched, Touched};
 pub use version::{ProjectionVersion, LAYOUT_VERSION, RULES_VERSION};
@@ -144,6 +146,8 @@ pub struct Generation {
     tree: sled::Tree,
     directory: RwLock<Arc<Directory>>,
     checkpoint: AtomicU64,
+    /// The `indexed_on` clocks as of the checkpoint (`indexed`).
+    clocks: std::sync::Mutex<indexed::Clocks>,
 }
 
 impl Generation {
@@ -165,12 +169,17 @@ impl Generation {
             })?,
             None => 0,
         };
+        let clocks = indexed::Clocks {
+            case: indexed::read_clock(&tree, keys::CASE_CLOCK)?,
+            form: indexed::read_clock(&tree, keys::FORM_CLOCK)?,
+        };
         Ok(Generation {
             id,
             version,
             tree,
             directory: RwLock::new(Arc::new(directory)),
             checkpoint: AtomicU64::new(checkpoint),
+            clocks: std::sync::Mutex::new(clocks),
         })
     }
 
@@ -190,6 +199,7 @@ impl Generation {
             tree,
             directory: RwLock::new(Arc::new(Directory::default())),
             checkpoint: AtomicU64::new(0),
+            clocks: std::sync::Mutex::new(indexed::Clocks::default()),
         })
     }
 
@@ -204,12 +214,23 @@ impl Generation {
         Position(self.checkpoint.load(Ordering::Acquire))
     }
 
-    fn published(&self, directory: Arc<Directory>, checkpoint: Position) {
+    fn published(&self, directory: Arc<Directory>, checkpoint: Position, clocks: indexed::Clocks) {
         match self.directory.write() {
             Ok(mut d) => *d = directory,
             Err(poisoned) => *poisoned.into_inner() = directory,
         }
+        match self.clocks.lock() {
+            Ok(mut c) => *c = clocks,
+            Err(poisoned) => *poisoned.into_inner() = clocks,
+        }
         self.checkpoint.store(checkpoint.0, Ordering::Release);
+    }
+
+    fn clocks(&self) -> indexed::Clocks {
+        match self.clocks.lock() {
+            Ok(c) => *c,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
     }
 
     /// The key and value of a case's row, found through its owner row; `None` when the case
@@ -609,6 +630,58 @@ impl Projections {
             out.push(codec::decode(&key, &value)?);
         }
         Ok(out)
+    }
+
+    /// Cases in `indexed_on` order (the data APIs' listing): unique, strictly increasing values
+    /// derived from the log position of each case's last change (module `indexed`).
+    pub fn cases_by_indexed_on(
+        &self,
+        query: &IndexedQuery,
+    ) -> Result<IndexedPage<Case>, ProjectionError> {
+        indexed::cases(&self.current(), query)
+    }
+
+    /// Accepted forms in `indexed_on` order, archived ones only when the query asks.
+    pub fn forms_by_indexed_on(
+        &self,
+        query: &IndexedQuery,
+    ) -> Result<IndexedPage<(FormId, FormEntry)>, ProjectionError> {
+        indexed::forms(&self.current(), query)
+    }
+
+    /// A case with its `indexed_on` and the received time of its last change; `None` when
+    /// there is no such case.
+    pub fn case_indexed(&self, id: &CaseId) -> Result<Option<Indexed<Case>>, ProjectionError> {
+        let generation = self.current();
+        let stored = generation.load_stored(id)?;
+        let Some(case) = stored.case else {
+            return Ok(None);
+        };
+        let last = stored.history.last().copied();
+        Ok(
+            indexed::case_row(&generation, &case, last)?.map(|(stamp, at)| Indexed {
+                indexed_on: stamp,
+                changed_at: at,
+                position: last.unwrap_or_default(),
+                item: case,
+            }),
+        )
+    }
+
+    /// An accepted form with its `indexed_on`; `None` when there is none by that id.
+    pub fn form_indexed(&self, id: &FormId) -> Result<Option<Indexed<FormEntry>>, ProjectionError> {
+        let generation = self.current();
+        let Some(entry) = generation.load_form(id)? else {
+            return Ok(None);
+        };
+        Ok(
+            indexed::form_row(&generation, id, &entry)?.map(|(stamp, at)| Indexed {
+                indexed_on: stamp,
+                changed_at: at,
+                position: entry.position,
+                item: entry,
+            }),
+        )
     }
 
     /// Positions of the events that touched a case, ascending (case history).

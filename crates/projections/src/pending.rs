@@ -15,6 +15,7 @@ use domain::{
 };
 
 use crate::asof::{departures, encode_version, RowCases, VersionMeta};
+use crate::indexed::{self, Clocks};
 use crate::{
     codec, keys, past, DiagnosticRow, FormEntry, Generation, LogReader, Prefetched,
     ProjectionError, StoredCase, Touched,
@@ -54,6 +55,10 @@ struct CaseSlot {
     history: Vec<Position>,
     /// The generation held a tombstone for it when it was loaded.
     tombstone: bool,
+    /// The position of its `indexed_on` row when it was loaded (its last change, if it existed).
+    stored_last: Option<Position>,
+    /// Its last change in this batch: position, `indexed_on`, received time.
+    indexed: Option<(Position, u64, Timestamp)>,
     dirty: bool,
     /// The case after each event of this batch that touched it, with what the event was (time
     /// travel's version rows).
@@ -69,6 +74,7 @@ pub struct Overlay {
     forms: HashMap<FormId, FormEntry>,
     directory: Arc<Directory>,
     checkpoint: Position,
+    clocks: Clocks,
 }
 
 impl Overlay {
@@ -95,13 +101,15 @@ pub struct Sealed {
     batch: sled::Batch,
     directory: Arc<Directory>,
     checkpoint: Position,
+    clocks: Clocks,
 }
 
 impl Sealed {
     /// Writes the batch and publishes its checkpoint and directory to readers.
     pub fn apply(self) -> Result<Arc<Generation>, ProjectionError> {
         self.generation.tree.apply_batch(self.batch)?;
-        self.generation.published(self.directory, self.checkpoint);
+        self.generation
+            .published(self.directory, self.checkpoint, self.clocks);
         Ok(self.generation)
     }
 
@@ -132,6 +140,10 @@ pub struct Pending {
     overlay: Option<Arc<Overlay>>,
     /// Form entries read ahead (`None`: no such form), validated by the caller.
     prefetched_forms: HashMap<FormId, Option<FormEntry>>,
+    /// The `indexed_on` clocks after the events folded so far.
+    clocks: Clocks,
+    /// Changes to the forms' `indexed_on` rows, in event order (`None` removes).
+    form_rows: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Pending {
@@ -153,9 +165,13 @@ impl Pending {
             Some(p) => (p.cases, p.forms),
             None => (HashMap::new(), HashMap::new()),
         };
-        let (directory, checkpoint) = match &overlay {
-            Some(o) => (Arc::clone(&o.directory), o.checkpoint),
-            None => (generation.directory(), generation.checkpoint()),
+        let (directory, checkpoint, clocks) = match &overlay {
+            Some(o) => (Arc::clone(&o.directory), o.checkpoint, o.clocks),
+            None => (
+                generation.directory(),
+                generation.checkpoint(),
+                generation.clocks(),
+            ),
         };
         Pending {
             generation,
@@ -172,6 +188,8 @@ impl Pending {
             reader,
             overlay,
             prefetched_forms,
+            clocks,
+            form_rows: Vec::new(),
         }
     }
 
@@ -223,6 +241,7 @@ impl Pending {
                 },
             };
             let stored = current.as_ref().map(stored_of);
+            let stored_last = current.as_ref().and(history.last().copied());
             self.cases.insert(
                 id.clone(),
                 CaseSlot {
@@ -232,6 +251,8 @@ impl Pending {
                     current,
                     history,
                     tombstone,
+                    stored_last,
+                    indexed: None,
                     dirty: false,
                     versions: Vec::new(),
                 },
@@ -275,7 +296,26 @@ impl Pending {
             };
             let step = FormEntry::fold(prev.as_ref(), fact, ev.position);
             if let Some(entry) = step.entry {
+                if entry.accepted && entry.position == ev.position {
+                    // A version came in force: the form's `indexed_on` row moves here.
+                    if let Some(old) = prev.as_ref().filter(|p| p.accepted) {
+                        let key = indexed::key(keys::FORM_INDEXED, old.position, form_id.as_str());
+                        self.form_rows.push((key, None));
+                    }
+                    self.clocks.form = indexed::next(self.clocks.form, ev.recorded_at);
+                    let key = indexed::key(keys::FORM_INDEXED, ev.position, form_id.as_str());
+                    let value = indexed::value(self.clocks.form, ev.recorded_at);
+                    self.form_rows.push((key, Some(value)));
+                }
                 self.forms.insert(form_id.clone(), entry);
+            }
+            // Each case the event touched gets the case clock's next value, in case-id order.
+            let mut in_order: Vec<&CaseId> = step.touched.iter().collect();
+            in_order.sort();
+            for c in in_order {
+                self.clocks.case = indexed::next(self.clocks.case, ev.recorded_at);
+                let stamp = self.clocks.case;
+                self.slot(c)?.indexed = Some((ev.position, stamp, ev.recorded_at));
             }
             for c in &step.touched {
                 self.slot(c)?.history.push(ev.position);
@@ -438,6 +478,17 @@ impl Pending {
                     .1
                     .push((id.as_str(), version.as_ref()));
             }
+            if let Some((p, stamp, at)) = slot.indexed {
+                if let Some(old) = slot.stored_last.filter(|_| slot.stored.is_some()) {
+                    batch.remove(indexed::key(keys::CASE_INDEXED, old, id.as_str()));
+                }
+                if slot.current.is_some() {
+                    batch.insert(
+                        indexed::key(keys::CASE_INDEXED, p, id.as_str()),
+                        indexed::value(stamp, at),
+                    );
+                }
+            }
             let stored = slot.stored.as_ref().map(|s| s.owner.as_str());
             let versions = slot.versions.iter().map(|(p, _, v)| (*p, v.as_ref()));
             for (owner, p) in departures(stored, versions) {
@@ -512,6 +563,13 @@ impl Pending {
         for (id, form) in &self.forms {
             batch.insert(keys::form(id.as_str()), codec::encode(form));
         }
+        for (key, value) in &self.form_rows {
+            match value {
+                Some(v) => batch.insert(key.clone(), v.clone()),
+                None => batch.remove(key.clone()),
+            }
+        }
+        self.clocks.record(&mut batch);
         for row in &self.diagnostics {
             let n = diag_seq.entry(row.position).or_insert(0);
             batch.insert(keys::diagnostic(row.position.0, *n), codec::encode(row));
@@ -553,12 +611,14 @@ impl Pending {
             forms: self.forms,
             directory: Arc::clone(&self.directory),
             checkpoint: self.checkpoint,
+            clocks: self.clocks,
         };
         let sealed = Sealed {
             generation: self.generation,
             batch,
             directory: self.directory,
             checkpoint: self.checkpoint,
+            clocks: self.clocks,
         };
         Ok((sealed, overlay))
     }

@@ -26,7 +26,8 @@ use crate::{keys, Damage};
 ///   case id to its owner.
 /// - 4: case values hold the case's past (`past`) between its history and the case.
 /// - 5: the directory holds credentials (users' password hashes, API keys).
-pub const LAYOUT_VERSION: u64 = 5;
+/// - 6: the `indexed_on` indexes of cases and forms and their clocks (`i`, `j`, `I`, `J`).
+pub const LAYOUT_VERSION: u64 = 6;
 
 /// The rules version of the fold this code runs: change it with any change to what the fold
 /// writes for the same events when the layout stays readable (a rule of SEMANTICS.md, a bug fix

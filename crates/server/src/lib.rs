@@ -23,6 +23,7 @@
 pub mod api_types;
 mod api_v1;
 mod auth;
+mod data_api;
 mod error;
 mod limit;
 mod metrics;
@@ -191,6 +192,7 @@ fn router(state: AppState) -> Router {
         .route("/a/{domain}/phone/restore/", get(phone::restore))
         .route("/a/{domain}/phone/restore/{app_id}/", get(phone::restore))
         .merge(openapi::routes().split_for_parts().0)
+        .merge(data_api::routes())
         .layer(DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(RequestBodyTimeoutLayer::new(body_timeout))

@@ -71,3 +71,32 @@ fn issue10_failed_logins_empty_a_bucket_that_refills_with_time() {
     std::thread::sleep(Duration::from_millis(220));
     assert!(limiter.check("a").is_ok());
 }
+
+#[test]
+fn issue10_data_api_dates_take_hq_formats_as_utc_and_round_trip_micros() {
+    use crate::data_api::{format_micros, parse_date};
+    let day = parse_date("d", "2026-03-02").unwrap();
+    assert_eq!(format_micros(day), "2026-03-02T00:00:00.000000Z");
+    for (text, shown) in [
+        ("2026-03-02T10:20:30", "2026-03-02T10:20:30.000000Z"),
+        ("2026-03-02T10:20:30.5", "2026-03-02T10:20:30.500000Z"),
+        ("2026-03-02T10:20:30.000199", "2026-03-02T10:20:30.000199Z"),
+        ("2026-03-02T10:20Z", "2026-03-02T10:20:00.000000Z"),
+    ] {
+        assert_eq!(
+            format_micros(parse_date("d", text).unwrap()),
+            shown,
+            "{text}"
+        );
+    }
+    for bad in [
+        "2026-03-02T10:20:30Z",
+        "2026-3-2",
+        "2026-02-30",
+        "2026-03-02T10:20:30.1234567",
+        "2026-03-02 10:20:30",
+        "",
+    ] {
+        assert!(parse_date("d", bad).is_err(), "{bad}");
+    }
+}
