@@ -33,6 +33,7 @@ use common::{
     written_bytes, BenchResult, GROUPS, USERS,
 };
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -342,7 +343,7 @@ fn main() -> BenchResult<()> {
         let forms_in: usize = batches.iter().map(Vec::len).sum();
         let (rss_before, _) = memory_kb();
         let reset = reset_peak();
-        let cpu_before = process_cpu_seconds();
+    let cpu_before = process_cpu_seconds();
         let written_before = written_bytes();
         let (tally, secs) = durable_round(&runtime, &engine, batches, tasks)?;
         let cpu = process_cpu_seconds() - cpu_before;
@@ -436,8 +437,9 @@ struct Bare {
 /// The sled writes the engine made for the forms, without parsing or deciding: into a fresh
 /// store with the engine's cache, each group of `batch` forms as one batch of the exact envelopes
 /// the engine logged (sequential keys) and one batch of projection-shaped entries at the engine's
-/// keys (the form id, each case id, an owner entry per created case, and the form's time-travel
-/// version row at its position; values of typical sizes),
+/// keys (the form id, each case under its owner, an owner entry per created case, the form's
+/// time-travel version row at its position, and the `indexed_on` rows of the form and its cases
+/// with the case's previous one removed; values of typical sizes),
 /// then `Db::flush` and `fdatasync` of the data file, as a group commit does. When the engine
 /// stores raw submissions out of line, each group first appends its forms' bytes (with a
 /// 44-byte record header) to a plain file and 8 bytes per form to another, and `fdatasync`s
@@ -490,6 +492,7 @@ fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
     }
     let mut raw_file = std::fs::File::create(dir.path().join("raw.dat"))?;
     let mut index_file = std::fs::File::create(dir.path().join("raw.idx"))?;
+    let mut last_change: HashMap<caseledger::domain::CaseId, u64> = HashMap::new();
     let cpu_before = process_cpu_seconds();
     let started = std::time::Instant::now();
     for (group, (chunk, envs)) in forms
@@ -519,13 +522,30 @@ fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
             proj_batch.insert(format!("f{}", f.form.form_id).as_bytes(), vec![1u8; 160]);
             bare.random_entries += 1;
             for b in &f.blocks {
-                proj_batch.insert(format!("c{}", b.case_id).as_bytes(), vec![2u8; 600]);
+                // The case row, keyed by its owner; the owner index when it appears.
+                proj_batch.insert(format!("c{}{}", b.user, b.case_id).as_bytes(), vec![2u8; 700]);
                 bare.random_entries += 1;
                 if b.actions.create.is_some() {
-                    proj_batch.insert(format!("o{}{}", b.user, b.case_id).as_bytes(), vec![0u8]);
+                    proj_batch.insert(format!("o{}", b.case_id).as_bytes(), b.user.as_bytes());
                     bare.random_entries += 1;
                 }
+                // Its `indexed_on` row at this position, and the one of its last change removed.
+                let mut indexed = b"i".to_vec();
+                indexed.extend_from_slice(&e.position.0.to_be_bytes());
+                indexed.extend_from_slice(b.case_id.as_str().as_bytes());
+                proj_batch.insert(indexed, vec![4u8; 16]);
+                if let Some(before) = last_change.insert(b.case_id.clone(), e.position.0) {
+                    let mut old = b"i".to_vec();
+                    old.extend_from_slice(&before.to_be_bytes());
+                    old.extend_from_slice(b.case_id.as_str().as_bytes());
+                    proj_batch.remove(old);
+                }
             }
+            // The form's `indexed_on` row at this position.
+            let mut indexed = b"j".to_vec();
+            indexed.extend_from_slice(&e.position.0.to_be_bytes());
+            indexed.extend_from_slice(f.form.form_id.as_str().as_bytes());
+            proj_batch.insert(indexed, vec![4u8; 16]);
             // The form's version row for time travel (issue 9), keyed by position: its cases
             // as it left them.
             let mut version = b"v".to_vec();
