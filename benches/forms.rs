@@ -343,7 +343,7 @@ fn main() -> BenchResult<()> {
         let forms_in: usize = batches.iter().map(Vec::len).sum();
         let (rss_before, _) = memory_kb();
         let reset = reset_peak();
-    let cpu_before = process_cpu_seconds();
+        let cpu_before = process_cpu_seconds();
         let written_before = written_bytes();
         let (tally, secs) = durable_round(&runtime, &engine, batches, tasks)?;
         let cpu = process_cpu_seconds() - cpu_before;
@@ -523,7 +523,10 @@ fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
             bare.random_entries += 1;
             for b in &f.blocks {
                 // The case row, keyed by its owner; the owner index when it appears.
-                proj_batch.insert(format!("c{}{}", b.user, b.case_id).as_bytes(), vec![2u8; 700]);
+                proj_batch.insert(
+                    format!("c{}{}", b.user, b.case_id).as_bytes(),
+                    vec![2u8; 700],
+                );
                 bare.random_entries += 1;
                 if b.actions.create.is_some() {
                     proj_batch.insert(format!("o{}", b.case_id).as_bytes(), b.user.as_bytes());
