@@ -286,6 +286,80 @@ fn seed_offline_nurses_make_one_conflict_shown_three_way() {
     assert!(p.conflicts(Some("u-ana")).expect("ana").is_empty());
 }
 
+/// Issue 10: a form sent with the phone's last sync token (`X-CommCareHQ-LastSyncToken`) is
+/// judged by what that restore held. David restores, Maria then sets `risk`, and David, who
+/// never synced her change, overwrites it from a phone whose clock is later than hers: the
+/// clocks alone see no conflict; the token shows David had not seen Maria's value.
+#[test]
+fn a_sync_token_shows_the_change_a_phone_had_not_seen() {
+    let (without, _) = late_overwrite(false);
+    assert!(
+        without.is_empty(),
+        "without a token the phone clocks say David's change came after Maria's: {without:#?}"
+    );
+    let (found, base) = late_overwrite(true);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let c = &found[0].conflict;
+    assert_eq!(c.property, "risk");
+    assert_eq!(
+        (c.theirs.value.as_str(), c.theirs.user.as_str()),
+        ("low", "u-maria")
+    );
+    assert_eq!(
+        (c.mine.value.as_str(), c.mine.user.as_str()),
+        ("high", "u-david")
+    );
+    assert!(
+        c.mine.phone_time > c.theirs.phone_time,
+        "the clocks were in order"
+    );
+    assert!(
+        base < c.theirs.position,
+        "Maria's change came after David's restore"
+    );
+}
+
+/// The offline nurses, with David's overwrite made on his phone after Maria's (so the clocks
+/// are in order), sent with or without the token of the restore he made before her change.
+/// Returns Monica's conflicts and the token's position.
+fn late_overwrite(with_token: bool) -> (Vec<caseledger::projections::ConflictRow>, Position) {
+    let w = support::World::empty();
+    w.user("u-david", "david");
+    w.user("u-maria", "maria");
+    w.group("g-team", "Kibera CHW team", &["u-david", "u-maria"]);
+    w.app("app-anc", true, &["pregnancy"]);
+    let dir = "10-offline-received-order";
+    w.submit("app-anc", conformance_file(dir, "01-register.xml"));
+    let restored = caseledger::restore::restore(&w.engine, "u-david", None).expect("restore");
+    let base = restored
+        .token
+        .split('-')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .map(Position)
+        .expect("token position");
+    w.submit("app-anc", conformance_file(dir, "02-maria-day4.xml"));
+    // David's day-3 visit, made on day 5 on his phone: after Maria's phone time.
+    let late = String::from_utf8(conformance_file(dir, "03-david-day3.xml"))
+        .expect("utf-8")
+        .replace(
+            "2026-03-03T11:40:05.870+03:00",
+            "2026-03-05T09:00:00.000+03:00",
+        );
+    let mut sub = w
+        .engine
+        .prepare_submission(late.into_bytes(), Some("app-anc".into()));
+    sub.last_sync_token = with_token.then(|| restored.token.clone());
+    let request = caseledger::Request::new(caseledger::domain::Command::SubmitForm(Box::new(sub)));
+    w.rt.block_on(w.engine.execute(request)).expect("submit");
+    let found = w
+        .engine
+        .projections()
+        .case_conflicts(&CaseId::new(MONICA))
+        .expect("conflicts");
+    (found, base)
+}
+
 /// R35, R41, R44 looked at back in time: Maria sees the team's case while she is in the group,
 /// not after she leaves; a query as of before the removal still shows it, with the membership
 /// of then, and who-could-see says since when.

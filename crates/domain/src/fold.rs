@@ -381,8 +381,16 @@ pub struct Conflict {
 
 /// Finds the conflicts among a case's live versions (in received order of first versions, as
 /// [`CaseTimeline::versions`] gives them): for every property a block sets, when the last change
-/// to it came from another form whose phone time is later than this block's.
-pub fn conflicts(id: &CaseId, versions: &[LiveVersion]) -> Vec<Conflict> {
+/// to it came from another form that this block's phone had not seen. A version whose form came
+/// with the phone's last sync token (`X-CommCareHQ-LastSyncToken`) has its base in `synced`
+/// (the version's position → the log position the token restored): a change recorded after
+/// that base was not seen. Without a token, the phone-side times tell: a change made later on
+/// its phone than this block was not seen either.
+pub fn conflicts(
+    id: &CaseId,
+    versions: &[LiveVersion],
+    synced: &BTreeMap<Position, Position>,
+) -> Vec<Conflict> {
     struct Last {
         side: ConflictSide,
         before: Option<String>,
@@ -402,8 +410,11 @@ pub fn conflicts(id: &CaseId, versions: &[LiveVersion]) -> Vec<Conflict> {
                 };
                 let before = last.get(name).map(|l| l.side.value.clone());
                 if let Some(l) = last.get(name) {
-                    if l.side.form != v.form && b.date < l.side.phone_time && l.side.value != *value
-                    {
+                    let unseen = match synced.get(&v.position) {
+                        Some(base) => l.side.position > *base,
+                        None => b.date < l.side.phone_time,
+                    };
+                    if l.side.form != v.form && unseen && l.side.value != *value {
                         out.push(Conflict {
                             case_id: id.clone(),
                             property: name.clone(),
@@ -577,7 +588,7 @@ mod tests {
             ),
             v("later", 4, vec![block("a", 50, "ana", &[("x", "2")])]),
         ];
-        let found = conflicts(&CaseId::new("a"), &versions);
+        let found = conflicts(&CaseId::new("a"), &versions, &BTreeMap::new());
         assert_eq!(found.len(), 1, "{found:#?}");
         let c = &found[0];
         assert_eq!(c.property, "risk");
@@ -592,5 +603,53 @@ mod tests {
         );
         assert_eq!(c.result, "high");
         assert_eq!(c.base_position, Position(1));
+    }
+
+    /// Issue 10: a form sent with the phone's last sync token is judged by what that restore
+    /// held: a change recorded after the token's position was not seen, whatever the phone
+    /// clocks say; one recorded at or before it was seen.
+    #[test]
+    fn a_sync_token_decides_what_the_phone_had_seen() {
+        let v = |form: &str, p: u64, blocks: Vec<BlockApplied>| LiveVersion {
+            form: FormId::new(form),
+            original: Position(p),
+            position: Position(p),
+            recorded_at: Timestamp(p as i64),
+            blocks,
+            archived: false,
+        };
+        // Phone times in order (no conflict by the clocks), but david synced at position 1,
+        // before maria's change at 2.
+        let versions = vec![
+            v("reg", 1, vec![block("a", 10, "david", &[("risk", "none")])]),
+            v(
+                "maria",
+                2,
+                vec![block("a", 20, "maria", &[("risk", "low")])],
+            ),
+            v(
+                "david",
+                3,
+                vec![block("a", 30, "david", &[("risk", "high")])],
+            ),
+        ];
+        let by_clock = conflicts(&CaseId::new("a"), &versions, &BTreeMap::new());
+        assert!(by_clock.is_empty(), "{by_clock:#?}");
+        let stale = BTreeMap::from([(Position(3), Position(1))]);
+        let found = conflicts(&CaseId::new("a"), &versions, &stale);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(
+            (found[0].theirs.value.as_str(), found[0].mine.value.as_str()),
+            ("low", "high")
+        );
+        // Synced after maria's change: seen, so no conflict, even against a later phone time.
+        let fresh = BTreeMap::from([(Position(3), Position(2))]);
+        let mut later = versions.clone();
+        later[1] = v(
+            "maria",
+            2,
+            vec![block("a", 90, "maria", &[("risk", "low")])],
+        );
+        assert!(conflicts(&CaseId::new("a"), &later, &fresh).is_empty());
     }
 }

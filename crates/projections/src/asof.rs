@@ -703,6 +703,35 @@ impl Projections {
             .collect())
     }
 
+    /// The log position the phone had last synced to when it sent the form version recorded at
+    /// `p`: its `X-CommCareHQ-LastSyncToken` (`<position>-…`, R48), recorded by decide right
+    /// after the form's event (after its attachments, if any). `None` without a token, or
+    /// with one this store did not issue.
+    fn synced_at(&self, form: &FormId, p: Position) -> Result<Option<Position>, ProjectionError> {
+        let Some(reader) = self.reader() else {
+            return Ok(None);
+        };
+        for next in 1..=2u64 {
+            let Some(e) = reader(Position(p.0.saturating_add(next)))? else {
+                return Ok(None);
+            };
+            match &e.event {
+                Event::FormAttachmentsV1(a) if a.form_id == *form => continue,
+                Event::FormLastSyncTokenV1(t) if t.form_id == *form => {
+                    let base = t
+                        .token
+                        .split_once('-')
+                        .and_then(|(position, _)| position.parse().ok())
+                        .map(Position)
+                        .filter(|base| *base < p);
+                    return Ok(base);
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
     fn read_event(&self, case: &CaseId, p: Position) -> Result<RecordedEvent, ProjectionError> {
         crate::read_logged(self.reader().as_ref(), case, p)
     }
@@ -770,10 +799,17 @@ impl Projections {
         Ok(timeline)
     }
 
-    /// The conflicts between offline edits of one case (issue 9 §4).
+    /// The conflicts between offline edits of one case (issue 9 §4), judged by the sync token
+    /// a form came with where it has one (issue 10), else by the phone-side times.
     pub fn case_conflicts(&self, id: &CaseId) -> Result<Vec<ConflictRow>, ProjectionError> {
         let timeline = self.timeline(id)?;
-        Ok(domain::conflicts(id, timeline.versions())
+        let mut synced = BTreeMap::new();
+        for v in timeline.versions() {
+            if let Some(base) = self.synced_at(&v.form, v.position)? {
+                synced.insert(v.position, base);
+            }
+        }
+        Ok(domain::conflicts(id, timeline.versions(), &synced)
             .into_iter()
             .map(|c| ConflictRow {
                 id: conflict_id(&c),
