@@ -386,8 +386,18 @@ fn build(
         };
         let mut batch = Vec::with_capacity(IMPORT_BATCH);
         let mut blank = None;
-        for (index, line) in input.split(b'\n').enumerate() {
-            let line = line.map_err(|e| AuditError::Io("reading the export".into(), e))?;
+        let mut input = input;
+        let mut index = 0usize;
+        while let Some(line) = next_line(&mut input, MAX_LINE).map_err(|e| match e {
+            LineError::Io(e) => AuditError::Io("reading the export".into(), e),
+            LineError::TooLong => AuditError::Refused {
+                line: index + 1,
+                position: checker.position.0 + 1,
+                reason: format!("a line over {MAX_LINE} bytes: not an export line"),
+            },
+        })? {
+            index += 1;
+            let index = index - 1;
             if let Some(at) = blank {
                 return Err(AuditError::Refused {
                     line: at,
@@ -442,6 +452,45 @@ fn write_batch(log: &SledLog, batch: &mut Vec<VerbatimEntry>) -> Result<(), Audi
         batch.clear();
     }
     Ok(())
+}
+
+/// The longest export line `import` reads: a form's raw bytes are capped at 64 MiB on input
+/// (4 × `casexml::Limits::max_bytes`), base64 makes that 86 MiB, and the envelope and payload
+/// add as much again at most. A longer line (or a file with no newline, `/dev/zero`) is refused
+/// before it fills memory.
+const MAX_LINE: usize = 256 << 20;
+
+enum LineError {
+    Io(std::io::Error),
+    TooLong,
+}
+
+/// The next line of `input` without its `\n` (`None` at the end), at most `max` bytes.
+fn next_line(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8>>, LineError> {
+    let mut line = Vec::new();
+    loop {
+        let available = match input.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(LineError::Io(e)),
+        };
+        if available.is_empty() {
+            return Ok((!line.is_empty()).then_some(line));
+        }
+        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(at) => (&available[..at], true),
+            None => (available, false),
+        };
+        if line.len() + chunk.len() > max {
+            return Err(LineError::TooLong);
+        }
+        line.extend_from_slice(chunk);
+        let used = chunk.len() + usize::from(done);
+        input.consume(used);
+        if done {
+            return Ok(Some(line));
+        }
+    }
 }
 
 /// The running state of an import: the last position taken and its hash.
@@ -633,5 +682,38 @@ mod tests {
         for bad in ["Zg=", "Zh==", "Z===", "Zg==Zg==", "Zm9v!A==", "===="] {
             assert_eq!(unbase64(bad), None, "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod line_tests {
+    use super::{next_line, LineError};
+
+    fn lines(input: &[u8], max: usize) -> Result<Vec<Vec<u8>>, &'static str> {
+        let mut reader = std::io::BufReader::with_capacity(4, input);
+        let mut out = Vec::new();
+        loop {
+            match next_line(&mut reader, max) {
+                Ok(Some(l)) => out.push(l),
+                Ok(None) => return Ok(out),
+                Err(LineError::TooLong) => return Err("too long"),
+                Err(LineError::Io(_)) => return Err("io"),
+            }
+        }
+    }
+
+    /// `import` reads an export line by line, as `split(b'\n')` would, but never more than
+    /// the bound: a file without newlines is refused, not read into memory whole.
+    #[test]
+    fn export_lines_are_read_with_a_bound() {
+        assert_eq!(
+            lines(b"one\n\ntwo\n", 16).expect("lines"),
+            vec![b"one".to_vec(), Vec::new(), b"two".to_vec()]
+        );
+        assert_eq!(lines(b"last", 16).expect("lines"), vec![b"last".to_vec()]);
+        assert_eq!(lines(b"exactly-16-bytes\n", 16).expect("lines").len(), 1);
+        assert_eq!(lines(b"seventeen-bytes!!\n", 16), Err("too long"));
+        assert_eq!(lines(&[b'0'; 100], 16), Err("too long"));
     }
 }
