@@ -280,6 +280,38 @@ async fn jetstream_log_keeps_the_sled_contract_and_its_hash_chain() {
     let verified = log.verify().await.expect("verify after two writers");
     assert_eq!(verified.head, Position(88));
     assert_eq!(log.head().await.expect("head"), Position(88));
+
+    // A stream that lost acknowledged messages (here: deleted and created again) is never
+    // written over: the writer that saw them acknowledged reports the lost tail.
+    let lost = open(&cluster, "lost").await;
+    for i in 1..=3u64 {
+        lost.append(request(&format!("l{i}"), Expected::Any, vec![user(i)]))
+            .await
+            .expect("append");
+    }
+    let client = async_nats::connect(cluster.url_list())
+        .await
+        .expect("connect");
+    async_nats::jetstream::new(client)
+        .delete_stream(lost.stream_name())
+        .await
+        .expect("delete the stream");
+    let fresh = open(&cluster, "lost").await;
+    fresh
+        .append(request("new", Expected::Any, vec![user(1)]))
+        .await
+        .expect("append to the new stream");
+    let _ = lost
+        .append(request("x", Expected::Any, vec![user(9)]))
+        .await;
+    let after = lost
+        .append(request("y", Expected::Any, vec![user(9)]))
+        .await;
+    assert!(
+        matches!(&after, Err(LogError::Corrupt { reason, .. }) if reason.contains("lost tail")),
+        "{after:?}"
+    );
+    assert_eq!(fresh.head().await.expect("head"), Position(1));
 }
 
 #[derive(Debug, Clone, Copy)]

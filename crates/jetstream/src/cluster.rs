@@ -196,6 +196,14 @@ impl Cluster {
             .join(",")
     }
 
+    /// Every node's client URL, for a client that takes a list (`async_nats::connect`).
+    pub fn url_list(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.client_port))
+            .collect()
+    }
+
     /// The index of the node named `name` (a stream leader's server name).
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.name == name)

@@ -372,6 +372,18 @@ impl Shared {
     /// and leaves the writer at the stream's last sequence.
     async fn catch_up(&self, writer: &mut Writer) -> Result<(), LogError> {
         let head = self.last_sequence().await?;
+        if head < writer.head.0 {
+            // Acknowledged messages are gone: a stream recreated, or a quorum that lost its
+            // files (docs/DURABILITY.md). Never write over that.
+            return Err(LogError::corrupt(
+                writer.head,
+                format!(
+                    "lost tail: the stream ends at {head}, before the head {} this process \
+                     saw acknowledged",
+                    writer.head
+                ),
+            ));
+        }
         let mut next = writer.head.0 + 1;
         while next <= head {
             for message in self.page(next, head).await? {
@@ -579,8 +591,16 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
             if let Err(e) = shared.catch_up(writer).await {
                 tracing::warn!(stream = %shared.stream, error = %e, "catch-up failed");
                 let reason = e.to_string();
+                let corrupt = match e {
+                    LogError::Corrupt { position, .. } => Some(position),
+                    _ => None,
+                };
                 for job in todo {
-                    let _ = job.answer.send(Err(LogError::Unavailable(reason.clone())));
+                    let error = match corrupt {
+                        Some(position) => LogError::corrupt(position, reason.clone()),
+                        None => LogError::Unavailable(reason.clone()),
+                    };
+                    let _ = job.answer.send(Err(error));
                 }
                 return;
             }
