@@ -367,11 +367,11 @@ async fn storm(victim: Victim) {
                             }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
-                        Err(e) => panic!("task {t} append {n}: {e}"),
+                        Err(e) => return Err(format!("task {t} append {n}: {e:?}")),
                     }
                 }
             }
-            errors
+            Ok(errors)
         }));
     }
     while acked.lock().expect("lock").len() < 300 {
@@ -382,8 +382,24 @@ async fn storm(victim: Victim) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.restart(target).expect("restart");
     let mut retries = 0;
+    let mut failed = Vec::new();
     for task in tasks {
-        retries += task.await.expect("task");
+        match task.await.expect("task") {
+            Ok(n) => retries += n,
+            Err(e) => failed.push(e),
+        }
+    }
+    if !failed.is_empty() {
+        for node in cluster.nodes() {
+            let log = std::fs::read_to_string(cluster.dir().join(format!("{}.log", node.name)))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- {} (last 40 lines, newest first)", node.name);
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+        panic!("{} appends never acknowledged: {failed:?}", failed.len());
     }
     let acked = acked.lock().expect("lock").clone();
     assert_eq!(acked.len(), TASKS * PER_TASK);

@@ -78,8 +78,12 @@ impl JetStreamConfig {
 }
 
 /// Rounds one group may take (refused publishes re-tried after a catch-up) before its
-/// remaining appends are answered [`LogError::Unavailable`].
-const MAX_ROUNDS: usize = 32;
+/// remaining appends are answered [`LogError::Unavailable`]; the group also stops retrying
+/// after the configured timeout.
+const MAX_ROUNDS: u32 = 1000;
+/// The longest pause between two rounds. Writers that keep refusing each other back off by a
+/// random pause that doubles each round up to this, so one of them wins the next head.
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// The server's limit on messages in one atomic batch.
 const MAX_ATOMIC: usize = 1000;
 
@@ -586,7 +590,14 @@ enum Fate {
 }
 
 async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) {
-    for _ in 0..MAX_ROUNDS {
+    let deadline = tokio::time::Instant::now() + shared.config.timeout;
+    for round in 0..MAX_ROUNDS {
+        if round > 0 {
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(backoff(round)).await;
+        }
         if writer.stale {
             if let Err(e) = shared.catch_up(writer).await {
                 tracing::warn!(stream = %shared.stream, error = %e, "catch-up failed");
@@ -639,9 +650,18 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
     }
     for job in todo {
         let _ = job.answer.send(Err(LogError::Unavailable(format!(
-            "still refused after {MAX_ROUNDS} rounds of catching up with other writers"
+            "still refused after {:?} of catching up with other writers",
+            shared.config.timeout
         ))));
     }
+}
+
+/// A random pause in `0..min(2^round ms, MAX_BACKOFF)`.
+fn backoff(round: u32) -> Duration {
+    let cap = Duration::from_millis(1u64 << round.min(16)).min(MAX_BACKOFF);
+    let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
+    let random = (uuid::Uuid::new_v4().as_u128() & u128::from(u64::MAX)) as u64;
+    Duration::from_micros(random % cap_us)
 }
 
 fn first_of(outcome: &AppendOutcome) -> Position {
