@@ -45,7 +45,7 @@ use eventlog::{
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::wire::{self, unavailable, Ack, AckWait, Acks, Stored};
+use crate::wire::{self, unavailable, Ack, Stored};
 
 /// How a [`JetStreamLog`] reaches its cluster and sets up its stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,7 +113,6 @@ struct Shared {
     subject: String,
     domain: DomainName,
     config: JetStreamConfig,
-    acks: Acks,
 }
 
 struct Job {
@@ -131,6 +130,9 @@ struct Writer {
     last_id: Option<String>,
     /// Every idempotency key in the stream up to `head`, with the positions of its append.
     keys: HashMap<String, (Position, Position)>,
+    /// Keys whose publish got no answer: their next publish uses a fresh `Nats-Msg-Id` (see
+    /// `Shared::publish`).
+    uncertain: std::collections::HashSet<String>,
     /// Set when an ack did not come or a publish was refused: the stream may hold more than
     /// `head`, so catch up before the next publish.
     stale: bool,
@@ -168,7 +170,10 @@ impl JetStreamLog {
             .connect(servers)
             .await
             .map_err(unavailable)?;
-        let js = jetstream::new(client.clone());
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.timeout)
+            .ack_timeout(config.timeout)
+            .build(client.clone());
         let stream = wire::stream_name(domain);
         let subject = wire::subject(domain);
         js.get_or_create_stream(stream::Config {
@@ -185,7 +190,6 @@ impl JetStreamLog {
         })
         .await
         .map_err(unavailable)?;
-        let acks = Acks::start(&client).await?;
         let shared = Arc::new(Shared {
             client,
             js,
@@ -193,13 +197,13 @@ impl JetStreamLog {
             subject,
             domain: domain.clone(),
             config,
-            acks,
         });
         let mut writer = Writer {
             head: Position::ZERO,
             hash: GENESIS,
             last_id: None,
             keys: HashMap::new(),
+            uncertain: std::collections::HashSet::new(),
             stale: true,
             scratch: Vec::with_capacity(4096),
         };
@@ -400,6 +404,7 @@ impl Shared {
                         .and_then(|c| c.as_str().parse::<u64>().ok())
                         .unwrap_or(1)
                         .max(1);
+                    writer.uncertain.remove(key.as_str());
                     writer.keys.insert(
                         key.as_str().to_owned(),
                         (position, Position(next + count - 1)),
@@ -448,9 +453,14 @@ impl Shared {
             running = chain_hash(&running, position, &writer.scratch);
             payloads.push(Bytes::copy_from_slice(&writer.scratch));
         }
+        // The key is the message id, except after an attempt that got no answer: JetStream
+        // silently drops a publish whose id matches one it still holds as "in process" (seen
+        // after a stream leader change: retries unanswered for over a minute). The key index
+        // and the conditional publish keep the append exactly-once without the server's dedupe.
         let msg_id = match &req.idempotency_key {
-            Some(key) => key.clone(),
-            None => format!("{}:{}", req.command_id, uuid::Uuid::new_v4()),
+            Some(key) if !writer.uncertain.contains(key) => key.clone(),
+            Some(key) => format!("{key}~{}", uuid::Uuid::new_v4().simple()),
+            None => format!("{}~{}", req.command_id, uuid::Uuid::new_v4().simple()),
         };
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
         let last_index = payloads.len() - 1;
@@ -474,21 +484,25 @@ impl Shared {
                 }
             }
             let subject = self.subject.clone();
-            let sent = if i == last_index {
+            if i == last_index {
                 if batch {
                     headers.insert(wire::BATCH_COMMIT, "1");
                 }
-                let (reply, ack) = self.acks.expect();
-                wait = Some(ack);
-                self.client
-                    .publish_with_reply_and_headers(subject, reply, headers, payload)
+                let message = jetstream::message::PublishMessage::build()
+                    .headers(headers)
+                    .payload(payload);
+                let ack = self
+                    .js
+                    .send_publish(subject, message)
                     .await
+                    .map_err(unavailable)?;
+                wait = Some(ack);
             } else {
                 self.client
                     .publish_with_headers(subject, headers, payload)
                     .await
-            };
-            sent.map_err(unavailable)?;
+                    .map_err(unavailable)?;
+            }
         }
         let wait = wait.ok_or_else(|| LogError::Encode("an append without events".into()))?;
         Ok(Published {
@@ -509,7 +523,7 @@ struct Published {
     hash: Hash,
     /// The `Nats-Msg-Id` of a single-message append (the next publish may chain to it).
     msg_id: Option<String>,
-    wait: AckWait,
+    wait: jetstream::context::PublishAckFuture,
 }
 
 /// Checks a stored message at `position` against the chain so far; returns its chain hash.
@@ -751,7 +765,7 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
     }
     let mut chained = true;
     for (i, published) in pending {
-        let ack = published.wait.wait(shared.config.timeout).await;
+        let ack = wire::ack(published.wait).await;
         let fate = match ack {
             Ack::Stored {
                 seq,
@@ -762,6 +776,7 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
                     writer.hash = published.hash;
                     writer.last_id = published.msg_id.clone();
                     if let Some(key) = &todo[i].req.idempotency_key {
+                        writer.uncertain.remove(key);
                         writer
                             .keys
                             .insert(key.clone(), (published.first, published.last));
@@ -802,6 +817,9 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
             Ack::Unknown(reason) => {
                 chained = false;
                 writer.stale = true;
+                if let Some(key) = &todo[i].req.idempotency_key {
+                    writer.uncertain.insert(key.clone());
+                }
                 Fate::Done(Err(LogError::Unavailable(reason)))
             }
         };

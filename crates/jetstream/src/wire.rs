@@ -1,22 +1,17 @@
 //! What caseledger puts on the wire and reads back: stream and subject names, headers, publish
-//! acknowledgements (through one reply subscription, so publishes pipeline), and batched
-//! direct gets.
+//! acknowledgements, and batched direct gets.
 //!
 //! What must hold: a name built from a project space is a valid stream name and subject token,
-//! and two project spaces never share one; an ack is matched to its publish by its reply
-//! subject alone, never by arrival order.
+//! and two project spaces never share one.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use domain::DomainName;
 use eventlog::LogError;
 use futures_util::StreamExt;
-use tokio::sync::oneshot;
 
 /// JetStream's deduplication id; caseledger sends the idempotency key (or a fresh id).
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
@@ -71,138 +66,20 @@ pub(crate) enum Ack {
     Unknown(String),
 }
 
-#[derive(serde::Deserialize)]
-struct ApiError {
-    #[serde(default)]
-    err_code: u64,
-    #[serde(default)]
-    description: String,
-}
-
-#[derive(serde::Deserialize)]
-struct PubAck {
-    #[serde(default)]
-    seq: Option<u64>,
-    #[serde(default)]
-    duplicate: bool,
-    #[serde(default)]
-    error: Option<ApiError>,
-}
-
-/// JetStream's error codes for a failed expectation (`JSStreamWrongLastSequenceErrF`,
-/// `JSStreamWrongLastMsgIDErrF`); atomic batches report the same ones.
-const WRONG_LAST_SEQUENCE: u64 = 10071;
-const WRONG_LAST_MSG_ID: u64 = 10070;
-
-fn parse_ack(message: &async_nats::Message) -> Ack {
-    if let Some(status) = message.status {
-        if message.payload.is_empty() {
-            // 503: no responders (no stream leader yet); the message reached no stream.
-            return Ack::Unknown(format!("status {}", status.as_u16()));
-        }
-    }
-    match serde_json::from_slice::<PubAck>(&message.payload) {
-        Ok(PubAck {
-            error: Some(error), ..
-        }) => {
-            if error.err_code == WRONG_LAST_SEQUENCE
-                || error.err_code == WRONG_LAST_MSG_ID
-                || error.description.contains("wrong last")
-            {
-                Ack::Refused(error.description)
-            } else {
-                Ack::Unknown(format!("{} ({})", error.description, error.err_code))
+/// Waits for the ack of one publish (async-nats's own request machinery, through the same
+/// connection as every other publish, so publishes stay in order and pipeline).
+pub(crate) async fn ack(wait: PublishAckFuture) -> Ack {
+    match wait.await {
+        Ok(ack) => Ack::Stored {
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        },
+        Err(e) => match e.kind() {
+            PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId => {
+                Ack::Refused(e.to_string())
             }
-        }
-        Ok(PubAck {
-            seq: Some(seq),
-            duplicate,
-            error: None,
-        }) => Ack::Stored { seq, duplicate },
-        Ok(_) => Ack::Unknown("an ack without a sequence".into()),
-        Err(e) => Ack::Unknown(format!("an ack that does not parse: {e}")),
-    }
-}
-
-/// Routes publish acks from one wildcard reply subscription to their waiters.
-pub(crate) struct Acks {
-    prefix: String,
-    next: AtomicU64,
-    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Ack>>>>,
-}
-
-impl Acks {
-    /// Subscribes to `<inbox>.*` and starts the task that hands acks to their waiters; the task
-    /// ends with the client.
-    pub(crate) async fn start(client: &Client) -> Result<Acks, LogError> {
-        let prefix = client.new_inbox();
-        let mut subscriber = client
-            .subscribe(format!("{prefix}.*"))
-            .await
-            .map_err(unavailable)?;
-        let waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Ack>>>> = Arc::default();
-        let routes = Arc::clone(&waiting);
-        tokio::spawn(async move {
-            while let Some(message) = subscriber.next().await {
-                let Some(id) = message
-                    .subject
-                    .rsplit('.')
-                    .next()
-                    .and_then(|id| id.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                let waiter = routes.lock().ok().and_then(|mut w| w.remove(&id));
-                if let Some(waiter) = waiter {
-                    // A waiter that gave up (timeout) dropped its receiver; nothing to do.
-                    let _ = waiter.send(parse_ack(&message));
-                }
-            }
-        });
-        Ok(Acks {
-            prefix,
-            next: AtomicU64::new(1),
-            waiting,
-        })
-    }
-
-    /// A fresh reply subject and the receiver its ack will arrive on.
-    pub(crate) fn expect(&self) -> (String, AckWait) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.insert(id, tx);
-        }
-        (
-            format!("{}.{id}", self.prefix),
-            AckWait {
-                id,
-                rx,
-                waiting: Arc::clone(&self.waiting),
-            },
-        )
-    }
-}
-
-/// The ack of one publish, awaited later (pipelining).
-pub(crate) struct AckWait {
-    id: u64,
-    rx: oneshot::Receiver<Ack>,
-    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Ack>>>>,
-}
-
-impl AckWait {
-    /// The ack, or [`Ack::Unknown`] after `timeout`.
-    pub(crate) async fn wait(self, timeout: Duration) -> Ack {
-        let answer = match tokio::time::timeout(timeout, self.rx).await {
-            Ok(Ok(ack)) => ack,
-            Ok(Err(_)) => Ack::Unknown("the ack router stopped".into()),
-            Err(_) => Ack::Unknown(format!("no ack within {timeout:?}")),
-        };
-        if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.remove(&self.id);
-        }
-        answer
+            _ => Ack::Unknown(e.to_string()),
+        },
     }
 }
 
