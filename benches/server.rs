@@ -237,7 +237,11 @@ async fn client(addr: SocketAddr, c: usize, deadline: Instant) -> Client {
 
 /// Follows `/api/v1/bench/events?from=FROM` until the stream ends; when each position's event
 /// arrived. Reads the chunked body by hand: each SSE event ends with a blank line.
-async fn subscriber(addr: SocketAddr, auth: String, from: u64) -> std::io::Result<Vec<(u64, Instant)>> {
+async fn subscriber(
+    addr: SocketAddr,
+    auth: String,
+    from: u64,
+) -> std::io::Result<Vec<(u64, Instant)>> {
     let mut conn = Conn::open(addr).await?;
     let head = format!(
         "GET /api/v1/{DOMAIN}/events?from={from} HTTP/1.1\r\nHost: bench\r\nAuthorization: {auth}\r\nAccept: text/event-stream\r\n\r\n"
@@ -343,10 +347,7 @@ fn main() -> BenchResult<()> {
     let _ = stop.send(());
     server_rt.block_on(serving)??;
     drop(server_rt);
-    let seen: HashMap<u64, Instant> = client_rt
-        .block_on(following)??
-        .into_iter()
-        .collect();
+    let seen: HashMap<u64, Instant> = client_rt.block_on(following)??.into_iter().collect();
     let mut latencies: Vec<Duration> = results.iter().flat_map(|r| r.latencies.clone()).collect();
     latencies.sort_unstable();
     let acked: u64 = results.iter().map(|r| r.acked.len() as u64).sum();
