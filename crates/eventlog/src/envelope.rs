@@ -232,6 +232,31 @@ pub fn encode_envelope_chained(e: &RecordedEvent, prev: &Hash) -> Result<Vec<u8>
     Ok(buf)
 }
 
+/// The format-3 envelope of `event` at `position`, chained to `prev`, into `buf` (cleared
+/// first): the bytes [`crate::SledLog`] stores for the same append with raw submissions inline,
+/// without building a [`RecordedEvent`] (so without cloning the event). For other backends.
+///
+/// # Errors
+/// [`LogError::Encode`] as [`encode_envelope_chained`].
+pub fn encode_event_chained(
+    buf: &mut Vec<u8>,
+    prev: &Hash,
+    position: Position,
+    recorded_at: Timestamp,
+    command_id: &CommandId,
+    event: &Event,
+) -> Result<(), LogError> {
+    encode_into(
+        buf,
+        Some(prev),
+        None,
+        position,
+        recorded_at,
+        command_id,
+        event,
+    )
+}
+
 /// Encodes a recorded event as a format-3 envelope whose previous hash is [`crate::GENESIS`]
 /// (right for position 1; for measuring and tests elsewhere).
 ///

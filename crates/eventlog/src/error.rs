@@ -78,6 +78,15 @@ pub enum LogError {
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),
 
+    /// A networked store (JetStream, `crates/jetstream`) did not answer in time, lost its
+    /// connection, had no quorum, or answered with an error this crate has no variant for.
+    ///
+    /// Handling: an append answered with this may or may not be in the log. Retry it with the
+    /// same idempotency key: the answer is then [`crate::AppendOutcome::AlreadyAppended`] if the
+    /// first attempt landed. Reads can simply be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+
     /// An event could not be encoded (bincode failure, a type name over 255 bytes, or the position
     /// space is exhausted).
     ///
@@ -87,8 +96,9 @@ pub enum LogError {
 }
 
 impl LogError {
-    /// Fills in the position of a decode error that was raised without one.
-    pub(crate) fn at(self, at: Position) -> LogError {
+    /// Fills in the position of a decode error that was raised without one (e.g. by
+    /// [`crate::decode_envelope`], which does not know where the bytes were stored).
+    pub fn at(self, at: Position) -> LogError {
         match self {
             LogError::Corrupt { position, reason } if position == Position::ZERO => {
                 LogError::Corrupt {
@@ -106,7 +116,8 @@ impl LogError {
         }
     }
 
-    pub(crate) fn corrupt(position: Position, reason: impl Into<String>) -> LogError {
+    /// [`LogError::Corrupt`] at `position` for `reason`.
+    pub fn corrupt(position: Position, reason: impl Into<String>) -> LogError {
         LogError::Corrupt {
             position,
             reason: reason.into(),

@@ -69,10 +69,11 @@ pub use chain::{
     Verified, GENESIS,
 };
 pub use envelope::{
-    decode_envelope, decode_header, encode_envelope, encode_envelope_chained, EnvelopeHeader,
-    COMPRESS_FROM, DETACHED_FORMAT, ENVELOPE_FORMAT, LZ4_FORMAT, MAX_BODY, PLAIN_FORMAT,
+    decode_envelope, decode_header, encode_envelope, encode_envelope_chained, encode_event_chained,
+    EnvelopeHeader, COMPRESS_FROM, DETACHED_FORMAT, ENVELOPE_FORMAT, LZ4_FORMAT, MAX_BODY,
+    PLAIN_FORMAT,
 };
 pub use error::LogError;
 pub use sled_log::{LogConfig, SledLog, VerbatimEntry};
 pub use store::{AppendOutcome, AppendRequest, EventStore, Expected};
-pub use subscription::Subscription;
+pub use subscription::{Subscription, SubscriptionSource};

@@ -1,0 +1,881 @@
+//! [`JetStreamLog`]: the log of one project space on one JetStream stream; appending (group
+//! commit by pipelined publishes), reading, subscribing, verifying.
+//!
+//! # Appending
+//!
+//! One committer task owns the writer state: the head the log last confirmed, its chain hash
+//! and the idempotency index. It takes queued appends, up to `max_batch` events, and for each
+//! in order checks the key (index, then earlier appends of the group), then `Expected::Head`
+//! against the running head, encodes the envelope chained to the running hash and publishes it
+//! without waiting. Then it awaits the acks in order and answers each append with its own.
+//!
+//! Pipelining stays correct with other writers on the stream because every publish is
+//! conditional on exactly the message it was chained to: the first of a group carries
+//! `Nats-Expected-Last-Sequence` = the confirmed head, each later one that sequence plus
+//! `Nats-Expected-Last-Msg-Id` = the previous publish's `Nats-Msg-Id` (unique per message). If
+//! any publish is refused, nothing chained after it can be stored; the refused appends are
+//! tried again in a new round after the writer caught up with the stream, which re-checks their
+//! key and expected head against what is really there.
+//!
+//! An append of several events is one atomic batch (ADR-50): all its messages or none, with
+//! the expected last sequence on its first message. A batch cannot carry an expected message
+//! id, so it is published on its own round, after the acks before it.
+//!
+//! What must hold: a message is stored only right after the message whose chain hash it
+//! carries; the writer's head, hash and index describe a prefix of the stream; after an ack
+//! that did not come (timeout, lost connection), the writer catches up from the stream before
+//! it publishes again.
+//!
+//! One file past 600 lines: the committer, the catch-up that feeds it and the readers share the
+//! writer's state and the decoding of stored messages.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use domain::{DomainName, Position, RecordedEvent};
+use eventlog::{
+    chain_hash, decode_envelope, decode_header, encode_event_chained, AppendOutcome, AppendRequest,
+    EventStore, Expected, Hash, LogError, Subscription, SubscriptionSource, Verified, GENESIS,
+};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::wire::{self, unavailable, Ack, Stored};
+
+/// How a [`JetStreamLog`] reaches its cluster and sets up its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    /// Server URLs, comma-separated: `nats://127.0.0.1:4222,nats://127.0.0.1:4223`.
+    pub servers: String,
+    /// Replicas of a newly created stream (1, 3 or 5); 3 in a cluster.
+    pub replicas: usize,
+    /// Most events one group commit pipelines before it awaits their acks.
+    pub max_batch: usize,
+    /// How long an ack or a read may take before the append or read is
+    /// [`LogError::Unavailable`].
+    pub timeout: Duration,
+    /// JetStream's deduplication window of a newly created stream (its default: 2 minutes).
+    /// caseledger's own key index does not depend on it (`docs/DURABILITY.md`).
+    pub duplicate_window: Duration,
+}
+
+impl JetStreamConfig {
+    /// Defaults: 3 replicas, groups of up to 256 events, 10 s timeout, 2 min dedupe window.
+    pub fn new(servers: impl Into<String>) -> JetStreamConfig {
+        JetStreamConfig {
+            servers: servers.into(),
+            replicas: 3,
+            max_batch: 256,
+            timeout: Duration::from_secs(10),
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Rounds one group may take (refused publishes re-tried after a catch-up) before its
+/// remaining appends are answered [`LogError::Unavailable`]; the group also stops retrying
+/// after the configured timeout.
+const MAX_ROUNDS: u32 = 1000;
+/// The longest pause between two rounds. Writers that keep refusing each other back off by a
+/// random pause that doubles each round up to this, so one of them wins the next head.
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
+/// The server's limit on messages in one atomic batch.
+const MAX_ATOMIC: usize = 1000;
+
+/// The append-only log of one project space on a JetStream stream.
+///
+/// Cheap to clone: clones share one connection and one committer.
+///
+/// Durability: an append is answered `Ok` only after JetStream's publish ack, which the stream
+/// leader sends once a quorum of the stream's replicas stored the message; with the shipped
+/// server config (`sync_interval: always`) stored means fsynced. Reads, `head` and
+/// subscriptions show only such messages.
+#[derive(Clone)]
+pub struct JetStreamLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+/// What the committer and the readers both use.
+struct Shared {
+    client: Client,
+    js: jetstream::Context,
+    stream: String,
+    subject: String,
+    domain: DomainName,
+    config: JetStreamConfig,
+}
+
+struct Job {
+    req: AppendRequest,
+    answer: oneshot::Sender<Result<AppendOutcome, LogError>>,
+}
+
+/// The committer's state.
+struct Writer {
+    /// The last position known to be in the stream, with everything before it.
+    head: Position,
+    /// The chain hash of `head`.
+    hash: Hash,
+    /// The `Nats-Msg-Id` of the message at `head`, when this writer stored it.
+    last_id: Option<String>,
+    /// Every idempotency key in the stream up to `head`, with the positions of its append.
+    keys: HashMap<String, (Position, Position)>,
+    /// Keys whose publish got no answer: their next publish uses a fresh `Nats-Msg-Id` (see
+    /// `Shared::publish`).
+    uncertain: std::collections::HashSet<String>,
+    /// Set when an ack did not come or a publish was refused: the stream may hold more than
+    /// `head`, so catch up before the next publish.
+    stale: bool,
+    scratch: Vec<u8>,
+}
+
+impl fmt::Debug for JetStreamLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JetStreamLog")
+            .field("domain", &self.inner.shared.domain)
+            .field("stream", &self.inner.shared.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JetStreamLog {
+    /// Connects, creates the project space's stream if it does not exist (file storage,
+    /// `config.replicas`, direct gets and atomic batches allowed, deletes and purges denied so
+    /// positions stay gapless), reads it once to rebuild the key index and the head's chain
+    /// hash, and starts the committer. Needs a tokio runtime.
+    ///
+    /// # Errors
+    /// [`LogError::Unavailable`] when the cluster cannot be reached or refuses the stream;
+    /// [`LogError::Corrupt`] when a stored message does not verify.
+    pub async fn open(config: JetStreamConfig, domain: &DomainName) -> Result<Self, LogError> {
+        let servers: Vec<&str> = config
+            .servers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let client = async_nats::ConnectOptions::new()
+            .request_timeout(Some(config.timeout))
+            .connection_timeout(config.timeout)
+            .connect(servers)
+            .await
+            .map_err(unavailable)?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.timeout)
+            .ack_timeout(config.timeout)
+            .build(client.clone());
+        let stream = wire::stream_name(domain);
+        let subject = wire::subject(domain);
+        js.get_or_create_stream(stream::Config {
+            name: stream.clone(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            duplicate_window: config.duplicate_window,
+            allow_direct: true,
+            allow_atomic_publish: true,
+            deny_delete: true,
+            deny_purge: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+        let shared = Arc::new(Shared {
+            client,
+            js,
+            stream,
+            subject,
+            domain: domain.clone(),
+            config,
+        });
+        let mut writer = Writer {
+            head: Position::ZERO,
+            hash: GENESIS,
+            last_id: None,
+            keys: HashMap::new(),
+            uncertain: std::collections::HashSet::new(),
+            stale: true,
+            scratch: Vec::with_capacity(4096),
+        };
+        shared.catch_up(&mut writer).await?;
+        tracing::info!(domain = %domain, head = writer.head.0, stream = %shared.stream, "opened JetStream log");
+        let (jobs, queue) = mpsc::unbounded_channel();
+        tokio::spawn(commit_loop(Arc::clone(&shared), writer, queue));
+        Ok(JetStreamLog {
+            inner: Arc::new(Inner { shared, jobs }),
+        })
+    }
+
+    /// The project space this log belongs to.
+    pub fn domain(&self) -> &DomainName {
+        &self.inner.shared.domain
+    }
+
+    /// The JetStream stream that holds this log.
+    pub fn stream_name(&self) -> &str {
+        &self.inner.shared.stream
+    }
+
+    /// The subject every message of this log is published on.
+    pub fn subject(&self) -> &str {
+        &self.inner.shared.subject
+    }
+
+    /// The server name of the stream's leader now (`None` during an election).
+    ///
+    /// # Errors
+    /// [`LogError::Unavailable`] when the stream info cannot be read.
+    pub async fn leader(&self) -> Result<Option<String>, LogError> {
+        let shared = &self.inner.shared;
+        let stream = shared
+            .js
+            .get_stream(&shared.stream)
+            .await
+            .map_err(unavailable)?;
+        Ok(stream
+            .cached_info()
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone()))
+    }
+
+    /// Reads the whole stream and checks it as `SledLog::verify` checks a sled log: positions
+    /// gapless from 1, each envelope's crc and stored previous hash, the chain up to the head.
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] naming the first position that fails; [`LogError::Unavailable`].
+    pub async fn verify(&self) -> Result<Verified, LogError> {
+        let shared = &self.inner.shared;
+        let head = shared.last_sequence().await?;
+        let (mut hash, mut next, mut bytes) = (GENESIS, 1u64, 0u64);
+        while next <= head {
+            let page = shared.page(next, head).await?;
+            for message in &page {
+                hash = check_chained(message, Position(next), &hash)?;
+                bytes += message.payload.len() as u64;
+                next += 1;
+            }
+        }
+        Ok(Verified {
+            from: Position(1),
+            head: Position(head),
+            head_hash: hash,
+            entries: head,
+            unchained: 0,
+            bytes,
+        })
+    }
+
+    async fn append_queued(&self, req: AppendRequest) -> Result<AppendOutcome, LogError> {
+        let (answer, rx) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job { req, answer })
+            .map_err(|_| LogError::Shutdown)?;
+        rx.await.map_err(|_| LogError::Shutdown)?
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for JetStreamLog {
+    /// Queues the append for the committer and returns once its publish ack came: the events
+    /// are on a quorum of the stream's replicas.
+    ///
+    /// [`LogError::Unavailable`] means the ack did not come: the append may or may not be in
+    /// the log; retry with the same idempotency key. Dropping the future does not withdraw a
+    /// queued append.
+    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, LogError> {
+        self.append_queued(req).await
+    }
+
+    async fn read(&self, from: Position, limit: usize) -> Result<Vec<RecordedEvent>, LogError> {
+        self.inner.shared.read(from, limit).await
+    }
+
+    async fn head(&self) -> Result<Position, LogError> {
+        Ok(Position(self.inner.shared.last_sequence().await?))
+    }
+
+    async fn subscribe(&self, from: Position) -> Result<Subscription, LogError> {
+        let source = Source {
+            shared: Arc::clone(&self.inner.shared),
+            wake: None,
+        };
+        Ok(Subscription::from_source(Box::new(source), from))
+    }
+}
+
+impl Shared {
+    /// The stream's last sequence, from the leader's stream info.
+    async fn last_sequence(&self) -> Result<u64, LogError> {
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(unavailable)?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// Messages `from..=to` as one or more direct gets; at least one message unless a replica
+    /// keeps answering with none (then [`LogError::Unavailable`]).
+    async fn page(&self, from: u64, to: u64) -> Result<Vec<Stored>, LogError> {
+        let want = usize::try_from(to - from + 1)
+            .unwrap_or(usize::MAX)
+            .min(wire::DIRECT_BATCH);
+        for attempt in 0..50u64 {
+            let mut page =
+                wire::direct_batch(&self.client, &self.stream, from, want, self.config.timeout)
+                    .await?;
+            page.retain(|m| m.seq <= to);
+            if let Some(first) = page.first() {
+                if first.seq != from {
+                    return Err(LogError::corrupt(
+                        Position(from),
+                        format!("missing: the stream's next message is {}", first.seq),
+                    ));
+                }
+                return Ok(page);
+            }
+            // A replica that has not applied `from` yet answered; ask again.
+            tokio::time::sleep(Duration::from_millis(10 * (attempt + 1))).await;
+        }
+        Err(LogError::Unavailable(format!(
+            "no replica returned position {from} of {}",
+            self.stream
+        )))
+    }
+
+    async fn read(&self, from: Position, limit: usize) -> Result<Vec<RecordedEvent>, LogError> {
+        let from = from.max(Position(1)).0;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let head = self.last_sequence().await?;
+        if from > head {
+            return Ok(Vec::new());
+        }
+        let to = head.min(from.saturating_add(limit as u64 - 1));
+        let mut out = Vec::with_capacity((to - from + 1) as usize);
+        let mut next = from;
+        while next <= to {
+            for message in self.page(next, to).await? {
+                out.push(decode_stored(&message, Position(next))?);
+                next += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the stream from the writer's head to its end: checks the chain, indexes the keys,
+    /// and leaves the writer at the stream's last sequence.
+    async fn catch_up(&self, writer: &mut Writer) -> Result<(), LogError> {
+        let head = self.last_sequence().await?;
+        if head < writer.head.0 {
+            // Acknowledged messages are gone: a stream recreated, or a quorum that lost its
+            // files (docs/DURABILITY.md). Never write over that.
+            return Err(LogError::corrupt(
+                writer.head,
+                format!(
+                    "lost tail: the stream ends at {head}, before the head {} this process \
+                     saw acknowledged",
+                    writer.head
+                ),
+            ));
+        }
+        let mut next = writer.head.0 + 1;
+        while next <= head {
+            for message in self.page(next, head).await? {
+                let position = Position(next);
+                writer.hash = check_chained(&message, position, &writer.hash)?;
+                if let Some(key) = message.headers.get(wire::KEY) {
+                    let count = message
+                        .headers
+                        .get(wire::COUNT)
+                        .and_then(|c| c.as_str().parse::<u64>().ok())
+                        .unwrap_or(1)
+                        .max(1);
+                    writer.uncertain.remove(key.as_str());
+                    writer.keys.insert(
+                        key.as_str().to_owned(),
+                        (position, Position(next + count - 1)),
+                    );
+                }
+                writer.head = position;
+                writer.last_id = None;
+                next += 1;
+            }
+        }
+        writer.stale = false;
+        tracing::debug!(stream = %self.stream, head = writer.head.0, "caught up");
+        Ok(())
+    }
+
+    /// Encodes `req`'s events after `head`/`hash` and publishes them (one message, or one
+    /// atomic batch for several) without awaiting the ack.
+    async fn publish(
+        &self,
+        writer: &mut Writer,
+        head: Position,
+        hash: Hash,
+        prev_id: Option<&str>,
+        req: &AppendRequest,
+    ) -> Result<Published, LogError> {
+        let batch = req.events.len() > 1;
+        if req.events.len() > MAX_ATOMIC {
+            return Err(LogError::Encode(format!(
+                "an append of {} events is over JetStream's {MAX_ATOMIC} per atomic batch",
+                req.events.len()
+            )));
+        }
+        // Encode everything before sending anything, so an encode error sends nothing.
+        let mut payloads = Vec::with_capacity(req.events.len());
+        let (mut position, mut running) = (head, hash);
+        for event in &req.events {
+            position = position.next();
+            encode_event_chained(
+                &mut writer.scratch,
+                &running,
+                position,
+                req.recorded_at,
+                &req.command_id,
+                event,
+            )?;
+            running = chain_hash(&running, position, &writer.scratch);
+            payloads.push(Bytes::copy_from_slice(&writer.scratch));
+        }
+        // The key is the message id, except after an attempt that got no answer: JetStream
+        // silently drops a publish whose id matches one it still holds as "in process" (seen
+        // after a stream leader change: retries unanswered for over a minute). The key index
+        // and the conditional publish keep the append exactly-once without the server's dedupe.
+        let msg_id = match &req.idempotency_key {
+            Some(key) if !writer.uncertain.contains(key) => key.clone(),
+            Some(key) => format!("{key}~{}", uuid::Uuid::new_v4().simple()),
+            None => format!("{}~{}", req.command_id, uuid::Uuid::new_v4().simple()),
+        };
+        let batch_id = uuid::Uuid::new_v4().simple().to_string();
+        let last_index = payloads.len() - 1;
+        let mut wait = None;
+        for (i, payload) in payloads.into_iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            if i == 0 {
+                headers.insert(wire::EXPECTED_LAST_SEQUENCE, head.0.to_string().as_str());
+                if let Some(key) = &req.idempotency_key {
+                    headers.insert(wire::KEY, key.as_str());
+                }
+                headers.insert(wire::COUNT, req.events.len().to_string().as_str());
+            }
+            if batch {
+                headers.insert(wire::BATCH_ID, batch_id.as_str());
+                headers.insert(wire::BATCH_SEQUENCE, (i + 1).to_string().as_str());
+            } else {
+                headers.insert(wire::MSG_ID, msg_id.as_str());
+                if let Some(prev) = prev_id {
+                    headers.insert(wire::EXPECTED_LAST_MSG_ID, prev);
+                }
+            }
+            let subject = self.subject.clone();
+            if i == last_index {
+                if batch {
+                    headers.insert(wire::BATCH_COMMIT, "1");
+                }
+                let message = jetstream::message::PublishMessage::build()
+                    .headers(headers)
+                    .payload(payload);
+                let ack = self
+                    .js
+                    .send_publish(subject, message)
+                    .await
+                    .map_err(unavailable)?;
+                wait = Some(ack);
+            } else {
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        let wait = wait.ok_or_else(|| LogError::Encode("an append without events".into()))?;
+        Ok(Published {
+            first: head.next(),
+            last: position,
+            hash: running,
+            msg_id: (!batch).then_some(msg_id),
+            wait,
+        })
+    }
+}
+
+/// One append on the wire, its ack not yet awaited.
+struct Published {
+    first: Position,
+    last: Position,
+    /// Chain hash of `last`.
+    hash: Hash,
+    /// The `Nats-Msg-Id` of a single-message append (the next publish may chain to it).
+    msg_id: Option<String>,
+    wait: jetstream::context::PublishAckFuture,
+}
+
+/// Checks a stored message at `position` against the chain so far; returns its chain hash.
+fn check_chained(message: &Stored, position: Position, prev: &Hash) -> Result<Hash, LogError> {
+    if message.seq != position.0 {
+        return Err(LogError::corrupt(
+            position,
+            format!("missing: the stream answered {}", message.seq),
+        ));
+    }
+    let header = decode_header(&message.payload).map_err(|e| e.at(position))?;
+    match header.prev {
+        Some(stored) if stored == prev => {}
+        Some(_) => {
+            return Err(LogError::corrupt(
+                position,
+                "its stored previous hash is not the chain hash before it",
+            ))
+        }
+        None => {
+            return Err(LogError::corrupt(
+                position,
+                "an unchained (legacy) envelope in a JetStream log",
+            ))
+        }
+    }
+    Ok(chain_hash(prev, position, &message.payload))
+}
+
+fn decode_stored(message: &Stored, position: Position) -> Result<RecordedEvent, LogError> {
+    if message.seq != position.0 {
+        return Err(LogError::corrupt(
+            position,
+            format!("missing: the stream answered {}", message.seq),
+        ));
+    }
+    let event = decode_envelope(&message.payload).map_err(|e| e.at(position))?;
+    if event.position != position {
+        return Err(LogError::corrupt(
+            position,
+            format!(
+                "stored at sequence {position} but the envelope says {}",
+                event.position
+            ),
+        ));
+    }
+    Ok(event)
+}
+
+async fn commit_loop(
+    shared: Arc<Shared>,
+    mut writer: Writer,
+    mut queue: mpsc::UnboundedReceiver<Job>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut events = first.req.events.len().max(1);
+        let mut group = vec![first];
+        while events < shared.config.max_batch {
+            match queue.try_recv() {
+                Ok(job) => {
+                    events += job.req.events.len().max(1);
+                    group.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        commit_group(&shared, &mut writer, group).await;
+    }
+}
+
+/// What became of one append in a round.
+enum Fate {
+    Done(Result<AppendOutcome, LogError>),
+    /// Its key was first used by append `n` of this round: answer as that one is answered.
+    SameKeyAs(usize),
+    /// Not stored (refused, or never sent): try again next round.
+    Retry,
+}
+
+async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) {
+    let deadline = tokio::time::Instant::now() + shared.config.timeout;
+    for round in 0..MAX_ROUNDS {
+        if round > 0 {
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(backoff(round)).await;
+        }
+        if writer.stale {
+            if let Err(e) = shared.catch_up(writer).await {
+                tracing::warn!(stream = %shared.stream, error = %e, "catch-up failed");
+                let reason = e.to_string();
+                let corrupt = match e {
+                    LogError::Corrupt { position, .. } => Some(position),
+                    _ => None,
+                };
+                for job in todo {
+                    let error = match corrupt {
+                        Some(position) => LogError::corrupt(position, reason.clone()),
+                        None => LogError::Unavailable(reason.clone()),
+                    };
+                    let _ = job.answer.send(Err(error));
+                }
+                return;
+            }
+        }
+        let fates = commit_round(shared, writer, &todo).await;
+        let mut retry = Vec::new();
+        let resolved: Vec<Option<AppendOutcome>> = fates
+            .iter()
+            .map(|fate| match fate {
+                Fate::Done(Ok(outcome)) => Some(*outcome),
+                _ => None,
+            })
+            .collect();
+        for (job, fate) in todo.into_iter().zip(fates) {
+            let answer = match fate {
+                Fate::Done(result) => Some(result),
+                Fate::SameKeyAs(n) => resolved.get(n).copied().flatten().map(|outcome| {
+                    Ok(AppendOutcome::AlreadyAppended {
+                        first: first_of(&outcome),
+                        last: outcome.last(),
+                    })
+                }),
+                Fate::Retry => None,
+            };
+            match answer {
+                Some(result) => {
+                    let _ = job.answer.send(result);
+                }
+                None => retry.push(job),
+            }
+        }
+        if retry.is_empty() {
+            return;
+        }
+        todo = retry;
+    }
+    for job in todo {
+        let _ = job.answer.send(Err(LogError::Unavailable(format!(
+            "still refused after {:?} of catching up with other writers",
+            shared.config.timeout
+        ))));
+    }
+}
+
+/// A random pause in `0..min(2^round ms, MAX_BACKOFF)`.
+fn backoff(round: u32) -> Duration {
+    let cap = Duration::from_millis(1u64 << round.min(16)).min(MAX_BACKOFF);
+    let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
+    let random = (uuid::Uuid::new_v4().as_u128() & u128::from(u64::MAX)) as u64;
+    Duration::from_micros(random % cap_us)
+}
+
+fn first_of(outcome: &AppendOutcome) -> Position {
+    match *outcome {
+        AppendOutcome::Appended { first, .. } | AppendOutcome::AlreadyAppended { first, .. } => {
+            first
+        }
+    }
+}
+
+/// Publishes what it can of `todo` chained after the writer's head, awaits the acks in order,
+/// and advances the writer over the stored prefix.
+async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec<Fate> {
+    let mut fates: Vec<Fate> = Vec::with_capacity(todo.len());
+    let mut in_round: HashMap<&str, usize> = HashMap::new();
+    let (mut head, mut hash) = (writer.head, writer.hash);
+    let mut prev_id = writer.last_id.clone();
+    let mut pending: Vec<(usize, Published)> = Vec::new();
+    let mut sending = true;
+    for (i, job) in todo.iter().enumerate() {
+        let req = &job.req;
+        if !sending {
+            fates.push(Fate::Retry);
+            continue;
+        }
+        if let Some(key) = req.idempotency_key.as_deref() {
+            if let Some(&(first, last)) = writer.keys.get(key) {
+                fates.push(Fate::Done(Ok(AppendOutcome::AlreadyAppended {
+                    first,
+                    last,
+                })));
+                continue;
+            }
+            if let Some(&n) = in_round.get(key) {
+                fates.push(Fate::SameKeyAs(n));
+                continue;
+            }
+        }
+        if let Expected::Head(expected) = req.expected {
+            if expected != head {
+                fates.push(Fate::Done(Err(LogError::WrongExpectedPosition {
+                    expected,
+                    actual: head,
+                })));
+                continue;
+            }
+        }
+        if req.events.is_empty() {
+            fates.push(Fate::Done(Ok(AppendOutcome::Appended {
+                first: head.next(),
+                last: head,
+            })));
+            continue;
+        }
+        // An atomic batch cannot chain by message id: it goes first in a round of its own.
+        if req.events.len() > 1 && !pending.is_empty() {
+            sending = false;
+            fates.push(Fate::Retry);
+            continue;
+        }
+        match shared
+            .publish(writer, head, hash, prev_id.as_deref(), req)
+            .await
+        {
+            Ok(published) => {
+                head = published.last;
+                hash = published.hash;
+                prev_id = published.msg_id.clone();
+                if let Some(key) = req.idempotency_key.as_deref() {
+                    in_round.insert(key, i);
+                }
+                let batch = req.events.len() > 1;
+                pending.push((i, published));
+                fates.push(Fate::Retry);
+                if batch {
+                    sending = false;
+                }
+            }
+            Err(e @ LogError::Encode(_)) => fates.push(Fate::Done(Err(e))),
+            Err(e) => {
+                // Maybe partly sent: nothing more this round, and catch up before the next.
+                writer.stale = true;
+                fates.push(Fate::Done(Err(e)));
+                sending = false;
+            }
+        }
+    }
+    let mut chained = true;
+    for (i, published) in pending {
+        let ack = wire::ack(published.wait).await;
+        let fate = match ack {
+            Ack::Stored {
+                seq,
+                duplicate: false,
+            } if seq == published.last.0 => {
+                if chained && !writer.stale {
+                    writer.head = published.last;
+                    writer.hash = published.hash;
+                    writer.last_id = published.msg_id.clone();
+                    if let Some(key) = &todo[i].req.idempotency_key {
+                        writer.uncertain.remove(key);
+                        writer
+                            .keys
+                            .insert(key.clone(), (published.first, published.last));
+                    }
+                }
+                Fate::Done(Ok(AppendOutcome::Appended {
+                    first: published.first,
+                    last: published.last,
+                }))
+            }
+            Ack::Stored {
+                seq,
+                duplicate: true,
+            } => {
+                // Another writer used the key within the dedupe window; the index will see it.
+                chained = false;
+                writer.stale = true;
+                let count = todo[i].req.events.len() as u64;
+                Fate::Done(Ok(AppendOutcome::AlreadyAppended {
+                    first: Position(seq + 1 - count.min(seq)),
+                    last: Position(seq),
+                }))
+            }
+            Ack::Stored { seq, .. } => {
+                chained = false;
+                writer.stale = true;
+                Fate::Done(Err(LogError::Unavailable(format!(
+                    "stored at {seq}, expected {}",
+                    published.last
+                ))))
+            }
+            Ack::Refused(reason) => {
+                tracing::debug!(stream = %shared.stream, %reason, "publish refused; catching up");
+                chained = false;
+                writer.stale = true;
+                Fate::Retry
+            }
+            Ack::Unknown(reason) => {
+                chained = false;
+                writer.stale = true;
+                if let Some(key) = &todo[i].req.idempotency_key {
+                    writer.uncertain.insert(key.clone());
+                }
+                Fate::Done(Err(LogError::Unavailable(reason)))
+            }
+        };
+        if let Some(slot) = fates.get_mut(i) {
+            *slot = fate;
+        }
+    }
+    fates
+}
+
+/// Feeds a [`Subscription`]: pages of direct gets, then waits for the next message on the
+/// subject (a core subscription, as a wake-up only) or a short poll.
+struct Source {
+    shared: Arc<Shared>,
+    wake: Option<async_nats::Subscriber>,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source")
+            .field("stream", &self.shared.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a live subscription waits before it asks the stream again without a wake-up.
+const POLL: Duration = Duration::from_millis(250);
+
+#[async_trait::async_trait]
+impl SubscriptionSource for Source {
+    async fn next_page(
+        &mut self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        loop {
+            if self.wake.is_none() {
+                // Subscribed before the read, so nothing stored after the read is missed.
+                self.wake = self
+                    .shared
+                    .client
+                    .subscribe(self.shared.subject.clone())
+                    .await
+                    .ok();
+            }
+            let page = self.shared.read(from, limit).await?;
+            if !page.is_empty() {
+                return Ok(page);
+            }
+            match self.wake.as_mut() {
+                Some(wake) => {
+                    // Published is not yet stored: the poll catches an ack that comes later.
+                    let _ = tokio::time::timeout(POLL, wake.next()).await;
+                }
+                None => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+}
