@@ -6,8 +6,8 @@
 //! `upgrade` (projections of other rules answer while their rebuild is built beside them),
 //! `server` (the HTTP server's doors: authentication, roles, the receiver, restore, shutdown),
 //! `server_crash` (SIGKILL during a submission storm loses and doubles nothing).
-//! `api` (caseledger's own API: read-your-writes, SSE, OpenAPI, metrics), `jetstream` (the log
-//! on a 3-node NATS JetStream cluster: the contract, kill -9 of a node during a storm).
+//! `api` (caseledger's own API: read-your-writes, SSE, OpenAPI, metrics). The JetStream tests
+//! are a binary of their own (`tests/jetstream.rs`), so they run alone.
 
 mod api;
 mod audit;
@@ -18,7 +18,6 @@ mod damage;
 mod data_api;
 mod errors;
 mod fixtures;
-mod jetstream;
 mod replay;
 mod restore;
 mod server;
