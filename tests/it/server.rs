@@ -778,6 +778,39 @@ async fn issue10_graceful_shutdown_loses_no_acknowledged_form() {
     }
 }
 
+/// Issue 10 "slow clients time out": a client that sends its request head too slowly is
+/// disconnected after the header timeout, while a prompt one on another connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue10_a_client_too_slow_with_its_request_head_is_disconnected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seed(dir.path()).await;
+    let config = ServerConfig {
+        header_timeout: Duration::from_millis(500),
+        ..ServerConfig::default()
+    };
+    let s = start(dir.path(), config).await;
+    let mut slow = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("part of a head");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the server kept a connection whose request head never came"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "not before the timeout"
+    );
+    let r = http(s.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(r.status, 200, "a prompt client is served");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue10_a_body_over_the_cap_is_413_before_it_is_read_and_nothing_is_stored() {
     let dir = tempfile::tempdir().expect("tempdir");

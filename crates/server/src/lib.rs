@@ -43,11 +43,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use engine::EngineConfig;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
@@ -72,6 +77,9 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// A request not answered within this time is answered 408.
     pub request_timeout: Duration,
+    /// A connection that does not send a whole request head within this time (a slow client,
+    /// or a kept-alive connection left idle) is closed.
+    pub header_timeout: Duration,
     /// Failed logins allowed per client address and per login.
     pub login_limit: LoginLimit,
 }
@@ -84,6 +92,7 @@ impl Default for ServerConfig {
             engine,
             body_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(120),
+            header_timeout: HEADER_TIMEOUT,
             login_limit: LoginLimit::default(),
         }
     }
@@ -146,17 +155,52 @@ impl Server {
         let file = self.state.dir().join(SERVER_FILE);
         write_server_file(&file, addr)?;
         tracing::info!(addr = %addr, dir = %self.state.dir().display(), "serving");
-        let app = router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        // SSE streams end on this signal; the graceful shutdown would wait for them forever.
-        let streams = self.state.clone();
-        let shutdown = async move {
-            shutdown.await;
-            streams.inner.shutdown.send_replace(true);
-        };
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| ServerError::Io(format!("serving: {e}")));
+        let app = router(self.state.clone());
+        // Each connection: HTTP/1.1 with a timer, so a client that sends its request head too
+        // slowly (or a kept-alive connection that never sends the next one) is closed after
+        // `HEADER_TIMEOUT`; bodies and whole requests have their own timeouts (`router`).
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.state.inner.config.header_timeout);
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (stream, remote) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of descriptors, or a connection reset before accept: go on.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let service = TowerToHyperService::new(
+                        app.clone().layer(Extension(ConnectInfo(remote))),
+                    );
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, "connection ended");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        // No new connections; SSE streams end on this signal (the graceful shutdown would wait
+        // for them forever), then requests in flight finish.
+        drop(self.listener);
+        self.state.inner.shutdown.send_replace(true);
+        graceful.shutdown().await;
+        let served: Result<(), ServerError> = Ok(());
         tracing::info!("shutting down: flushing the store");
         let state = self.state;
         let flushed = tokio::task::spawn_blocking(move || {
@@ -176,6 +220,10 @@ impl Server {
         served.and(flushed)
     }
 }
+
+/// The default [`ServerConfig::header_timeout`]: how long a client may take to send a request
+/// head (also: how long a kept-alive connection may stay idle before its next request).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Every route, with the body cap and timeouts; handlers take [`Principal`] to be reached.
 fn router(state: AppState) -> Router {
