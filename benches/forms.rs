@@ -29,8 +29,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod common;
 
 use common::{
-    env_or, group, machine, memory_kb, mix, process_cpu_seconds, reset_peak, user, uuid_like,
-    written_bytes, BenchResult, GROUPS, USERS,
+    env_or, group, machine, memory_kb, mix, process_cpu_seconds, raw_out_of_line, reset_peak, user,
+    uuid_like, written_bytes, BenchResult, GROUPS, USERS,
 };
 
 use std::collections::HashMap;
@@ -418,11 +418,6 @@ fn main() -> BenchResult<()> {
         durable / (bare.forms as f64 / bare.seconds)
     )?;
     Ok(())
-}
-
-/// `EngineConfig::raw_out_of_line`, unless `CASELEDGER_BENCH_RAW=inline`.
-fn raw_out_of_line() -> bool {
-    std::env::var("CASELEDGER_BENCH_RAW").as_deref() != Ok("inline")
 }
 
 /// What the bare-sled baseline did.

@@ -37,8 +37,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod common;
 
 use common::{
-    child_fields, dir_size, env_or, group, machine, memory_kb, mix, reset_peak, thread_cpu_seconds,
-    user, uuid_like, BenchResult, GROUPS, USERS,
+    child_fields, dir_size, env_or, group, machine, memory_kb, mix, raw_out_of_line, reset_peak,
+    thread_cpu_seconds, user, uuid_like, BenchResult, GROUPS, USERS,
 };
 
 use std::collections::HashMap;
@@ -1087,11 +1087,6 @@ impl Kept {
 
 /// Env var that turns this binary into the fresh replay process for the store at its value.
 const CHILD: &str = "CASELEDGER_BENCH_REPLAY_CHILD";
-
-/// `EngineConfig::raw_out_of_line`, unless `CASELEDGER_BENCH_RAW=inline`.
-fn raw_out_of_line() -> bool {
-    std::env::var("CASELEDGER_BENCH_RAW").as_deref() != Ok("inline")
-}
 
 /// The fresh process: open the store, replay it, print `child <events> <seconds> <VmHWM kB>`.
 fn replay_child(dir: &str) -> BenchResult<()> {

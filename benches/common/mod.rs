@@ -164,3 +164,8 @@ pub fn user(u: u64) -> String {
 pub fn group(u: u64) -> String {
     format!("g-{:02}", u % GROUPS)
 }
+
+/// `EngineConfig::raw_out_of_line` for the benches: on, unless `CASELEDGER_BENCH_RAW=inline`.
+pub fn raw_out_of_line() -> bool {
+    std::env::var("CASELEDGER_BENCH_RAW").as_deref() != Ok("inline")
+}
