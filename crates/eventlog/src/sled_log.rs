@@ -847,31 +847,38 @@ fn encode_staging_raw(
             form.form_id
         )));
     }
-    let Some(tail) = writer.raw.as_mut() else {
-        return encode_into(
-            &mut writer.scratch,
-            Some(prev),
-            None,
-            position,
-            req.recorded_at,
-            &req.command_id,
-            event,
-        );
+    let detached = match writer.raw.as_mut() {
+        Some(tail) => stage_raw(tail, position, event)?,
+        None => None,
     };
+    let (event, raw) = match &detached {
+        Some((event, raw)) => (event, Some(raw)),
+        None => (event, None),
+    };
+    encode_into(
+        &mut writer.scratch,
+        Some(prev),
+        raw,
+        position,
+        req.recorded_at,
+        &req.command_id,
+        event,
+    )
+}
+
+/// Stages the index entry of `position`, and the record of a form's inline bytes; for a form,
+/// the event to encode instead (its bytes [`RawBytes::Detached`]) and the reference naming them.
+fn stage_raw(
+    tail: &mut RawTail,
+    position: Position,
+    event: &Event,
+) -> Result<Option<(Event, RawRef)>, LogError> {
     let inline = event
         .form_record()
         .and_then(|f| f.raw.bytes().map(|b| (f, b)));
     let Some((form, bytes)) = inline else {
         tail.stage(position, None);
-        return encode_into(
-            &mut writer.scratch,
-            Some(prev),
-            None,
-            position,
-            req.recorded_at,
-            &req.command_id,
-            event,
-        );
+        return Ok(None);
     };
     if u32::try_from(bytes.len()).is_err() {
         return Err(LogError::Encode(format!(
@@ -892,15 +899,7 @@ fn encode_staging_raw(
     if let Some(form) = detached.form_record_mut() {
         form.raw = RawBytes::Detached { len: raw.len };
     }
-    encode_into(
-        &mut writer.scratch,
-        Some(prev),
-        Some(&raw),
-        position,
-        req.recorded_at,
-        &req.command_id,
-        &detached,
-    )
+    Ok(Some((detached, raw)))
 }
 
 pub(crate) fn key_position(key: &[u8]) -> Result<Position, LogError> {
