@@ -780,6 +780,35 @@ impl EventStore for SledLog {
         Ok(self.durable_head())
     }
 
+    async fn read_entries(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<VerbatimEntry>, LogError> {
+        let head = self.durable_head();
+        let mut out = Vec::new();
+        if limit == 0 || from > head {
+            return Ok(out);
+        }
+        for entry in self.chain_from(from.max(Position(1)))? {
+            let entry = entry?;
+            if entry.position > head || out.len() >= limit {
+                break;
+            }
+            let event = entry.decode()?;
+            let raw = match event.event.form_record() {
+                Some(form) if form.raw.is_detached() => Some(self.raw_bytes(entry.position, form)?),
+                _ => None,
+            };
+            out.push(VerbatimEntry {
+                position: entry.position,
+                envelope: entry.envelope.to_vec(),
+                raw,
+            });
+        }
+        Ok(out)
+    }
+
     async fn subscribe(&self, from: Position) -> Result<Subscription, LogError> {
         self.check_poison()?;
         Ok(Subscription::new(self.clone(), from))

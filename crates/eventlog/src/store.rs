@@ -6,7 +6,7 @@
 
 use domain::{CommandId, Event, Position, RecordedEvent, Timestamp};
 
-use crate::{LogError, Subscription};
+use crate::{LogError, Subscription, VerbatimEntry};
 
 /// Optimistic concurrency for an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +78,17 @@ pub trait EventStore: Send + Sync {
 
     /// The last durable position ([`Position::ZERO`] for an empty log).
     async fn head(&self) -> Result<Position, LogError>;
+
+    /// Durable entries with position `>= from`, at most `limit` of them, in position order,
+    /// exactly as stored: the envelope bytes (which the hash chain covers) and, for an envelope
+    /// that stores its raw submission out of line (format 4), those bytes. What a replica
+    /// ([`crate::SledLog::append_verbatim`]) or an export copies so that its chain, and so its
+    /// head hash, is the original's.
+    async fn read_entries(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<VerbatimEntry>, LogError>;
 
     /// Durable events from `from` on: first those already in the log, then new ones as they
     /// become durable.

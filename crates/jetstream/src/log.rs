@@ -40,7 +40,8 @@ use bytes::Bytes;
 use domain::{DomainName, Position, RecordedEvent};
 use eventlog::{
     chain_hash, decode_envelope, decode_header, encode_event_chained, AppendOutcome, AppendRequest,
-    EventStore, Expected, Hash, LogError, Subscription, SubscriptionSource, Verified, GENESIS,
+    EventStore, Expected, Hash, LogError, Subscription, SubscriptionSource, VerbatimEntry,
+    Verified, GENESIS,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -306,6 +307,14 @@ impl EventStore for JetStreamLog {
         Ok(Position(self.inner.shared.last_sequence().await?))
     }
 
+    async fn read_entries(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<VerbatimEntry>, LogError> {
+        self.inner.shared.read_entries(from, limit).await
+    }
+
     async fn subscribe(&self, from: Position) -> Result<Subscription, LogError> {
         let source = Source {
             shared: Arc::clone(&self.inner.shared),
@@ -353,6 +362,43 @@ impl Shared {
             "no replica returned position {from} of {}",
             self.stream
         )))
+    }
+
+    /// Stored messages `from..` (at most `limit`), each checked to be at its sequence, as the
+    /// envelopes they carry.
+    async fn read_entries(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<VerbatimEntry>, LogError> {
+        let from = from.max(Position(1)).0;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let head = self.last_sequence().await?;
+        if from > head {
+            return Ok(Vec::new());
+        }
+        let to = head.min(from.saturating_add(limit as u64 - 1));
+        let mut out = Vec::with_capacity((to - from + 1) as usize);
+        let mut next = from;
+        while next <= to {
+            for message in self.page(next, to).await? {
+                if message.seq != next {
+                    return Err(LogError::corrupt(
+                        Position(next),
+                        format!("missing: the stream answered {}", message.seq),
+                    ));
+                }
+                out.push(VerbatimEntry {
+                    position: Position(next),
+                    envelope: message.payload.to_vec(),
+                    raw: None,
+                });
+                next += 1;
+            }
+        }
+        Ok(out)
     }
 
     async fn read(&self, from: Position, limit: usize) -> Result<Vec<RecordedEvent>, LogError> {
