@@ -70,6 +70,16 @@ impl Engine {
                 let group = self.combiner.take();
                 if !group.is_empty() {
                     let (requests, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                    if let Some(up) = &self.upstream {
+                        // A replica's group waits for the upstream under the lead: the next
+                        // group is decided on the head this one leaves.
+                        match self.execute_replicated(up, &requests).await {
+                            Ok(outcomes) => answer_all(answers, outcomes, Ok(())),
+                            Err(e) => answer_failed(answers, &e),
+                        }
+                        drop(lead);
+                        return received(rx.await);
+                    }
                     let begun = self.begin(&requests);
                     drop(lead);
                     match begun {

@@ -32,12 +32,16 @@ mod combine;
 mod committer;
 mod error;
 mod outcome;
+mod replica;
 mod store;
 mod upgrade;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests_replica;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -202,6 +206,8 @@ pub struct Engine {
     /// The store directory when opened with [`Engine::open`], where [`Engine::flush`] records
     /// the log head.
     dir: Option<std::path::PathBuf>,
+    /// The log of record when this engine is a replica of a log kept elsewhere (`replica`).
+    upstream: Option<replica::Upstream>,
 }
 
 /// Guarded by the writer lock.
@@ -365,6 +371,7 @@ impl Engine {
             combiner: combine::Combiner::default(),
             upgrade: Mutex::new(Upgrade::Idle),
             dir: None,
+            upstream: None,
         };
         // Damaged projections never keep anyone from the log (I2): rebuild them, as `replay`
         // does, before answering. The old generation stays active until the new one is
@@ -599,6 +606,9 @@ impl Engine {
     /// flush and the projection batch's write. Each command succeeds or fails on its own; a
     /// failed command appends nothing.
     pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
+        if let Some(up) = &self.upstream {
+            return self.execute_replicated(up, &requests).await;
+        }
         let (results, last, written) = self.begin(&requests)?;
         self.finish(last, written).await?;
         Ok(results)
@@ -776,12 +786,7 @@ impl Engine {
                 .collect();
             // Rebuilding cases (R54, R57) reads the case's forms back from the log, this one
             // included: write what is decided so far before folding such an event.
-            let rebuilds = events.iter().any(|e| {
-                matches!(
-                    e,
-                    Event::FormEditedV1(_) | Event::FormArchivedV1(_) | Event::FormUnarchivedV1(_)
-                )
-            });
+            let rebuilds = events.iter().any(rebuilds_cases);
             let append = AppendRequest {
                 expected: Expected::Head(head),
                 idempotency_key: key.clone(),
@@ -1075,6 +1080,15 @@ fn file_name_of(domain: &DomainName) -> String {
         }
         name
     })
+}
+
+/// Whether folding `event` rebuilds cases from their forms, which it reads back from the log
+/// (R54, R57): an edit, an archive, an unarchive.
+fn rebuilds_cases(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::FormEditedV1(_) | Event::FormArchivedV1(_) | Event::FormUnarchivedV1(_)
+    )
 }
 
 fn last_max(acc: &mut Option<Position>, p: Option<Position>) {

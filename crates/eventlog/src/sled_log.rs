@@ -420,6 +420,29 @@ impl SledLog {
         &self,
         entries: &[VerbatimEntry],
     ) -> Result<crate::AcknowledgedHead, LogError> {
+        self.append_copied(entries, false)
+    }
+
+    /// [`SledLog::append_verbatim`] for a replica of a log kept elsewhere (an engine over
+    /// JetStream): besides the entries, each command's id is recorded as an idempotency key
+    /// naming the positions of its events (in the same batch), so that a retried command is
+    /// found here as it would be in the log it copies. Consecutive entries of one command are
+    /// one append.
+    ///
+    /// # Errors
+    /// As [`SledLog::append_verbatim`].
+    pub fn append_replicated(
+        &self,
+        entries: &[VerbatimEntry],
+    ) -> Result<crate::AcknowledgedHead, LogError> {
+        self.append_copied(entries, true)
+    }
+
+    fn append_copied(
+        &self,
+        entries: &[VerbatimEntry],
+        index_commands: bool,
+    ) -> Result<crate::AcknowledgedHead, LogError> {
         let inner = &*self.inner;
         self.check_poison()?;
         let mut writer = inner.writer.lock().map_err(|_| LogError::Poisoned)?;
@@ -427,6 +450,8 @@ impl SledLog {
         let (mut head, mut hash) = (writer.head, writer.hash);
         let mut batch = sled::Batch::default();
         let raw_mark = writer.raw.as_ref().map(RawTail::mark);
+        // The command of the entries just checked, with its first and last position.
+        let mut commands: Vec<(String, Position, Position)> = Vec::new();
         let checked = (|| {
             for entry in entries {
                 let position = entry.position;
@@ -494,9 +519,21 @@ impl SledLog {
                 hash = chain_hash(&hash, position, envelope);
                 head = position;
                 batch.insert(&position.to_be_bytes()[..], &envelope[..]);
+                if index_commands {
+                    match commands.last_mut() {
+                        Some((id, _, last)) if *id == event.command_id.0 => *last = position,
+                        _ => commands.push((event.command_id.0.clone(), position, position)),
+                    }
+                }
             }
             Ok(())
         })();
+        for (id, first, last) in &commands {
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&first.to_be_bytes());
+            value[8..].copy_from_slice(&last.to_be_bytes());
+            batch.insert(idempotency_key(id), &value[..]);
+        }
         if let Err(e) = checked {
             if let (Some(tail), Some(mark)) = (writer.raw.as_mut(), raw_mark) {
                 tail.undo(mark);
@@ -532,7 +569,7 @@ impl SledLog {
     }
 
     /// The written head and its chain hash, read together.
-    pub(crate) fn written_mark(&self) -> (Position, Hash) {
+    pub fn written_mark(&self) -> (Position, Hash) {
         match self.inner.mark.lock() {
             Ok(mark) => *mark,
             Err(poisoned) => *poisoned.into_inner(),

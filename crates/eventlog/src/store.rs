@@ -72,6 +72,20 @@ pub trait EventStore: Send + Sync {
     /// Appends atomically and returns once the events are durable (I5).
     async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, LogError>;
 
+    /// Appends several requests in order, each as [`EventStore::append`] would (each with its
+    /// own expected position and key), and answers each. A store that can pipelines them, so
+    /// that a group costs about one round trip; the default awaits one after the other.
+    async fn append_all(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> Vec<Result<AppendOutcome, LogError>> {
+        let mut out = Vec::with_capacity(requests.len());
+        for req in requests {
+            out.push(self.append(req).await);
+        }
+        out
+    }
+
     /// Durable events with position `>= from` (0 and 1 both mean "from the start"), at most
     /// `limit` of them, in position order.
     async fn read(&self, from: Position, limit: usize) -> Result<Vec<RecordedEvent>, LogError>;

@@ -299,6 +299,28 @@ impl EventStore for JetStreamLog {
         self.append_queued(req).await
     }
 
+    /// Queues every append before awaiting any, in order, so the committer pipelines them
+    /// (one group, chained by expected position).
+    async fn append_all(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> Vec<Result<AppendOutcome, LogError>> {
+        let mut waiting = Vec::with_capacity(requests.len());
+        for req in requests {
+            let (answer, rx) = oneshot::channel();
+            let sent = self.inner.jobs.send(Job { req, answer });
+            waiting.push(sent.ok().map(|()| rx));
+        }
+        let mut out = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            out.push(match rx {
+                Some(rx) => rx.await.unwrap_or(Err(LogError::Shutdown)),
+                None => Err(LogError::Shutdown),
+            });
+        }
+        out
+    }
+
     async fn read(&self, from: Position, limit: usize) -> Result<Vec<RecordedEvent>, LogError> {
         self.inner.shared.read(from, limit).await
     }

@@ -1,0 +1,298 @@
+//! Replica engines (issue 11): two engines, each with its own local store, over one upstream
+//! log (here a sled log in a directory of its own, through the same `EventStore` boundary the
+//! JetStream log implements).
+
+use std::sync::Arc;
+
+use super::*;
+use domain::CaseId;
+use eventlog::EventStore;
+
+struct Upstream {
+    _dir: tempfile::TempDir,
+    log: SledLog,
+}
+
+fn upstream() -> Upstream {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = sled::Config::new().path(dir.path()).open().expect("sled");
+    let log = SledLog::open(&db, &"d".into(), LogConfig::default()).expect("log");
+    Upstream { _dir: dir, log }
+}
+
+async fn replica(dir: &Path, up: &Upstream) -> Engine {
+    let store: Arc<dyn EventStore> = Arc::new(up.log.clone());
+    Engine::open_replica(dir, &"d".into(), EngineConfig::default(), store)
+        .await
+        .expect("open replica")
+}
+
+/// A registration (`create`) or follow-up (`update`) of case `case` by `u1`.
+fn form(instance: &str, case: &str, create: bool, value: &str) -> Vec<u8> {
+    let action = if create {
+        "<create><case_type>patient</case_type><case_name>P</case_name><owner_id>u1</owner_id></create>"
+    } else {
+        ""
+    };
+    format!(
+        "<?xml version='1.0' ?><data xmlns=\"http://openrosa.org/formdesigner/F1\">\
+         <case xmlns=\"http://commcarehq.org/case/transaction/v2\" case_id=\"{case}\" \
+         date_modified=\"2026-03-02T09:15:22.104+03:00\" user_id=\"u1\">{action}\
+         <update><visit>{value}</visit></update></case>\
+         <meta xmlns=\"http://openrosa.org/jr/xforms\"><instanceID>{instance}</instanceID>\
+         <userID>u1</userID><username>u1</username></meta></data>"
+    )
+    .into_bytes()
+}
+
+fn create_user(id: &str) -> Request {
+    Request::new(Command::CreateUser {
+        id: id.into(),
+        username: id.into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_writing_one_case_lose_no_update_and_keep_received_order() {
+    let up = upstream();
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let a = Arc::new(replica(da.path(), &up).await);
+    let b = Arc::new(replica(db.path(), &up).await);
+    let _follow_a = a.follow();
+    let _follow_b = b.follow();
+    a.execute(create_user("u1")).await.expect("user");
+    let reg = a
+        .submit(form("f-0", "c1", true, "0"), None, None)
+        .await
+        .expect("registration");
+    assert_eq!(reg.outcome, SubmitStatus::Accepted);
+    // 2 × 20 follow-ups of the same case, from both replicas at once.
+    let mut tasks = Vec::new();
+    for (name, engine) in [("a", Arc::clone(&a)), ("b", Arc::clone(&b))] {
+        for i in 0..20 {
+            let engine = Arc::clone(&engine);
+            tasks.push(tokio::spawn(async move {
+                let value = format!("{name}{i}");
+                engine
+                    .submit(
+                        form(&format!("f-{name}-{i}"), "c1", false, &value),
+                        None,
+                        None,
+                    )
+                    .await
+                    .map(|o| (o, value))
+            }));
+        }
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        let (outcome, value) = t.await.expect("task").expect("submit");
+        assert_eq!(outcome.outcome, SubmitStatus::Accepted, "{outcome:?}");
+        acked.push((outcome.position, value));
+    }
+    let head = up.log.durable_head();
+    assert_eq!(head, Position(2 + 40), "every form appended once");
+    acked.sort();
+    let positions: Vec<u64> = acked.iter().map(|(p, _)| p.0).collect();
+    assert_eq!(
+        positions,
+        (3..=42).collect::<Vec<_>>(),
+        "gapless, no duplicate"
+    );
+    // Received order wins: the case holds the value of the last position.
+    let last = acked.last().map(|(_, v)| v.clone()).expect("one");
+    for engine in [&a, &b] {
+        assert_eq!(engine.pull().await.expect("pull"), head);
+        let case = engine
+            .projections()
+            .case(&CaseId::from("c1"))
+            .expect("read")
+            .expect("case");
+        assert_eq!(case.properties.get("visit"), Some(&last));
+        assert_eq!(
+            engine.log().verify(Position(1)).expect("verify").head_hash,
+            up.log.verify(Position(1)).expect("verify").head_hash,
+            "the replica is the upstream's log, entry for entry"
+        );
+        let differences = engine.verify(&mut |_, _| {}).expect("verify projections");
+        assert!(differences.is_empty(), "{differences:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_on_a_stale_head_is_decided_again_not_appended() {
+    let up = upstream();
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let a = replica(da.path(), &up).await;
+    let b = replica(db.path(), &up).await;
+    a.execute(create_user("u1")).await.expect("user");
+    // b has not seen u1 (no follower): its decision is made after catching up, so the second
+    // creation is refused instead of appended.
+    let again = b.execute(create_user("u1")).await;
+    assert!(
+        matches!(again, Err(EngineError::Command(_))),
+        "decided against the upstream head: {again:?}"
+    );
+    assert_eq!(up.log.durable_head(), Position(1));
+    // The same form from both: the second is a duplicate (R-seed: instanceID is the identity).
+    a.submit(form("f-1", "c1", true, "x"), None, None)
+        .await
+        .expect("first");
+    let dup = b
+        .submit(form("f-1", "c1", true, "x"), None, None)
+        .await
+        .expect("second");
+    assert_eq!(dup.outcome, SubmitStatus::Duplicate);
+    let after = up.log.durable_head();
+    let retried = Request::idempotent(
+        Command::CreateUser {
+            id: "u2".into(),
+            username: "u2".into(),
+        },
+        CommandId::new("key-1"),
+    );
+    let first = a.execute(retried.clone()).await.expect("first attempt");
+    let second = b
+        .execute(retried)
+        .await
+        .expect("retry on the other replica");
+    assert_eq!(
+        first.events, second.events,
+        "a retry is answered, not applied"
+    );
+    assert_eq!(up.log.durable_head(), Position(after.0 + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_catches_up_and_one_of_another_store_is_refused() {
+    let up = upstream();
+    let da = tempfile::tempdir().expect("a");
+    {
+        let a = replica(da.path(), &up).await;
+        a.execute(create_user("u1")).await.expect("user");
+        a.flush().expect("flush");
+    }
+    // Written while the replica was down.
+    let other = tempfile::tempdir().expect("b");
+    let b = replica(other.path(), &up).await;
+    b.execute(create_user("u2")).await.expect("user");
+    drop(b);
+    let a = replica(da.path(), &up).await;
+    assert_eq!(a.projections().checkpoint(), Position(2));
+    assert!(a.projections().directory().user_by_login("u2").is_some());
+    drop(a);
+    // The same data dir against another log: refused, named.
+    let elsewhere = upstream();
+    elsewhere
+        .log
+        .append(eventlog::AppendRequest {
+            expected: Expected::Any,
+            idempotency_key: None,
+            command_id: CommandId::new("x"),
+            recorded_at: Timestamp(1),
+            events: vec![Event::UserCreatedV1(domain::UserCreatedV1 {
+                user_id: "someone".into(),
+                username: "someone".into(),
+            })],
+        })
+        .await
+        .expect("append");
+    let store: Arc<dyn EventStore> = Arc::new(elsewhere.log.clone());
+    let refused =
+        Engine::open_replica(da.path(), &"d".into(), EngineConfig::default(), store).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(EngineError::Log(eventlog::LogError::Corrupt { .. }))
+        ),
+        "{:?}",
+        refused.err()
+    );
+}
+
+/// An upstream where another writer appends just before this replica's first append lands,
+/// after the replica caught up and decided.
+struct Racing {
+    log: SledLog,
+    raced: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl EventStore for Racing {
+    async fn append(
+        &self,
+        req: eventlog::AppendRequest,
+    ) -> Result<eventlog::AppendOutcome, eventlog::LogError> {
+        if !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.log
+                .append(eventlog::AppendRequest {
+                    expected: Expected::Any,
+                    idempotency_key: None,
+                    command_id: CommandId::new("other-server"),
+                    recorded_at: Timestamp(1),
+                    events: vec![Event::UserCreatedV1(domain::UserCreatedV1 {
+                        user_id: "u1".into(),
+                        username: "u1".into(),
+                    })],
+                })
+                .await?;
+        }
+        self.log.append(req).await
+    }
+    async fn read(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, eventlog::LogError> {
+        self.log.read(from, limit).await
+    }
+    async fn head(&self) -> Result<Position, eventlog::LogError> {
+        self.log.head().await
+    }
+    async fn read_entries(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<eventlog::VerbatimEntry>, eventlog::LogError> {
+        self.log.read_entries(from, limit).await
+    }
+    async fn subscribe(
+        &self,
+        from: Position,
+    ) -> Result<eventlog::Subscription, eventlog::LogError> {
+        self.log.subscribe(from).await
+    }
+}
+
+// Issue 11: "a decision made on a stale position is retried against the new head, never
+// appended". The other writer creates u1 between this replica's catch-up and its append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_refused_for_a_moved_head_is_decided_again_on_the_new_head() {
+    let up = upstream();
+    let racing: Arc<dyn EventStore> = Arc::new(Racing {
+        log: up.log.clone(),
+        raced: std::sync::atomic::AtomicBool::new(false),
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = Engine::open_replica(dir.path(), &"d".into(), EngineConfig::default(), racing)
+        .await
+        .expect("open");
+    let created = a.execute(create_user("u1")).await;
+    assert!(
+        matches!(created, Err(EngineError::Command(_))),
+        "decided again after the other writer's user: {created:?}"
+    );
+    assert_eq!(a.refused_appends(), 1);
+    assert_eq!(
+        up.log.durable_head(),
+        Position(1),
+        "only the other writer's event"
+    );
+    assert_eq!(a.projections().checkpoint(), Position(1));
+}
