@@ -591,7 +591,7 @@ async fn run(cli: Cli) -> Result<u8> {
     }
     if let Cmd::Serve(args) = &cli.command {
         datadir::require_free(&cli.data)?;
-        return serve::run(&cli.data, args);
+        return serve::run(&cli.data, args, None);
     }
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);

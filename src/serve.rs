@@ -19,9 +19,17 @@ pub(crate) struct ServeArgs {
 }
 
 /// Serves the store in `dir` until a signal; exit status 0 after a clean shutdown.
-pub(crate) fn run(dir: &Path, args: &ServeArgs) -> Result<u8> {
+pub(crate) fn run(
+    dir: &Path,
+    args: &ServeArgs,
+    store: Option<jetstream::JetStreamConfig>,
+) -> Result<u8> {
     let dir = dir.to_path_buf();
     let addr = args.addr;
+    let config = server::ServerConfig {
+        store,
+        ..server::ServerConfig::default()
+    };
     let serving = std::thread::Builder::new()
         .name("serve".into())
         .spawn(move || -> Result<()> {
@@ -30,7 +38,7 @@ pub(crate) fn run(dir: &Path, args: &ServeArgs) -> Result<u8> {
                 .build()
                 .context("starting the server runtime")?;
             runtime.block_on(async {
-                let server = server::Server::bind(&dir, addr, server::ServerConfig::default())
+                let server = server::Server::bind(&dir, addr, config)
                     .await
                     .with_context(|| format!("opening {} and binding {addr}", dir.display()))?;
                 let bound = server.local_addr()?;

@@ -82,6 +82,10 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Failed logins allowed per client address and per login.
     pub login_limit: LoginLimit,
+    /// Where the logs of record are: `None` for the sled store in the data dir; a JetStream
+    /// cluster for replicas (issue 11): each project space's stream is the log, and the data
+    /// dir holds only this process's replicas and projections (`engine::Engine::open_replica`).
+    pub store: Option<jetstream::JetStreamConfig>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +98,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(120),
             header_timeout: HEADER_TIMEOUT,
             login_limit: LoginLimit::default(),
+            store: None,
         }
     }
 }
