@@ -112,7 +112,15 @@ fn received(
 /// Every request of a group failed together (before anything was appended, or with the log).
 fn answer_failed(answers: Vec<Answer>, e: &EngineError) {
     for answer in answers {
-        let _ = answer.send(Err(EngineError::Internal(e.to_string())));
+        // An unreachable log stays what it is (callers retry it); other failures of the
+        // group are internal to each of its commands.
+        let each = match e {
+            EngineError::Log(eventlog::LogError::Unavailable(reason)) => {
+                EngineError::Log(eventlog::LogError::Unavailable(reason.clone()))
+            }
+            _ => EngineError::Internal(e.to_string()),
+        };
+        let _ = answer.send(Err(each));
     }
 }
 

@@ -22,8 +22,10 @@
 //! let mut sub = log.subscribe(Position(1)).await?;
 //! ```
 
+mod admin;
 pub mod cluster;
 mod log;
 mod wire;
 
+pub use admin::Streams;
 pub use log::{JetStreamConfig, JetStreamLog};

@@ -272,7 +272,7 @@ impl FromRequestParts<AppState> for Principal {
             .by_login
             .check(&login_key)
             .map_err(ServerError::TooManyAttempts)?;
-        let engine = state.engine(&domain)?;
+        let engine = state.engine(&domain).await?;
         let directory = engine.as_ref().map(|e| e.projections().directory());
         let task_state = state.clone();
         let task_domain = domain.clone();

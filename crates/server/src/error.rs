@@ -92,7 +92,10 @@ impl ServerError {
             ServerError::Engine(engine::EngineError::Command(_)) => StatusCode::BAD_REQUEST,
             ServerError::Engine(engine::EngineError::OutOfRange(_))
             | ServerError::OutOfRange(_) => StatusCode::BAD_REQUEST,
-            ServerError::NotCaughtUp { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ServerError::NotCaughtUp { .. }
+            | ServerError::Engine(engine::EngineError::Log(eventlog::LogError::Unavailable(_))) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ServerError::Engine(_)
             | ServerError::Restore(_)
             | ServerError::Io(_)
@@ -114,6 +117,9 @@ impl ServerError {
             ServerError::Engine(engine::EngineError::OutOfRange(_))
             | ServerError::OutOfRange(_) => "out_of_range",
             ServerError::NotCaughtUp { .. } => "not_caught_up",
+            ServerError::Engine(engine::EngineError::Log(eventlog::LogError::Unavailable(_))) => {
+                "store_unavailable"
+            }
             ServerError::Engine(_)
             | ServerError::Restore(_)
             | ServerError::Io(_)
@@ -138,6 +144,11 @@ impl ServerError {
             | ServerError::NotCaughtUp {
                 retry_after: wait, ..
             } => retry(headers, wait),
+            // The cluster is electing a leader or out of reach: the command was not
+            // acknowledged; retry it (with the same idempotency key) in a second.
+            ServerError::Engine(engine::EngineError::Log(eventlog::LogError::Unavailable(_))) => {
+                retry(headers, &Duration::from_secs(1));
+            }
             _ => {}
         }
     }

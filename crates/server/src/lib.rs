@@ -133,10 +133,15 @@ impl Server {
         addr: SocketAddr,
         config: ServerConfig,
     ) -> Result<Server, ServerError> {
-        let owned = dir.to_path_buf();
-        let state = tokio::task::spawn_blocking(move || AppState::open(&owned, config))
-            .await
-            .map_err(|e| ServerError::Internal(format!("opening the store: {e}")))??;
+        let state = match config.store.clone() {
+            Some(store) => AppState::open_replicas(dir, config, &store).await?,
+            None => {
+                let owned = dir.to_path_buf();
+                tokio::task::spawn_blocking(move || AppState::open(&owned, config))
+                    .await
+                    .map_err(|e| ServerError::Internal(format!("opening the store: {e}")))??
+            }
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| ServerError::Io(format!("binding {addr}: {e}")))?;
@@ -205,6 +210,7 @@ impl Server {
         drop(self.listener);
         self.state.inner.shutdown.send_replace(true);
         graceful.shutdown().await;
+        self.state.stop_followers();
         let served: Result<(), ServerError> = Ok(());
         tracing::info!("shutting down: flushing the store");
         let state = self.state;

@@ -26,6 +26,13 @@ pub(crate) struct Inner {
     engines: RwLock<HashMap<DomainName, Arc<Engine>>>,
     /// Held while a project space's engine is opened, so it is opened once.
     opening: Mutex<()>,
+    /// The JetStream cluster's streams, when the logs of record are there
+    /// ([`ServerConfig::store`]); the engines are then replicas.
+    streams: Option<jetstream::Streams>,
+    /// [`Inner::opening`] for replicas, which open asynchronously.
+    opening_replica: tokio::sync::Mutex<()>,
+    /// The tasks keeping each replica up with its stream.
+    followers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Failed logins by client address.
     pub(crate) by_address: Limiter,
     /// Failed logins by project space and login.
@@ -48,7 +55,43 @@ impl AppState {
     /// Opens the sled database of `dir` and the engine of every project space that has a log.
     pub(crate) fn open(dir: &Path, config: ServerConfig) -> Result<Self, ServerError> {
         let db = Engine::open_db(dir, &config.engine)?;
-        let state = AppState {
+        let state = Self::with_db(dir, db, config, None);
+        for domain in SledLog::domains(&state.inner.db) {
+            state.open_engine(&domain)?;
+        }
+        Ok(state)
+    }
+
+    /// Connects to the JetStream cluster of [`ServerConfig::store`] and opens the replica of
+    /// every project space the data dir already holds one of, each caught up from its
+    /// checkpoint; others open on first use.
+    pub(crate) async fn open_replicas(
+        dir: &Path,
+        config: ServerConfig,
+        store: &jetstream::JetStreamConfig,
+    ) -> Result<Self, ServerError> {
+        let streams = jetstream::Streams::connect(store)
+            .await
+            .map_err(|e| ServerError::Engine(e.into()))?;
+        let owned = dir.to_path_buf();
+        let engine_config = config.engine.clone();
+        let db = tokio::task::spawn_blocking(move || Engine::open_db(&owned, &engine_config))
+            .await
+            .map_err(|e| ServerError::Internal(format!("opening the store: {e}")))??;
+        let state = Self::with_db(dir, db, config, Some(streams));
+        for domain in SledLog::domains(&state.inner.db) {
+            state.open_replica(&domain).await?;
+        }
+        Ok(state)
+    }
+
+    fn with_db(
+        dir: &Path,
+        db: sled::Db,
+        config: ServerConfig,
+        streams: Option<jetstream::Streams>,
+    ) -> Self {
+        AppState {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 db,
@@ -60,12 +103,11 @@ impl AppState {
                 verified: Mutex::new(HashMap::new()),
                 metrics: crate::metrics::Metrics::default(),
                 shutdown: tokio::sync::watch::Sender::new(false),
+                streams,
+                opening_replica: tokio::sync::Mutex::new(()),
+                followers: Mutex::new(Vec::new()),
             }),
-        };
-        for domain in SledLog::domains(&state.inner.db) {
-            state.open_engine(&domain)?;
         }
-        Ok(state)
     }
 
     /// The data directory.
@@ -73,11 +115,21 @@ impl AppState {
         &self.inner.dir
     }
 
-    /// The engine of `domain`, opened on first use; `None` when the data dir holds no such
+    /// The engine of `domain`, opened on first use; `None` when the store holds no such
     /// project space (nothing is created for a name in a URL).
-    pub fn engine(&self, domain: &DomainName) -> Result<Option<Arc<Engine>>, ServerError> {
+    pub async fn engine(&self, domain: &DomainName) -> Result<Option<Arc<Engine>>, ServerError> {
         if let Some(e) = self.read_engines().get(domain) {
             return Ok(Some(Arc::clone(e)));
+        }
+        if let Some(streams) = &self.inner.streams {
+            let exists = streams
+                .exists(domain)
+                .await
+                .map_err(|e| ServerError::Engine(e.into()))?;
+            return match exists {
+                true => Ok(Some(self.open_replica(domain).await?)),
+                false => Ok(None),
+            };
         }
         if !SledLog::domains(&self.inner.db).contains(domain) {
             return Ok(None);
@@ -104,6 +156,62 @@ impl AppState {
         match self.inner.engines.read() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Opens the replica of `domain` over its stream (once), catches it up and starts its
+    /// follower.
+    async fn open_replica(&self, domain: &DomainName) -> Result<Arc<Engine>, ServerError> {
+        let _opening = self.inner.opening_replica.lock().await;
+        if let Some(e) = self.read_engines().get(domain) {
+            return Ok(Arc::clone(e));
+        }
+        let Some(store) = self.inner.config.store.clone() else {
+            return Err(ServerError::Internal(
+                "a replica opened without a JetStream store".into(),
+            ));
+        };
+        let log = jetstream::JetStreamLog::open(store, domain)
+            .await
+            .map_err(|e| ServerError::Engine(e.into()))?;
+        let engine = Arc::new(
+            Engine::open_replica_in(
+                self.inner.db.clone(),
+                &self.inner.dir,
+                domain,
+                self.inner.config.engine.clone(),
+                Arc::new(log),
+            )
+            .await?,
+        );
+        if matches!(
+            engine.upgrade_status(),
+            engine::UpgradeStatus::Needed { .. }
+        ) {
+            drop(engine.upgrade_in_background()?);
+        }
+        let follower = engine.follow();
+        match self.inner.followers.lock() {
+            Ok(mut f) => f.push(follower),
+            Err(poisoned) => poisoned.into_inner().push(follower),
+        }
+        tracing::info!(domain = %domain, head = engine.log().written_head().0, "project space replica open");
+        let mut engines = match self.inner.engines.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        engines.insert(domain.clone(), Arc::clone(&engine));
+        Ok(engine)
+    }
+
+    /// Stops the replicas' followers (at shutdown).
+    pub(crate) fn stop_followers(&self) {
+        let followers = match self.inner.followers.lock() {
+            Ok(mut f) => std::mem::take(&mut *f),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for f in followers {
+            f.abort();
         }
     }
 
