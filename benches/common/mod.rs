@@ -6,6 +6,9 @@
 
 use std::path::Path;
 
+pub mod anc;
+pub mod http;
+
 /// The benches' error type.
 pub type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
