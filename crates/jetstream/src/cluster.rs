@@ -72,6 +72,14 @@ pub struct Node {
     child: Option<Child>,
 }
 
+impl Node {
+    /// The process id of the running node (`None` while it is killed or stopped): what a bench
+    /// reads the node's CPU time by (`/proc/PID/stat`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
 /// Local `nats-server` processes forming one JetStream cluster.
 #[derive(Debug)]
 pub struct Cluster {
