@@ -663,13 +663,23 @@ fn main() -> BenchResult<()> {
         }
         if two_writer_forms > 0 {
             let part = &forms[..two_writer_forms.min(forms.len())];
-            let two = two_writers(&cluster, part, &nats).await?;
-            two.print();
-            if let Some((_, one)) = rates.iter().find(|(r, _)| *r == 3) {
-                eprintln!(
-                    "  ratio two writers / one writer at R3: {:.2}",
-                    two.rate() / one
-                );
+            // Bounded: a livelock between the writers must not hang the bench.
+            let limit = Duration::from_secs(120);
+            match tokio::time::timeout(limit, two_writers(&cluster, part, &nats)).await {
+                Ok(two) => {
+                    let two = two?;
+                    two.print();
+                    if let Some((_, one)) = rates.iter().find(|(r, _)| *r == 3) {
+                        eprintln!(
+                            "  ratio two writers / one writer at R3: {:.2}",
+                            two.rate() / one
+                        );
+                    }
+                }
+                Err(_) => eprintln!(
+                    "  two replica engines on one R3 stream: {} forms NOT finished within {limit:?}",
+                    part.len()
+                ),
             }
         }
 
