@@ -8,8 +8,6 @@
 //! in order checks the key (index, then earlier appends of the group), then `Expected::Head`
 //! against the running head, encodes the envelope chained to the running hash and publishes it
 //! without waiting. Then it awaits the acks in order and answers each append with its own.
-//! An expected head beyond the running head means another writer appended what the caller
-//! read (a replica that pulled past this writer): the writer catches up before it answers.
 //!
 //! Pipelining stays correct with other writers on the stream because every publish is
 //! conditional on exactly the message it was chained to: the first of a group carries
@@ -682,8 +680,6 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
             }
             tokio::time::sleep(backoff(round)).await;
         }
-        // A round right after a catch-up knows the stream's head; any other may be behind it.
-        let caught_up = writer.stale;
         if writer.stale {
             if let Err(e) = shared.catch_up(writer).await {
                 tracing::warn!(stream = %shared.stream, error = %e, "catch-up failed");
@@ -702,7 +698,7 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
                 return;
             }
         }
-        let fates = commit_round(shared, writer, &todo, caught_up).await;
+        let fates = commit_round(shared, writer, &todo).await;
         let mut retry = Vec::new();
         let resolved: Vec<Option<AppendOutcome>> = fates
             .iter()
@@ -759,14 +755,8 @@ fn first_of(outcome: &AppendOutcome) -> Position {
 }
 
 /// Publishes what it can of `todo` chained after the writer's head, awaits the acks in order,
-/// and advances the writer over the stored prefix. `caught_up`: the writer read the stream's
-/// head just before this round.
-async fn commit_round(
-    shared: &Shared,
-    writer: &mut Writer,
-    todo: &[Job],
-    caught_up: bool,
-) -> Vec<Fate> {
+/// and advances the writer over the stored prefix.
+async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec<Fate> {
     let mut fates: Vec<Fate> = Vec::with_capacity(todo.len());
     let mut in_round: HashMap<&str, usize> = HashMap::new();
     let (mut head, mut hash) = (writer.head, writer.hash);
@@ -793,14 +783,6 @@ async fn commit_round(
             }
         }
         if let Expected::Head(expected) = req.expected {
-            if expected > head && !caught_up {
-                // The caller saw a later head than this writer knows (another writer appended
-                // it, and the caller read it from the stream): catch up, then check again.
-                writer.stale = true;
-                sending = false;
-                fates.push(Fate::Retry);
-                continue;
-            }
             if expected != head {
                 fates.push(Fate::Done(Err(LogError::WrongExpectedPosition {
                     expected,
