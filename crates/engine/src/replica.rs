@@ -122,6 +122,15 @@ impl Engine {
             Ok(engine)
         })?;
         engine.check_prefix().await?;
+        // Copy first; projections that have folded nothing over a long copy are rebuilt in
+        // bulk, as `Engine::open` does for a long log.
+        let head = engine.copy().await?;
+        if engine.projections.checkpoint() == Position::ZERO
+            && head.0 >= engine.config.bulk_catch_up_from
+        {
+            tracing::info!(events = head.0, "replica projections empty: bulk rebuild");
+            blocking(|| engine.replay(&mut |_, _| {}))?;
+        }
         engine.pull().await?;
         Ok(engine)
     }
@@ -180,6 +189,35 @@ impl Engine {
             return Ok(self.log.written_head());
         };
         let _one = up.pull.lock().await;
+        let before = self.projections.checkpoint();
+        let head = self.copy_locked(up).await?;
+        if head > before {
+            let last = self
+                .log
+                .read_at(head)?
+                .map_or(Timestamp::EPOCH, |e| e.recorded_at);
+            blocking(|| -> Result<(), EngineError> {
+                let mut writer = self.lock();
+                Self::settle(&mut writer);
+                // The next command's received time follows the upstream's last one.
+                writer.last = writer.last.max(last);
+                self.catch_up()
+            })?;
+        }
+        Ok(head)
+    }
+
+    /// Copies what the upstream holds beyond the replica's head, without folding it.
+    async fn copy(&self) -> Result<Position, EngineError> {
+        let Some(up) = &self.upstream else {
+            return Ok(self.log.written_head());
+        };
+        let _one = up.pull.lock().await;
+        self.copy_locked(up).await
+    }
+
+    /// [`Engine::copy`] for a caller holding the pull lock: copies and flushes.
+    async fn copy_locked(&self, up: &Upstream) -> Result<Position, EngineError> {
         let before = self.log.written_head();
         loop {
             let from = self.log.written_head().next();
@@ -197,17 +235,6 @@ impl Engine {
         if head > before {
             // Durable in the replica's sense (flushed, not synced): subscriptions see it.
             self.log.wait_durable(head).await?;
-            let last = self
-                .log
-                .read_at(head)?
-                .map_or(Timestamp::EPOCH, |e| e.recorded_at);
-            blocking(|| -> Result<(), EngineError> {
-                let mut writer = self.lock();
-                Self::settle(&mut writer);
-                // The next command's received time follows the upstream's last one.
-                writer.last = writer.last.max(last);
-                self.catch_up()
-            })?;
         }
         Ok(head)
     }
