@@ -11,16 +11,16 @@
 //!
 //! Write path of a group of commands ([`Engine::execute_replicated`]), one group at a time per
 //! engine:
-//! 1. pull: copy what the upstream holds beyond the replica's head, fold it;
-//! 2. decide each command against the projections, positions counted from the upstream head
-//!    just pulled; a command whose fold reads its own forms back (an edit, an archive) ends the
-//!    round, the rest waits for the next one;
-//! 3. append the decided commands, each with `Expected::Head` of the one before and its command
+//! 1. decide each command against the projections, positions counted from the copy's head
+//!    (kept close to the upstream's by the previous group's pull and the follower); a command
+//!    whose fold reads its own forms back (an edit, an archive) ends the round, the rest waits
+//!    for the next one;
+//! 2. append the decided commands, each with `Expected::Head` of the one before and its command
 //!    id as idempotency key, pipelined ([`EventStore::append_all`]);
-//! 4. a command refused because another writer got there first (`WrongExpectedPosition`) is
-//!    decided again in the next round, against the new head: a decision made on a stale
-//!    position is never appended;
-//! 5. pull again, and answer each command with its events as the replica holds them, so the
+//! 3. a command refused because another writer got there first (`WrongExpectedPosition`) is
+//!    decided again in the next round, after a pull, against the new head: a decision made on
+//!    a stale position is never appended;
+//! 4. pull, and answer each command with its events as the replica holds them, so the
 //!    writer reads its own writes.
 //!
 //! Between writes, [`Engine::follow`] keeps the replica up with what other processes append.
@@ -295,14 +295,19 @@ impl Engine {
         requests: &[Request],
     ) -> Result<Outcomes, EngineError> {
         let mut fates: Vec<Option<Fate>> = requests.iter().map(|_| None).collect();
-        for _round in 0..MAX_ROUNDS {
+        for round in 0..MAX_ROUNDS {
             let todo: Vec<usize> = (0..requests.len())
                 .filter(|&i| fates[i].is_none())
                 .collect();
             if todo.is_empty() {
                 break;
             }
-            self.pull().await?;
+            // The first round decides on the copy as it is (the last group's pull and the
+            // follower keep it close to the stream): a stale decision is refused by its
+            // expected position, never appended, and decided again after a pull.
+            if round > 0 {
+                self.pull().await?;
+            }
             let decided = blocking(|| self.decide_round(requests, &todo, &mut fates))?;
             if decided.is_empty() {
                 continue;
