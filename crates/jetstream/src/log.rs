@@ -7,7 +7,9 @@
 //! and the idempotency index. It takes queued appends, up to `max_batch` events, and for each
 //! in order checks the key (index, then earlier appends of the group), then `Expected::Head`
 //! against the running head, encodes the envelope chained to the running hash and publishes it
-//! without waiting. Then it awaits the acks in order and answers each append with its own.
+//! without waiting. Then it awaits all their acks together, each within the timeout (acks lost
+//! with a connection cost one timeout per group, not one per append), and answers each append,
+//! in order, with its own.
 //!
 //! Pipelining stays correct with other writers on the stream because every publish is
 //! conditional on exactly the message it was chained to: the first of a group carries
@@ -34,6 +36,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, stream};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
@@ -230,6 +233,12 @@ impl JetStreamLog {
     /// The subject every message of this log is published on.
     pub fn subject(&self) -> &str {
         &self.inner.shared.subject
+    }
+
+    /// The `server_name` of the node this log's connection goes through now (it moves when
+    /// that node goes away).
+    pub fn connected_server(&self) -> String {
+        self.inner.shared.client.server_info().server_name
     }
 
     /// The server name of the stream's leader now (`None` during an election).
@@ -475,7 +484,7 @@ impl Shared {
         hash: Hash,
         prev_id: Option<&str>,
         req: &AppendRequest,
-    ) -> Result<Published, LogError> {
+    ) -> Result<(Published, PublishAckFuture), LogError> {
         let batch = req.events.len() > 1;
         if req.events.len() > MAX_ATOMIC {
             return Err(LogError::Encode(format!(
@@ -551,13 +560,13 @@ impl Shared {
             }
         }
         let wait = wait.ok_or_else(|| LogError::Encode("an append without events".into()))?;
-        Ok(Published {
+        let published = Published {
             first: head.next(),
             last: position,
             hash: running,
             msg_id: (!batch).then_some(msg_id),
-            wait,
-        })
+        };
+        Ok((published, wait))
     }
 }
 
@@ -569,7 +578,6 @@ struct Published {
     hash: Hash,
     /// The `Nats-Msg-Id` of a single-message append (the next publish may chain to it).
     msg_id: Option<String>,
-    wait: jetstream::context::PublishAckFuture,
 }
 
 /// Checks a stored message at `position` against the chain so far; returns its chain hash.
@@ -740,6 +748,7 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
     let (mut head, mut hash) = (writer.head, writer.hash);
     let mut prev_id = writer.last_id.clone();
     let mut pending: Vec<(usize, Published)> = Vec::new();
+    let mut waits: Vec<PublishAckFuture> = Vec::new();
     let mut sending = true;
     for (i, job) in todo.iter().enumerate() {
         let req = &job.req;
@@ -786,7 +795,7 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
             .publish(writer, head, hash, prev_id.as_deref(), req)
             .await
         {
-            Ok(published) => {
+            Ok((published, wait)) => {
                 head = published.last;
                 hash = published.hash;
                 prev_id = published.msg_id.clone();
@@ -795,6 +804,7 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
                 }
                 let batch = req.events.len() > 1;
                 pending.push((i, published));
+                waits.push(wait);
                 fates.push(Fate::Retry);
                 if batch {
                     sending = false;
@@ -809,9 +819,13 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
             }
         }
     }
+    // All the acks at once, then in order: each waits at most the timeout from now, so a round
+    // whose acks are lost (its connection went to a node that was killed) is answered after one
+    // timeout. Awaited one by one, each ack's timeout started after the one before it had
+    // expired: 64 pipelined appends stalled the committer for 64 timeouts.
+    let acks = futures_util::future::join_all(waits.into_iter().map(wire::ack)).await;
     let mut chained = true;
-    for (i, published) in pending {
-        let ack = wire::ack(published.wait).await;
+    for ((i, published), ack) in pending.into_iter().zip(acks) {
         let fate = match ack {
             Ack::Stored {
                 seq,
