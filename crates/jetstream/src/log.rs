@@ -334,14 +334,28 @@ impl EventStore for JetStreamLog {
 }
 
 impl Shared {
-    /// The stream's last sequence, from the leader's stream info.
+    /// The stream's last sequence, from the stream leader's info.
+    ///
+    /// While the stream has no leader (an election after its leader went away), a replica
+    /// answers with its own state, which may not have applied the last messages the leader
+    /// acknowledged; its answer names no leader. That is [`LogError::Unavailable`] here, never
+    /// a shorter stream: `catch_up` would take it for a lost tail.
     async fn last_sequence(&self) -> Result<u64, LogError> {
         let stream = self
             .js
             .get_stream(&self.stream)
             .await
             .map_err(unavailable)?;
-        Ok(stream.cached_info().state.last_sequence)
+        let info = stream.cached_info();
+        if let Some(cluster) = &info.cluster {
+            if cluster.leader.as_deref().unwrap_or_default().is_empty() {
+                return Err(LogError::Unavailable(format!(
+                    "stream {} has no leader (an election); its replicas' state may be behind",
+                    self.stream
+                )));
+            }
+        }
+        Ok(info.state.last_sequence)
     }
 
     /// Messages `from..=to` as one or more direct gets; at least one message unless a replica
