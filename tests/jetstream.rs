@@ -325,18 +325,33 @@ const PER_TASK: usize = 25;
 
 /// 64 tasks append `PER_TASK` events each (keys `t<task>-<n>`, retried with the same key until
 /// answered); after 300 acknowledgements the victim gets `kill -9`, and is restarted 2 s later.
+///
+/// The log's connection goes through the victim, so the acks of the appends in flight are lost
+/// with it and the client fails over to another node: the case that failed CI, when the client
+/// happened to be connected to the killed follower (a connection elsewhere loses nothing).
 async fn storm(victim: Victim) {
     let _serial = SERIAL.lock().await;
     let Some(mut cluster) = cluster(&format!("jetstream kill -9 {victim:?}")) else {
         return;
     };
-    let log = open(&cluster, "storm").await;
+    let mut log = open(&cluster, "storm").await;
     let leader = log.leader().await.expect("leader").expect("a leader");
     let leader = cluster.index_of(&leader).expect("leader is a node");
     let target = match victim {
         Victim::Leader => leader,
         Victim::Follower => (leader + 1) % 3,
     };
+    // The client picks one of the servers at random: open again until it picked the victim.
+    let mut opened = 1;
+    while cluster.index_of(&log.connected_server()) != Some(target) {
+        assert!(
+            opened < 50,
+            "50 connections, none through node {}",
+            target + 1
+        );
+        log = open(&cluster, "storm").await;
+        opened += 1;
+    }
     let acked: Arc<std::sync::Mutex<HashMap<String, (Position, Position)>>> = Arc::default();
     let mut tasks = Vec::new();
     for t in 0..TASKS {
@@ -432,7 +447,11 @@ async fn storm(victim: Victim) {
         acked.len(),
         verified.head
     );
-    // The restarted node caught up: a log opened on it alone reads the same head.
+    // The restarted node catches up (its /healthz says its replica is current), and then a log
+    // opened on it alone reads the same head.
+    cluster
+        .wait_healthy(target, Duration::from_secs(120))
+        .expect("the restarted node catches up");
     let node = &cluster.nodes()[target];
     let direct = JetStreamLog::open(
         JetStreamConfig::new(format!("nats://127.0.0.1:{}", node.client_port)),
