@@ -60,7 +60,10 @@ pub(crate) enum Ack {
     /// Stored (by the quorum) at `seq`; `duplicate` when JetStream recognised the
     /// `Nats-Msg-Id` and stored nothing new (`seq` is the original's).
     Stored { seq: u64, duplicate: bool },
-    /// Refused by an expected-last-sequence or expected-last-msg-id check: nothing stored.
+    /// Refused by an expected-last-sequence or expected-last-msg-id check, or delivered to no
+    /// stream at all (no responders: right after the stream was created its subject's
+    /// interest may not have reached the server this connection goes through yet): nothing
+    /// stored.
     Refused(String),
     /// No answer, an error answer, or a lost connection: maybe stored, maybe not.
     Unknown(String),
@@ -75,9 +78,9 @@ pub(crate) async fn ack(wait: PublishAckFuture) -> Ack {
             duplicate: ack.duplicate,
         },
         Err(e) => match e.kind() {
-            PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId => {
-                Ack::Refused(e.to_string())
-            }
+            PublishErrorKind::WrongLastSequence
+            | PublishErrorKind::WrongLastMessageId
+            | PublishErrorKind::StreamNotFound => Ack::Refused(e.to_string()),
             _ => Ack::Unknown(e.to_string()),
         },
     }
