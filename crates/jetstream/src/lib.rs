@@ -4,6 +4,9 @@
 //! - [`JetStreamLog`] is the log of one project space: one stream, its sequence the gapless
 //!   position, each message the envelope bytes [`eventlog::SledLog`] would store for the same
 //!   append (format 3, raw submission inline), so the hash chain and its head are the same.
+//!   [`JetStreamLog::append_verbatim`] imports another log's stored entries as they are (a
+//!   format-4 envelope with its raw submission after it in the same message), so a store moves
+//!   between sled and JetStream with the same head hash.
 //! - [`cluster::Cluster`] starts, kills and restarts a local cluster of `nats-server`s from the
 //!   shipped config (`deploy/nats/cluster.conf`), for tests and benches.
 //!
@@ -24,6 +27,7 @@
 
 pub mod cluster;
 mod log;
+mod message;
 mod wire;
 
 pub use log::{JetStreamConfig, JetStreamLog};

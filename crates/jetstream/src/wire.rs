@@ -29,10 +29,17 @@ pub(crate) const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 pub(crate) const KEY: &str = "Caseledger-Key";
 /// On the first message of an append: how many events (messages) it has.
 pub(crate) const COUNT: &str = "Caseledger-Count";
+/// On a message that carries a form's raw submission after its envelope (an imported format-4
+/// entry, `JetStreamLog::append_verbatim`): the length of the envelope, where the raw bytes
+/// start. The hash chain covers the envelope only.
+pub(crate) const ENVELOPE_LEN: &str = "Caseledger-Envelope-Len";
+
+/// What every stream name of caseledger starts with.
+const STREAM_PREFIX: &str = "CASELEDGER_";
 
 /// The stream of a project space: `CASELEDGER_<token>`.
 pub(crate) fn stream_name(domain: &DomainName) -> String {
-    format!("CASELEDGER_{}", token(domain.as_str()))
+    format!("{STREAM_PREFIX}{}", token(domain.as_str()))
 }
 
 /// The one subject of a project space's stream: `caseledger.<token>.log`.
