@@ -546,7 +546,7 @@ async fn entries_of(log: &dyn EventStore) -> Vec<VerbatimEntry> {
 /// hash and bytes; `read` returns each form with its bytes inline, and `read_entries` the
 /// entries exactly as sled stores them; appends after the import chain on (the writer's head
 /// and hash are the import's); the entries imported into a fresh sled log give the same head
-/// hash again.
+/// hash again. `domains` lists the project spaces with a stream, and no other stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_moves_between_sled_and_jetstream_with_the_same_head() {
     let _serial = SERIAL.lock().await;
@@ -639,6 +639,28 @@ async fn a_store_moves_between_sled_and_jetstream_with_the_same_head() {
     let on_back = back.verify(Position(1)).expect("verify the copy");
     assert_eq!(on_back.head_hash, on_nats.head_hash);
     assert_eq!(on_back.bytes, on_nats.bytes);
+
+    // `domains`: the project spaces with a stream, not other streams on the cluster.
+    let config = JetStreamConfig::new(cluster.urls());
+    let _second = open(&cluster, "second_space").await;
+    let client = async_nats::connect(cluster.url_list())
+        .await
+        .expect("connect");
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "NOT_CASELEDGER".into(),
+            subjects: vec!["elsewhere".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("another stream");
+    assert_eq!(
+        JetStreamLog::domains(&config).await.expect("domains"),
+        vec![
+            DomainName::new("moved.space"),
+            DomainName::new("second_space")
+        ]
+    );
 }
 
 /// `append_verbatim` refuses, with `LogError::Corrupt` naming the entry and appending nothing,

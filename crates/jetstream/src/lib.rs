@@ -6,7 +6,8 @@
 //!   append (format 3, raw submission inline), so the hash chain and its head are the same.
 //!   [`JetStreamLog::append_verbatim`] imports another log's stored entries as they are (a
 //!   format-4 envelope with its raw submission after it in the same message), so a store moves
-//!   between sled and JetStream with the same head hash.
+//!   between sled and JetStream with the same head hash; [`JetStreamLog::domains`] lists the
+//!   project spaces a cluster holds.
 //! - [`cluster::Cluster`] starts, kills and restarts a local cluster of `nats-server`s from the
 //!   shipped config (`deploy/nats/cluster.conf`), for tests and benches.
 //!

@@ -226,6 +226,26 @@ impl JetStreamLog {
         })
     }
 
+    /// The project spaces that have a log on the cluster `config` names: every stream named as
+    /// [`JetStreamLog::open`] names one (`CASELEDGER_<space>`, a one-to-one spelling), sorted.
+    /// Other streams on the cluster are left out.
+    ///
+    /// # Errors
+    /// [`LogError::Unavailable`] when the cluster cannot be reached or does not list its
+    /// streams.
+    pub async fn domains(config: &JetStreamConfig) -> Result<Vec<DomainName>, LogError> {
+        let (_client, js) = connect(config).await?;
+        let mut names = js.stream_names();
+        let mut out = Vec::new();
+        while let Some(name) = names.next().await {
+            if let Some(domain) = wire::domain_of(&name.map_err(unavailable)?) {
+                out.push(domain);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Appends stored entries exactly as they are (an import of another log's
     /// [`EventStore::read_entries`], e.g. a sled log's): each must be at the next position,
     /// decode, say that position, store the chain hash of the entries before it, and, for a

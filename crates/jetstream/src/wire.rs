@@ -42,6 +42,28 @@ pub(crate) fn stream_name(domain: &DomainName) -> String {
     format!("{STREAM_PREFIX}{}", token(domain.as_str()))
 }
 
+/// The project space whose stream is `stream` ([`stream_name`] undone), `None` for a stream
+/// caseledger did not name.
+pub(crate) fn domain_of(stream: &str) -> Option<DomainName> {
+    let token = stream.strip_prefix(STREAM_PREFIX)?;
+    let mut bytes = Vec::with_capacity(token.len());
+    let mut rest = token.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'_' {
+            let (hex, tail) = tail.split_first_chunk::<2>()?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = tail;
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    let domain = DomainName::new(String::from_utf8(bytes).ok()?);
+    // Only the one spelling `token` gives (upper-case hex, no escaped letters).
+    (stream_name(&domain) == stream).then_some(domain)
+}
+
 /// The one subject of a project space's stream: `caseledger.<token>.log`.
 pub(crate) fn subject(domain: &DomainName) -> String {
     format!("caseledger.{}.log", token(domain.as_str()))
@@ -183,5 +205,23 @@ mod tests {
         assert_eq!(stream_name(&a), "CASELEDGER_demo_2Espace");
         assert_eq!(subject(&a), "caseledger.demo_2Espace.log");
         assert_ne!(stream_name(&a), stream_name(&b));
+    }
+
+    #[test]
+    fn a_stream_name_gives_back_its_domain() {
+        for name in ["demo", "demo.space", "demo_2Espace", "a b/ü", "x-1", ""] {
+            let domain = DomainName::new(name);
+            assert_eq!(domain_of(&stream_name(&domain)), Some(domain));
+        }
+        // Not caseledger's, or not a spelling `stream_name` makes.
+        for stream in [
+            "KV_config",
+            "CASELEDGER_a_2",
+            "CASELEDGER_a_zz",
+            "CASELEDGER_a_2e",
+            "CASELEDGER__61",
+        ] {
+            assert_eq!(domain_of(stream), None, "{stream}");
+        }
     }
 }
