@@ -10,6 +10,9 @@
 //! so [`Cluster::start`] can wait for `/healthz`: JetStream in contact with a meta leader and
 //! every stream replica current.
 //!
+//! Ports are taken below the kernel's ephemeral range, so that no outgoing connection takes a
+//! killed node's port before it restarts.
+//!
 //! What must hold: every node this starts is killed when the [`Cluster`] is dropped; a
 //! restarted node keeps its name, ports and store directory.
 
@@ -86,9 +89,50 @@ pub struct Cluster {
     dir: tempfile::TempDir,
 }
 
-/// A port the kernel just handed out on 127.0.0.1 (free unless someone takes it meanwhile).
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct ports free on 127.0.0.1, below the kernel's ephemeral range.
+///
+/// Not from the ephemeral range (`bind` to port 0): the kernel hands those out again, as the
+/// local port of outgoing connections, and a killed node's ports are free until it restarts,
+/// while the other nodes and the client keep connecting to it. A port taken that way keeps the
+/// node from coming back (and a connect to it from its own port succeeds, a TCP self-connect,
+/// so it even looks listening). Each port is held until all are found, so none repeats.
+fn free_ports(n: usize) -> io::Result<Vec<u16>> {
+    let (low, high) = port_range();
+    let span = u128::from(high - low);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n * 1000 {
+        if held.len() == n {
+            break;
+        }
+        let offset = u16::try_from(uuid::Uuid::new_v4().as_u128() % span).unwrap_or(0);
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", low + offset)) {
+            held.push(listener);
+        }
+    }
+    if held.len() < n {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("no {n} free ports in {low}..{high}"),
+        ));
+    }
+    held.iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+/// Where [`free_ports`] looks: from 20000 up to the start of the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 by default).
+fn port_range() -> (u16, u16) {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if start > 21_000 {
+        (20_000, start)
+    } else {
+        // An unusual range: take ports above it instead.
+        (61_000, 65_000)
+    }
 }
 
 /// How long [`Cluster::start`] waits for every node's `/healthz`. A 3-node cluster on two busy
@@ -124,10 +168,9 @@ impl Cluster {
         let dir = tempfile::Builder::new()
             .prefix("caseledger-nats")
             .tempdir()?;
-        let mut ports = Vec::with_capacity(size);
-        for _ in 0..size {
-            ports.push((free_port()?, free_port()?, free_port()?));
-        }
+        let free = free_ports(3 * size)?;
+        let ports: Vec<(u16, u16, u16)> =
+            free.chunks_exact(3).map(|c| (c[0], c[1], c[2])).collect();
         let mut routes = String::new();
         for (i, (_, cluster_port, _)) in ports.iter().enumerate() {
             if i > 0 {
@@ -187,29 +230,59 @@ impl Cluster {
     /// # Errors
     /// `TimedOut`, with the node's last answer, when it is not healthy within `timeout`; no
     /// node `i`.
-    pub fn wait_healthy(&self, i: usize, timeout: Duration) -> io::Result<()> {
-        let node = self
-            .nodes
-            .get(i)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no node {i}")))?;
+    pub fn wait_healthy(&mut self, i: usize, timeout: Duration) -> io::Result<()> {
+        let port = self.node_mut(i)?.http_port;
         let deadline = Instant::now() + timeout;
         loop {
-            let why = match healthz(node.http_port) {
+            let why = match healthz(port) {
                 Ok(None) => return Ok(()),
                 Ok(Some(reason)) => reason,
                 Err(e) => e.to_string(),
             };
+            self.check_running(i)?;
             if Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "nats-server {} not healthy after {timeout:?}: {why}",
-                        node.name
+                        "nats-server n{} not healthy after {timeout:?}: {why}; {}",
+                        i + 1,
+                        self.log_tail(i, 20)
                     ),
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// An error when node `i`'s process has exited, with its status and log.
+    fn check_running(&mut self, i: usize) -> io::Result<()> {
+        let node = self.node_mut(i)?;
+        let status = match node.child.as_mut() {
+            Some(child) => child.try_wait()?,
+            None => None,
+        };
+        match status {
+            None => Ok(()),
+            Some(status) => {
+                let name = node.name.clone();
+                node.child = None;
+                Err(io::Error::other(format!(
+                    "nats-server {name} exited ({status}); {}",
+                    self.log_tail(i, 20)
+                )))
+            }
+        }
+    }
+
+    /// The last `n` lines of node `i`'s log, for an error message.
+    fn log_tail(&self, i: usize, n: usize) -> String {
+        let Some(node) = self.nodes.get(i) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+        format!("last lines of {}:\n{tail}", node.log.display())
     }
 
     fn spawn(&mut self, i: usize) -> io::Result<()> {
@@ -232,17 +305,22 @@ impl Cluster {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no node {i}")))
     }
 
-    fn wait_listening(&self, i: usize) -> io::Result<()> {
-        let port = self.nodes.get(i).map_or(0, |n| n.client_port);
+    fn wait_listening(&mut self, i: usize) -> io::Result<()> {
+        let port = self.node_mut(i)?.client_port;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Ok(());
             }
+            self.check_running(i)?;
             if Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("nats-server node {i} does not listen on {port}"),
+                    format!(
+                        "nats-server n{} does not listen on {port}; {}",
+                        i + 1,
+                        self.log_tail(i, 20)
+                    ),
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
