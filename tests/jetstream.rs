@@ -44,15 +44,15 @@ fn cluster(test: &str) -> Option<Cluster> {
 }
 
 async fn open(cluster: &Cluster, domain: &str) -> JetStreamLog {
-    // The meta leader may still be in election right after start.
+    open_at(&cluster.urls(), domain).await
+}
+
+/// A log through the servers `urls`, retried for 30 s: opening needs the stream's leader, which
+/// may be in election (after a start, a restart, a kill).
+async fn open_at(urls: &str, domain: &str) -> JetStreamLog {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match JetStreamLog::open(
-            JetStreamConfig::new(cluster.urls()),
-            &DomainName::new(domain),
-        )
-        .await
-        {
+        match JetStreamLog::open(JetStreamConfig::new(urls), &DomainName::new(domain)).await {
             Ok(log) => return log,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("opening the JetStream log: {e}; retrying");
@@ -456,12 +456,7 @@ async fn storm(victim: Victim) {
         .wait_healthy(target, Duration::from_secs(120))
         .expect("the restarted node catches up");
     let node = &cluster.nodes()[target];
-    let direct = JetStreamLog::open(
-        JetStreamConfig::new(format!("nats://127.0.0.1:{}", node.client_port)),
-        &DomainName::new("storm"),
-    )
-    .await
-    .expect("open through the restarted node");
+    let direct = open_at(&format!("nats://127.0.0.1:{}", node.client_port), "storm").await;
     assert_eq!(
         direct.verify().await.expect("verify").head_hash,
         verified.head_hash
