@@ -51,6 +51,14 @@ pub enum AuditError {
     /// `import` needs an empty (or missing) data directory.
     #[error("{0} is not empty: import only rebuilds an empty data dir")]
     NotEmpty(PathBuf),
+    /// `import` into a JetStream cluster needs the project space's stream to be empty.
+    #[error("the stream {stream} already holds {head} events: import only fills a new project space's stream")]
+    StreamNotEmpty {
+        /// The stream's name.
+        stream: String,
+        /// Its last position.
+        head: u64,
+    },
     /// There is no store in the data directory.
     #[error("no store in {0}")]
     NoStore(PathBuf),
@@ -449,6 +457,64 @@ pub fn import(
     std::fs::rename(&scratch, target).map_err(io(target))?;
     Ok(report)
 }
+
+/// Imports the export in `file` into `stream`, which must be empty: reads the whole export once
+/// to check every line and the expected head (a stream cannot take back what it stored, and
+/// denies deletes), then again to append it verbatim, in atomic batches each conditional on the
+/// stream's head. Returns the head, the stream's now.
+///
+/// # Errors
+/// [`AuditError::StreamNotEmpty`] (nothing is read); [`AuditError::Refused`] naming the first
+/// bad line, or an export that does not end at `expect_head` (nothing is appended);
+/// [`AuditError::Io`]; [`AuditError::Log`] when the cluster refuses or is unavailable (batches
+/// before it are in the stream: the stream then holds a prefix of the export, which `verify`
+/// shows and a second import refuses).
+pub async fn import_into_stream(
+    file: &Path,
+    stream: &jetstream::JetStreamLog,
+    expect_head: Option<Hash>,
+) -> Result<ImportReport, AuditError> {
+    use eventlog::EventStore;
+    let head = stream.head().await.map_err(AuditError::Log)?;
+    if head != Position::ZERO {
+        return Err(AuditError::StreamNotEmpty {
+            stream: stream.stream_name().to_owned(),
+            head: head.0,
+        });
+    }
+    let open = || -> Result<ImportBatches<std::io::BufReader<std::fs::File>>, AuditError> {
+        let input =
+            std::fs::File::open(file).map_err(|e| AuditError::Io(file.display().to_string(), e))?;
+        Ok(ImportBatches::new(std::io::BufReader::new(input)))
+    };
+    let mut checking = open()?;
+    while checking.next_batch()?.is_some() {}
+    let checked = checking.finish(expect_head)?;
+    let mut batches = open()?;
+    while let Some(batch) = batches.next_batch()? {
+        for chunk in batch.chunks(STREAM_BATCH) {
+            stream
+                .append_verbatim(chunk)
+                .await
+                .map_err(AuditError::Log)?;
+        }
+    }
+    let head = batches.finish(expect_head)?;
+    if head != checked {
+        return Err(AuditError::Refused {
+            line: usize::try_from(head.position.0).unwrap_or(usize::MAX),
+            position: head.position.0,
+            reason: "the export changed while it was imported".into(),
+        });
+    }
+    Ok(ImportReport {
+        events: head.position.0,
+        head,
+    })
+}
+
+/// Entries per verbatim append into a stream (JetStream's atomic batches hold 1000 at most).
+const STREAM_BATCH: usize = 500;
 
 /// Writes the checked lines into a fresh store in `scratch`, then opens the engine there once so
 /// that the projections are rebuilt and the acknowledged head is recorded.

@@ -213,7 +213,7 @@ fn audit(e: &AuditError) -> (Code, u8) {
             (Code::Damaged, 3)
         }
         AuditError::Refused { .. } => (Code::Refused, 3),
-        AuditError::NotEmpty(_) => (Code::InvalidInput, 1),
+        AuditError::NotEmpty(_) | AuditError::StreamNotEmpty { .. } => (Code::InvalidInput, 1),
         AuditError::NoStore(_) => (Code::NoStore, 1),
         AuditError::Io(..) => (Code::Io, 1),
         AuditError::Log(l) => (log(l), 1),

@@ -613,7 +613,6 @@ async fn run(cli: Cli) -> Result<u8> {
                      $CASELEDGER_STORE)",
                 ))
             }
-            Cmd::Import { .. } => return Err(import_on_jetstream()),
             _ => {}
         }
     }
@@ -709,15 +708,6 @@ async fn open_replica(
 ) -> Result<Engine, EngineError> {
     let store: Arc<dyn caseledger::eventlog::EventStore> = upstream.clone();
     Engine::open_replica(&cli.data, &cli.domain.as_str().into(), config, store).await
-}
-
-/// `import` into a JetStream cluster: not there yet (the stream has no verbatim append).
-fn import_on_jetstream() -> anyhow::Error {
-    fail(
-        Code::Usage,
-        "import into a JetStream store is not supported yet; import into a sled data dir \
-         (--store sled)",
-    )
 }
 
 /// An error opening the store: a lock taken since the probe names its holder too.
@@ -1072,7 +1062,26 @@ async fn audit(
                 .map(Done::Imported)
                 .map_err(Into::into)
         }
-        (Cmd::Import { .. }, Some(_)) => Err(import_on_jetstream()),
+        (Cmd::Import { file, head }, Some((up, config))) => {
+            let head = head
+                .as_deref()
+                .map(|h| {
+                    audit::parse_head(h)
+                        .ok_or_else(|| fail(Code::InvalidInput, "--head wants 64 hex digits"))
+                })
+                .transpose()?;
+            match audit::import_into_stream(file, up, head).await {
+                // The replica copies and folds what was imported.
+                Ok(report) => match open_audited(cli, up, config).await {
+                    Ok(engine) => engine
+                        .flush()
+                        .map(|()| Done::Imported(report))
+                        .map_err(Into::into),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.into()),
+            }
+        }
         _ => Ok(Done::Exported),
     };
     match result {

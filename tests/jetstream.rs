@@ -1,8 +1,9 @@
 //! The JetStream log (`crates/jetstream`) against the `EventStore` contract the sled log keeps,
 //! on a 3-node cluster these tests start themselves (issue 11): positions gapless from 1,
 //! expected-position conflicts refused, idempotent retries answered `AlreadyAppended`, the same
-//! hash chain as sled for the same appends, and nothing acknowledged lost or doubled when a node
-//! or the stream leader is killed with `kill -9` during a 64-task append storm; and the CLI on
+//! hash chain as sled for the same appends, nothing acknowledged lost or doubled when a node
+//! or the stream leader is killed with `kill -9` during a 64-task append storm, a store moved
+//! between sled and JetStream by verbatim imports keeping its head hash, and the CLI on
 //! `--store nats://…`, two data dirs sharing one stream.
 //!
 //! Without a `nats-server` 2.12+ (`scripts/nats-server.sh`) they print `SKIP:`, or fail under
@@ -13,14 +14,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caseledger::domain::{
-    CommandId, DomainName, Event, FormAcceptedV1, FormId, FormRecord, Position, Timestamp,
-    UserCreatedV1, UserId,
+    CommandId, DomainName, Event, FormAcceptedV1, FormId, FormRecord, Position, RawBytes,
+    Timestamp, UserCreatedV1, UserId,
 };
 use caseledger::eventlog::{
-    AppendOutcome, AppendRequest, EventStore, Expected, LogConfig, LogError, SledLog,
+    decode_envelope, encode_envelope_chained, AppendOutcome, AppendRequest, EventStore, Expected,
+    LogConfig, LogError, SledLog, VerbatimEntry, GENESIS,
 };
 use jetstream::cluster::{nats_server, require_services, Cluster};
 use jetstream::{JetStreamConfig, JetStreamLog};
+use sha2::{Digest, Sha256};
 
 /// One cluster at a time: 2 cores are shared by everything.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -42,15 +45,15 @@ fn cluster(test: &str) -> Option<Cluster> {
 }
 
 async fn open(cluster: &Cluster, domain: &str) -> JetStreamLog {
-    // The meta leader may still be in election right after start.
+    open_at(&cluster.urls(), domain).await
+}
+
+/// A log through the servers `urls`, retried for 30 s: opening needs the stream's leader, which
+/// may be in election (after a start, a restart, a kill).
+async fn open_at(urls: &str, domain: &str) -> JetStreamLog {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match JetStreamLog::open(
-            JetStreamConfig::new(cluster.urls()),
-            &DomainName::new(domain),
-        )
-        .await
-        {
+        match JetStreamLog::open(JetStreamConfig::new(urls), &DomainName::new(domain)).await {
             Ok(log) => return log,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("opening the JetStream log: {e}; retrying");
@@ -326,18 +329,33 @@ const PER_TASK: usize = 25;
 
 /// 64 tasks append `PER_TASK` events each (keys `t<task>-<n>`, retried with the same key until
 /// answered); after 300 acknowledgements the victim gets `kill -9`, and is restarted 2 s later.
+///
+/// The log's connection goes through the victim, so the acks of the appends in flight are lost
+/// with it and the client fails over to another node: the case that failed CI, when the client
+/// happened to be connected to the killed follower (a connection elsewhere loses nothing).
 async fn storm(victim: Victim) {
     let _serial = SERIAL.lock().await;
     let Some(mut cluster) = cluster(&format!("jetstream kill -9 {victim:?}")) else {
         return;
     };
-    let log = open(&cluster, "storm").await;
+    let mut log = open(&cluster, "storm").await;
     let leader = log.leader().await.expect("leader").expect("a leader");
     let leader = cluster.index_of(&leader).expect("leader is a node");
     let target = match victim {
         Victim::Leader => leader,
         Victim::Follower => (leader + 1) % 3,
     };
+    // The client picks one of the servers at random: open again until it picked the victim.
+    let mut opened = 1;
+    while cluster.index_of(&log.connected_server()) != Some(target) {
+        assert!(
+            opened < 50,
+            "50 connections, none through node {}",
+            target + 1
+        );
+        log = open(&cluster, "storm").await;
+        opened += 1;
+    }
     let acked: Arc<std::sync::Mutex<HashMap<String, (Position, Position)>>> = Arc::default();
     let mut tasks = Vec::new();
     for t in 0..TASKS {
@@ -433,14 +451,13 @@ async fn storm(victim: Victim) {
         acked.len(),
         verified.head
     );
-    // The restarted node caught up: a log opened on it alone reads the same head.
+    // The restarted node catches up (its /healthz says its replica is current), and then a log
+    // opened on it alone reads the same head.
+    cluster
+        .wait_healthy(target, Duration::from_secs(120))
+        .expect("the restarted node catches up");
     let node = &cluster.nodes()[target];
-    let direct = JetStreamLog::open(
-        JetStreamConfig::new(format!("nats://127.0.0.1:{}", node.client_port)),
-        &DomainName::new("storm"),
-    )
-    .await
-    .expect("open through the restarted node");
+    let direct = open_at(&format!("nats://127.0.0.1:{}", node.client_port), "storm").await;
     assert_eq!(
         direct.verify().await.expect("verify").head_hash,
         verified.head_hash
@@ -455,6 +472,295 @@ async fn kill_9_of_a_follower_during_a_storm_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_stream_leader_during_a_storm_loses_and_doubles_nothing() {
     storm(Victim::Leader).await;
+}
+
+/// A form whose `content_hash` is its bytes' SHA-256, as the engine writes it, so a sled log
+/// with raw files stores the bytes out of line (envelope format 4).
+fn hashed_form(i: u64, size: usize) -> Event {
+    let raw = format!("<data><n>{i}</n>{}</data>", "r".repeat(size)).into_bytes();
+    Event::FormAcceptedV1(FormAcceptedV1 {
+        form: FormRecord {
+            form_id: FormId::new(format!("f-{i}")),
+            xmlns: "http://openrosa.org/formdesigner/F".into(),
+            app_id: Some("app".into()),
+            user_id: Some("u1".into()),
+            content_hash: Sha256::digest(&raw).into(),
+            raw: raw.into(),
+        },
+        blocks: Vec::new(),
+    })
+}
+
+/// A sled log that stores raw submissions out of line, with users and forms (one of 300 KB),
+/// single and multi-event appends: 12 positions, 7 of them forms. Returns what was appended.
+async fn sled_with_forms(dir: &tempfile::TempDir, domain: &str) -> (SledLog, Vec<Event>) {
+    let db = sled::open(dir.path().join("db")).expect("sled");
+    let log = SledLog::open(&db, &DomainName::new(domain), LogConfig::default()).expect("log");
+    log.store_raw_in(&dir.path().join("raw"), true)
+        .expect("raw files");
+    let appends = vec![
+        vec![user(1)],
+        vec![hashed_form(2, 600)],
+        vec![hashed_form(3, 300_000), user(4), hashed_form(5, 40)],
+        vec![user(6)],
+        vec![hashed_form(7, 2_000), hashed_form(8, 10)],
+        vec![user(9), user(10)],
+        vec![hashed_form(11, 700)],
+        vec![hashed_form(12, 0)],
+    ];
+    let mut all = Vec::new();
+    for (n, events) in appends.into_iter().enumerate() {
+        all.extend(events.iter().cloned());
+        log.append(request(&format!("s{n}"), Expected::Any, events))
+            .await
+            .expect("append to sled");
+    }
+    (log, all)
+}
+
+/// Asserts `result` is `LogError::Corrupt` naming position `at`.
+#[track_caller]
+fn corrupt_at<T: std::fmt::Debug>(result: Result<T, LogError>, at: u64, what: &str) {
+    match result {
+        Err(LogError::Corrupt { position, reason }) => {
+            assert_eq!(position, Position(at), "{what}: {reason}");
+        }
+        other => panic!("{what}: expected Corrupt at {at}, got {other:?}"),
+    }
+}
+
+/// The stored entries of `log`, all of them.
+async fn entries_of(log: &dyn EventStore) -> Vec<VerbatimEntry> {
+    log.read_entries(Position(1), usize::MAX)
+        .await
+        .expect("read entries")
+}
+
+/// A store moves from sled to JetStream and back with `read_entries` and `append_verbatim`
+/// (issue 11): the forms' raw submissions, stored out of line on sled (format 4), travel in the
+/// same JetStream message after their envelope; JetStream's `verify` gives sled's head, head
+/// hash and bytes; `read` returns each form with its bytes inline, and `read_entries` the
+/// entries exactly as sled stores them; appends after the import chain on (the writer's head
+/// and hash are the import's); the entries imported into a fresh sled log give the same head
+/// hash again. `domains` lists the project spaces with a stream, and no other stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_moves_between_sled_and_jetstream_with_the_same_head() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = cluster("jetstream verbatim import") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sled_log, events) = sled_with_forms(&dir, "moved.space").await;
+    let on_sled = sled_log.verify(Position(1)).expect("verify sled");
+    assert_eq!(on_sled.head, Position(12));
+    let exported = entries_of(&sled_log).await;
+    assert_eq!(exported.len(), 12);
+    assert_eq!(
+        exported.iter().filter(|e| e.raw.is_some()).count(),
+        7,
+        "every form's bytes are out of line on sled"
+    );
+
+    let log = open(&cluster, "moved.space").await;
+    // In several imports, one of a single entry.
+    let mut last = None;
+    for chunk in [&exported[..1], &exported[1..5], &exported[5..]] {
+        last = Some(log.append_verbatim(chunk).await.expect("import"));
+    }
+    let last = last.expect("imported");
+    assert_eq!(last.position, on_sled.head);
+    assert_eq!(last.hash, on_sled.head_hash);
+    let on_nats = log.verify().await.expect("verify jetstream");
+    assert_eq!(on_nats.head, on_sled.head);
+    assert_eq!(on_nats.head_hash, on_sled.head_hash);
+    assert_eq!(
+        on_nats.bytes, on_sled.bytes,
+        "envelopes and raw submissions"
+    );
+    assert_eq!(
+        entries_of(&log).await,
+        exported,
+        "stored as sled stores them"
+    );
+    let read = log.read(Position(1), usize::MAX).await.expect("read");
+    let read: Vec<Event> = read.into_iter().map(|e| e.event).collect();
+    assert_eq!(read, events, "each form with its own bytes, inline");
+    assert!(read
+        .iter()
+        .filter_map(Event::form_record)
+        .all(|f| matches!(f.raw, RawBytes::Inline(_))));
+    let mut sub = log.subscribe(Position(3)).await.expect("subscribe");
+    assert_eq!(sub.next().await.expect("3").event, events[2]);
+
+    // The writer goes on from the imported head; a second writer opened on the stream reads it.
+    let after = log
+        .append(request(
+            "after",
+            Expected::Head(Position(12)),
+            vec![user(13)],
+        ))
+        .await
+        .expect("append after the import");
+    assert_eq!(after.last(), Position(13));
+    let other = open(&cluster, "moved.space").await;
+    let by_other = other
+        .append(request(
+            "other",
+            Expected::Head(Position(13)),
+            vec![hashed_form(14, 5)],
+        ))
+        .await
+        .expect("append on a second writer");
+    assert_eq!(by_other.last(), Position(14));
+    let on_nats = log.verify().await.expect("verify after appends");
+    assert_eq!(on_nats.head, Position(14));
+
+    // And back: into a fresh sled log with raw files, the same head hash.
+    let back_dir = tempfile::tempdir().expect("tempdir");
+    let back_db = sled::open(back_dir.path().join("db")).expect("sled");
+    let back = SledLog::open(
+        &back_db,
+        &DomainName::new("moved.space"),
+        LogConfig::default(),
+    )
+    .expect("log");
+    back.store_raw_in(&back_dir.path().join("raw"), true)
+        .expect("raw files");
+    let entries = entries_of(&log).await;
+    assert_eq!(entries[..12], exported[..]);
+    let head = back.append_verbatim(&entries).expect("import into sled");
+    back.flush_blocking().expect("flush");
+    assert_eq!(head.position, Position(14));
+    assert_eq!(head.hash, on_nats.head_hash);
+    let on_back = back.verify(Position(1)).expect("verify the copy");
+    assert_eq!(on_back.head_hash, on_nats.head_hash);
+    assert_eq!(on_back.bytes, on_nats.bytes);
+
+    // `domains`: the project spaces with a stream, not other streams on the cluster.
+    let config = JetStreamConfig::new(cluster.urls());
+    let _second = open(&cluster, "second_space").await;
+    let client = async_nats::connect(cluster.url_list())
+        .await
+        .expect("connect");
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "NOT_CASELEDGER".into(),
+            subjects: vec!["elsewhere".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("another stream");
+    assert_eq!(
+        JetStreamLog::domains(&config).await.expect("domains"),
+        vec![
+            DomainName::new("moved.space"),
+            DomainName::new("second_space")
+        ]
+    );
+}
+
+/// `append_verbatim` refuses, with `LogError::Corrupt` naming the entry and appending nothing,
+/// an entry with a changed byte, one at the wrong position, one whose previous hash is not the
+/// chain's, or a raw submission that is not the one its envelope names (changed, missing, or
+/// sent with an envelope that holds its own); the good entries are then imported whole. A message stored in the
+/// stream whose raw bytes do not match its envelope is `Corrupt` on `read`, `read_entries` and
+/// `verify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_verbatim_refuses_tampered_entries_and_appends_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = cluster("jetstream verbatim refusals") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sled_log, _) = sled_with_forms(&dir, "refusing").await;
+    let good = entries_of(&sled_log).await;
+    let log = open(&cluster, "refusing").await;
+    let mut changed = good.clone();
+    let last = changed[5].envelope.len() - 1;
+    changed[5].envelope[last] ^= 1;
+    corrupt_at(log.append_verbatim(&changed).await, 6, "a changed byte");
+    corrupt_at(
+        log.append_verbatim(&good[1..]).await,
+        2,
+        "a gap at the start",
+    );
+    let mut reordered = good.clone();
+    reordered.swap(3, 4);
+    corrupt_at(log.append_verbatim(&reordered).await, 5, "out of order");
+    // Position 4 (a user, format 3) re-encoded with a valid crc but chained to the wrong hash.
+    let mut rechained = good.clone();
+    let event = decode_envelope(&rechained[3].envelope).expect("decode");
+    rechained[3].envelope = encode_envelope_chained(&event, &GENESIS).expect("encode");
+    corrupt_at(
+        log.append_verbatim(&rechained).await,
+        4,
+        "a wrong previous hash",
+    );
+    let mut wrong_raw = good.clone();
+    let raw = wrong_raw[2]
+        .raw
+        .as_mut()
+        .expect("position 3 is a form out of line");
+    raw[100] ^= 1;
+    corrupt_at(
+        log.append_verbatim(&wrong_raw).await,
+        3,
+        "a changed raw byte",
+    );
+    let mut missing_raw = good.clone();
+    missing_raw[1].raw = None;
+    corrupt_at(log.append_verbatim(&missing_raw).await, 2, "a missing raw");
+    let mut extra_raw = good.clone();
+    extra_raw[0].raw = Some(b"<data/>".to_vec());
+    corrupt_at(log.append_verbatim(&extra_raw).await, 1, "a raw for a user");
+    assert_eq!(
+        log.head().await.expect("head"),
+        Position::ZERO,
+        "nothing appended"
+    );
+
+    // The good entries go in whole after all that; importing them again is out of order.
+    let head = log.append_verbatim(&good).await.expect("import");
+    assert_eq!(head, sled_log.head_hash());
+    corrupt_at(log.append_verbatim(&good[..1]).await, 1, "imported twice");
+    assert_eq!(log.head().await.expect("head"), Position(12));
+
+    // A message in the stream whose raw bytes are not the ones its envelope names: published
+    // past JetStreamLog (the stream takes any message on its subject).
+    sled_log
+        .append(request(
+            "13",
+            Expected::Head(Position(12)),
+            vec![hashed_form(13, 50)],
+        ))
+        .await
+        .expect("append 13 on sled");
+    let thirteen = sled_log
+        .read_entries(Position(13), 1)
+        .await
+        .expect("entry 13")
+        .remove(0);
+    let mut bad_raw = thirteen.raw.clone().expect("a form out of line");
+    bad_raw[0] ^= 1;
+    let mut payload = thirteen.envelope.clone();
+    payload.extend_from_slice(&bad_raw);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Caseledger-Envelope-Len",
+        thirteen.envelope.len().to_string().as_str(),
+    );
+    let client = async_nats::connect(cluster.url_list())
+        .await
+        .expect("connect");
+    async_nats::jetstream::new(client)
+        .publish_with_headers(log.subject().to_owned(), headers, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    corrupt_at(log.verify().await, 13, "verify");
+    corrupt_at(log.read(Position(13), 1).await, 13, "read");
+    corrupt_at(log.read_entries(Position(13), 1).await, 13, "read_entries");
 }
 
 /// Runs the built binary with `--store STORE --data DATA --domain DOMAIN --json ARGS`, off the

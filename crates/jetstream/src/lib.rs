@@ -4,6 +4,10 @@
 //! - [`JetStreamLog`] is the log of one project space: one stream, its sequence the gapless
 //!   position, each message the envelope bytes [`eventlog::SledLog`] would store for the same
 //!   append (format 3, raw submission inline), so the hash chain and its head are the same.
+//!   [`JetStreamLog::append_verbatim`] imports another log's stored entries as they are (a
+//!   format-4 envelope with its raw submission after it in the same message), so a store moves
+//!   between sled and JetStream with the same head hash; [`JetStreamLog::domains`] lists the
+//!   project spaces a cluster holds.
 //! - [`stream_exists`] asks whether a project space has a stream, creating nothing (what a
 //!   command that only reads asks before it opens the log).
 //! - [`cluster::Cluster`] starts, kills and restarts a local cluster of `nats-server`s from the
@@ -27,6 +31,7 @@
 mod admin;
 pub mod cluster;
 mod log;
+mod message;
 mod wire;
 
 pub use admin::{stream_exists, Streams};

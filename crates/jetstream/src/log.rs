@@ -1,5 +1,14 @@
 //! [`JetStreamLog`]: the log of one project space on one JetStream stream; appending (group
-//! commit by pipelined publishes), reading, subscribing, verifying.
+//! commit by pipelined publishes), importing stored entries verbatim, reading, subscribing,
+//! verifying.
+//!
+//! # Messages
+//!
+//! A message is one envelope, chained as sled chains it. An imported format-4 envelope (a form
+//! whose raw submission sled stores out of line) is followed, in the same message, by those raw
+//! bytes (`message.rs`). Every reader splits such a message and checks the bytes against the
+//! envelope: `read` returns the form with its bytes inline, `read_entries` the envelope and the
+//! bytes apart, as sled does.
 //!
 //! # Appending
 //!
@@ -7,7 +16,9 @@
 //! and the idempotency index. It takes queued appends, up to `max_batch` events, and for each
 //! in order checks the key (index, then earlier appends of the group), then `Expected::Head`
 //! against the running head, encodes the envelope chained to the running hash and publishes it
-//! without waiting. Then it awaits the acks in order and answers each append with its own.
+//! without waiting. Then it awaits all their acks together, each within the timeout (acks lost
+//! with a connection cost one timeout per group, not one per append), and answers each append,
+//! in order, with its own.
 //!
 //! Pipelining stays correct with other writers on the stream because every publish is
 //! conditional on exactly the message it was chained to: the first of a group carries
@@ -26,26 +37,27 @@
 //! that did not come (timeout, lost connection), the writer catches up from the stream before
 //! it publishes again.
 //!
-//! One file past 600 lines: the committer, the catch-up that feeds it and the readers share the
-//! writer's state and the decoding of stored messages.
+//! One file past 600 lines: the committer, the import, the catch-up that feeds them and the
+//! readers share the writer's state (what a stored message holds is `message.rs`).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, stream};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use domain::{DomainName, Position, RecordedEvent};
 use eventlog::{
-    chain_hash, decode_envelope, decode_header, encode_event_chained, AppendOutcome, AppendRequest,
-    EventStore, Expected, Hash, LogError, Subscription, SubscriptionSource, VerbatimEntry,
-    Verified, GENESIS,
+    chain_hash, encode_event_chained, AcknowledgedHead, AppendOutcome, AppendRequest, EventStore,
+    Expected, Hash, LogError, Subscription, SubscriptionSource, VerbatimEntry, Verified, GENESIS,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::message::{check_chained, decode_stored, parts, verbatim_messages, Message, Parts};
 use crate::wire::{self, unavailable, Ack, Stored};
 
 /// How a [`JetStreamLog`] reaches its cluster and sets up its stream.
@@ -103,7 +115,7 @@ pub struct JetStreamLog {
 
 struct Inner {
     shared: Arc<Shared>,
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Queued>,
 }
 
 /// What the committer and the readers both use.
@@ -116,9 +128,21 @@ struct Shared {
     config: JetStreamConfig,
 }
 
+/// What the committer takes from its queue, in order.
+enum Queued {
+    Append(Job),
+    Verbatim(VerbatimJob),
+}
+
 struct Job {
     req: AppendRequest,
     answer: oneshot::Sender<Result<AppendOutcome, LogError>>,
+}
+
+/// An import ([`JetStreamLog::append_verbatim`]).
+struct VerbatimJob {
+    entries: Vec<VerbatimEntry>,
+    answer: oneshot::Sender<Result<AcknowledgedHead, LogError>>,
 }
 
 /// The committer's state.
@@ -159,22 +183,7 @@ impl JetStreamLog {
     /// [`LogError::Unavailable`] when the cluster cannot be reached or refuses the stream;
     /// [`LogError::Corrupt`] when a stored message does not verify.
     pub async fn open(config: JetStreamConfig, domain: &DomainName) -> Result<Self, LogError> {
-        let servers: Vec<&str> = config
-            .servers
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        let client = async_nats::ConnectOptions::new()
-            .request_timeout(Some(config.timeout))
-            .connection_timeout(config.timeout)
-            .connect(servers)
-            .await
-            .map_err(unavailable)?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(config.timeout)
-            .ack_timeout(config.timeout)
-            .build(client.clone());
+        let (client, js) = connect(&config).await?;
         let stream = wire::stream_name(domain);
         let subject = wire::subject(domain);
         js.get_or_create_stream(stream::Config {
@@ -217,6 +226,60 @@ impl JetStreamLog {
         })
     }
 
+    /// The project spaces that have a log on the cluster `config` names: every stream named as
+    /// [`JetStreamLog::open`] names one (`CASELEDGER_<space>`, a one-to-one spelling), sorted.
+    /// Other streams on the cluster are left out.
+    ///
+    /// # Errors
+    /// [`LogError::Unavailable`] when the cluster cannot be reached or does not list its
+    /// streams.
+    pub async fn domains(config: &JetStreamConfig) -> Result<Vec<DomainName>, LogError> {
+        let (_client, js) = connect(config).await?;
+        let mut names = js.stream_names();
+        let mut out = Vec::new();
+        while let Some(name) = names.next().await {
+            if let Some(domain) = wire::domain_of(&name.map_err(unavailable)?) {
+                out.push(domain);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Appends stored entries exactly as they are (an import of another log's
+    /// [`EventStore::read_entries`], e.g. a sled log's): each must be at the next position,
+    /// decode, say that position, store the chain hash of the entries before it, and, for a
+    /// format-4 envelope, come with the raw submission of the length and SHA-256 it names. That
+    /// raw submission is stored in the same message, after the envelope
+    /// (`Caseledger-Envelope-Len` says where it ends); the chain covers the envelope only, so
+    /// the head hash is the source's. Legacy (unchained) envelopes are refused: a JetStream log
+    /// holds chained ones only.
+    ///
+    /// Goes through the committer like [`EventStore::append`], as one atomic batch conditional
+    /// on the stream's last sequence, and returns once the stream's quorum stored it. The
+    /// imported entries carry no idempotency keys (as with `SledLog::append_verbatim`).
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] naming the first entry that fails a check, or the first entry when
+    /// the stream's next position is not its own (nothing is appended);
+    /// [`LogError::Encode`] for more than 1000 entries (JetStream's limit per atomic batch) or
+    /// an entry over the server's `max_payload`; [`LogError::Unavailable`] when the ack did not
+    /// come (the import may be in the stream: compare [`EventStore::head`]).
+    pub async fn append_verbatim(
+        &self,
+        entries: &[VerbatimEntry],
+    ) -> Result<AcknowledgedHead, LogError> {
+        let (answer, rx) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Queued::Verbatim(VerbatimJob {
+                entries: entries.to_vec(),
+                answer,
+            }))
+            .map_err(|_| LogError::Shutdown)?;
+        rx.await.map_err(|_| LogError::Shutdown)?
+    }
+
     /// The project space this log belongs to.
     pub fn domain(&self) -> &DomainName {
         &self.inner.shared.domain
@@ -230,6 +293,12 @@ impl JetStreamLog {
     /// The subject every message of this log is published on.
     pub fn subject(&self) -> &str {
         &self.inner.shared.subject
+    }
+
+    /// The `server_name` of the node this log's connection goes through now (it moves when
+    /// that node goes away).
+    pub fn connected_server(&self) -> String {
+        self.inner.shared.client.server_info().server_name
     }
 
     /// The server name of the stream's leader now (`None` during an election).
@@ -281,7 +350,7 @@ impl JetStreamLog {
         let (answer, rx) = oneshot::channel();
         self.inner
             .jobs
-            .send(Job { req, answer })
+            .send(Queued::Append(Job { req, answer }))
             .map_err(|_| LogError::Shutdown)?;
         rx.await.map_err(|_| LogError::Shutdown)?
     }
@@ -308,7 +377,7 @@ impl EventStore for JetStreamLog {
         let mut waiting = Vec::with_capacity(requests.len());
         for req in requests {
             let (answer, rx) = oneshot::channel();
-            let sent = self.inner.jobs.send(Job { req, answer });
+            let sent = self.inner.jobs.send(Queued::Append(Job { req, answer }));
             waiting.push(sent.ok().map(|()| rx));
         }
         let mut out = Vec::with_capacity(waiting.len());
@@ -346,15 +415,50 @@ impl EventStore for JetStreamLog {
     }
 }
 
+/// A connection to the servers `config` names, and its JetStream context.
+async fn connect(config: &JetStreamConfig) -> Result<(Client, jetstream::Context), LogError> {
+    let servers: Vec<&str> = config
+        .servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let client = async_nats::ConnectOptions::new()
+        .request_timeout(Some(config.timeout))
+        .connection_timeout(config.timeout)
+        .connect(servers)
+        .await
+        .map_err(unavailable)?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(config.timeout)
+        .ack_timeout(config.timeout)
+        .build(client.clone());
+    Ok((client, js))
+}
+
 impl Shared {
-    /// The stream's last sequence, from the leader's stream info.
+    /// The stream's last sequence, from the stream leader's info.
+    ///
+    /// While the stream has no leader (an election after its leader went away), a replica
+    /// answers with its own state, which may not have applied the last messages the leader
+    /// acknowledged; its answer names no leader. That is [`LogError::Unavailable`] here, never
+    /// a shorter stream: `catch_up` would take it for a lost tail.
     async fn last_sequence(&self) -> Result<u64, LogError> {
         let stream = self
             .js
             .get_stream(&self.stream)
             .await
             .map_err(unavailable)?;
-        Ok(stream.cached_info().state.last_sequence)
+        let info = stream.cached_info();
+        if let Some(cluster) = &info.cluster {
+            if cluster.leader.as_deref().unwrap_or_default().is_empty() {
+                return Err(LogError::Unavailable(format!(
+                    "stream {} has no leader (an election); its replicas' state may be behind",
+                    self.stream
+                )));
+            }
+        }
+        Ok(info.state.last_sequence)
     }
 
     /// Messages `from..=to` as one or more direct gets; at least one message unless a replica
@@ -406,16 +510,11 @@ impl Shared {
         let mut next = from;
         while next <= to {
             for message in self.page(next, to).await? {
-                if message.seq != next {
-                    return Err(LogError::corrupt(
-                        Position(next),
-                        format!("missing: the stream answered {}", message.seq),
-                    ));
-                }
+                let Parts { envelope, raw, .. } = parts(&message, Position(next))?;
                 out.push(VerbatimEntry {
                     position: Position(next),
-                    envelope: message.payload.to_vec(),
-                    raw: None,
+                    envelope: envelope.to_vec(),
+                    raw: raw.map(<[u8]>::to_vec),
                 });
                 next += 1;
             }
@@ -497,7 +596,7 @@ impl Shared {
         hash: Hash,
         prev_id: Option<&str>,
         req: &AppendRequest,
-    ) -> Result<Published, LogError> {
+    ) -> Result<(Published, PublishAckFuture), LogError> {
         let batch = req.events.len() > 1;
         if req.events.len() > MAX_ATOMIC {
             return Err(LogError::Encode(format!(
@@ -530,23 +629,50 @@ impl Shared {
             Some(key) => format!("{key}~{}", uuid::Uuid::new_v4().simple()),
             None => format!("{}~{}", req.command_id, uuid::Uuid::new_v4().simple()),
         };
+        let mut messages: Vec<Message> = payloads
+            .into_iter()
+            .map(|payload| (HeaderMap::new(), payload))
+            .collect();
+        if let Some((first, _)) = messages.first_mut() {
+            if let Some(key) = &req.idempotency_key {
+                first.insert(wire::KEY, key.as_str());
+            }
+            first.insert(wire::COUNT, req.events.len().to_string().as_str());
+        }
+        let ids = (!batch).then_some((msg_id.as_str(), prev_id));
+        let wait = self.send(head, messages, ids).await?;
+        let published = Published {
+            first: head.next(),
+            last: position,
+            hash: running,
+            msg_id: (!batch).then_some(msg_id),
+        };
+        Ok((published, wait))
+    }
+
+    /// Publishes `messages` (headers and payload each) right after `head`: one message, or one
+    /// atomic batch for several, the first conditional on `Nats-Expected-Last-Sequence` = `head`;
+    /// a single message also carries `ids`, its `Nats-Msg-Id` and the one it must follow.
+    /// Returns the ack of the last message, not awaited.
+    async fn send(
+        &self,
+        head: Position,
+        messages: Vec<Message>,
+        ids: Option<(&str, Option<&str>)>,
+    ) -> Result<PublishAckFuture, LogError> {
+        let batch = messages.len() > 1;
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
-        let last_index = payloads.len() - 1;
+        let last_index = messages.len().saturating_sub(1);
         let mut wait = None;
-        for (i, payload) in payloads.into_iter().enumerate() {
-            let mut headers = HeaderMap::new();
+        for (i, (mut headers, payload)) in messages.into_iter().enumerate() {
             if i == 0 {
                 headers.insert(wire::EXPECTED_LAST_SEQUENCE, head.0.to_string().as_str());
-                if let Some(key) = &req.idempotency_key {
-                    headers.insert(wire::KEY, key.as_str());
-                }
-                headers.insert(wire::COUNT, req.events.len().to_string().as_str());
             }
             if batch {
                 headers.insert(wire::BATCH_ID, batch_id.as_str());
                 headers.insert(wire::BATCH_SEQUENCE, (i + 1).to_string().as_str());
-            } else {
-                headers.insert(wire::MSG_ID, msg_id.as_str());
+            } else if let Some((msg_id, prev_id)) = ids {
+                headers.insert(wire::MSG_ID, msg_id);
                 if let Some(prev) = prev_id {
                     headers.insert(wire::EXPECTED_LAST_MSG_ID, prev);
                 }
@@ -572,14 +698,7 @@ impl Shared {
                     .map_err(unavailable)?;
             }
         }
-        let wait = wait.ok_or_else(|| LogError::Encode("an append without events".into()))?;
-        Ok(Published {
-            first: head.next(),
-            last: position,
-            hash: running,
-            msg_id: (!batch).then_some(msg_id),
-            wait,
-        })
+        wait.ok_or_else(|| LogError::Encode("an append without events".into()))
     }
 }
 
@@ -591,75 +710,125 @@ struct Published {
     hash: Hash,
     /// The `Nats-Msg-Id` of a single-message append (the next publish may chain to it).
     msg_id: Option<String>,
-    wait: jetstream::context::PublishAckFuture,
-}
-
-/// Checks a stored message at `position` against the chain so far; returns its chain hash.
-fn check_chained(message: &Stored, position: Position, prev: &Hash) -> Result<Hash, LogError> {
-    if message.seq != position.0 {
-        return Err(LogError::corrupt(
-            position,
-            format!("missing: the stream answered {}", message.seq),
-        ));
-    }
-    let header = decode_header(&message.payload).map_err(|e| e.at(position))?;
-    match header.prev {
-        Some(stored) if stored == prev => {}
-        Some(_) => {
-            return Err(LogError::corrupt(
-                position,
-                "its stored previous hash is not the chain hash before it",
-            ))
-        }
-        None => {
-            return Err(LogError::corrupt(
-                position,
-                "an unchained (legacy) envelope in a JetStream log",
-            ))
-        }
-    }
-    Ok(chain_hash(prev, position, &message.payload))
-}
-
-fn decode_stored(message: &Stored, position: Position) -> Result<RecordedEvent, LogError> {
-    if message.seq != position.0 {
-        return Err(LogError::corrupt(
-            position,
-            format!("missing: the stream answered {}", message.seq),
-        ));
-    }
-    let event = decode_envelope(&message.payload).map_err(|e| e.at(position))?;
-    if event.position != position {
-        return Err(LogError::corrupt(
-            position,
-            format!(
-                "stored at sequence {position} but the envelope says {}",
-                event.position
-            ),
-        ));
-    }
-    Ok(event)
 }
 
 async fn commit_loop(
     shared: Arc<Shared>,
     mut writer: Writer,
-    mut queue: mpsc::UnboundedReceiver<Job>,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
 ) {
-    while let Some(first) = queue.recv().await {
+    // An import queued behind a group of appends, taken off the queue while grouping.
+    let mut next: Option<Queued> = None;
+    loop {
+        let queued = match next.take() {
+            Some(queued) => queued,
+            None => match queue.recv().await {
+                Some(queued) => queued,
+                None => return,
+            },
+        };
+        let first = match queued {
+            Queued::Append(job) => job,
+            Queued::Verbatim(job) => {
+                let result = import(&shared, &mut writer, &job.entries).await;
+                let _ = job.answer.send(result);
+                continue;
+            }
+        };
         let mut events = first.req.events.len().max(1);
         let mut group = vec![first];
         while events < shared.config.max_batch {
             match queue.try_recv() {
-                Ok(job) => {
+                Ok(Queued::Append(job)) => {
                     events += job.req.events.len().max(1);
                     group.push(job);
+                }
+                Ok(verbatim) => {
+                    next = Some(verbatim);
+                    break;
                 }
                 Err(_) => break,
             }
         }
         commit_group(&shared, &mut writer, group).await;
     }
+}
+
+/// Publishes `entries` verbatim right after the writer's head, as one atomic batch, and awaits
+/// its ack ([`JetStreamLog::append_verbatim`]). A refused publish (another writer moved the
+/// stream) is checked again after a catch-up, where it no longer fits and is refused.
+async fn import(
+    shared: &Shared,
+    writer: &mut Writer,
+    entries: &[VerbatimEntry],
+) -> Result<AcknowledgedHead, LogError> {
+    if entries.len() > MAX_ATOMIC {
+        return Err(LogError::Encode(format!(
+            "an import of {} entries is over JetStream's {MAX_ATOMIC} per atomic batch",
+            entries.len()
+        )));
+    }
+    let max_payload = shared.client.server_info().max_payload;
+    let deadline = tokio::time::Instant::now() + shared.config.timeout;
+    for round in 0..MAX_ROUNDS {
+        if round > 0 {
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(backoff(round)).await;
+        }
+        if writer.stale {
+            shared.catch_up(writer).await?;
+        }
+        let (messages, last, hash) =
+            verbatim_messages(writer.head, writer.hash, entries, max_payload)?;
+        if messages.is_empty() {
+            return Ok(AcknowledgedHead {
+                position: writer.head,
+                hash: writer.hash,
+            });
+        }
+        let wait = match shared.send(writer.head, messages, None).await {
+            Ok(wait) => wait,
+            Err(e) => {
+                // Maybe partly sent (an atomic batch never committed stores nothing).
+                writer.stale = true;
+                return Err(e);
+            }
+        };
+        match wire::ack(wait).await {
+            Ack::Stored {
+                seq,
+                duplicate: false,
+            } if seq == last.0 => {
+                writer.head = last;
+                writer.hash = hash;
+                writer.last_id = None;
+                return Ok(AcknowledgedHead {
+                    position: last,
+                    hash,
+                });
+            }
+            Ack::Stored { seq, .. } => {
+                writer.stale = true;
+                return Err(LogError::Unavailable(format!(
+                    "import stored at {seq}, expected {last}"
+                )));
+            }
+            Ack::Refused(reason) => {
+                tracing::debug!(stream = %shared.stream, %reason, "import refused; catching up");
+                writer.stale = true;
+            }
+            Ack::Unknown(reason) => {
+                writer.stale = true;
+                return Err(LogError::Unavailable(reason));
+            }
+        }
+    }
+    Err(LogError::Unavailable(format!(
+        "import still refused after {:?} of catching up with other writers",
+        shared.config.timeout
+    )))
 }
 
 /// What became of one append in a round.
@@ -762,6 +931,7 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
     let (mut head, mut hash) = (writer.head, writer.hash);
     let mut prev_id = writer.last_id.clone();
     let mut pending: Vec<(usize, Published)> = Vec::new();
+    let mut waits: Vec<PublishAckFuture> = Vec::new();
     let mut sending = true;
     for (i, job) in todo.iter().enumerate() {
         let req = &job.req;
@@ -808,7 +978,7 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
             .publish(writer, head, hash, prev_id.as_deref(), req)
             .await
         {
-            Ok(published) => {
+            Ok((published, wait)) => {
                 head = published.last;
                 hash = published.hash;
                 prev_id = published.msg_id.clone();
@@ -817,6 +987,7 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
                 }
                 let batch = req.events.len() > 1;
                 pending.push((i, published));
+                waits.push(wait);
                 fates.push(Fate::Retry);
                 if batch {
                     sending = false;
@@ -831,9 +1002,13 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
             }
         }
     }
+    // All the acks at once, then in order: each waits at most the timeout from now, so a round
+    // whose acks are lost (its connection went to a node that was killed) is answered after one
+    // timeout. Awaited one by one, each ack's timeout started after the one before it had
+    // expired: 64 pipelined appends stalled the committer for 64 timeouts.
+    let acks = futures_util::future::join_all(waits.into_iter().map(wire::ack)).await;
     let mut chained = true;
-    for (i, published) in pending {
-        let ack = wire::ack(published.wait).await;
+    for ((i, published), ack) in pending.into_iter().zip(acks) {
         let fate = match ack {
             Ack::Stored {
                 seq,
