@@ -680,6 +680,9 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
             }
             tokio::time::sleep(backoff(round)).await;
         }
+        // Caught up in this round: the writer knows every message the stream held when the
+        // round began, so an expected head beyond its own is not the stream's.
+        let fresh = writer.stale;
         if writer.stale {
             if let Err(e) = shared.catch_up(writer).await {
                 tracing::warn!(stream = %shared.stream, error = %e, "catch-up failed");
@@ -698,7 +701,7 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
                 return;
             }
         }
-        let fates = commit_round(shared, writer, &todo).await;
+        let fates = commit_round(shared, writer, &todo, fresh).await;
         let mut retry = Vec::new();
         let resolved: Vec<Option<AppendOutcome>> = fates
             .iter()
@@ -755,8 +758,14 @@ fn first_of(outcome: &AppendOutcome) -> Position {
 }
 
 /// Publishes what it can of `todo` chained after the writer's head, awaits the acks in order,
-/// and advances the writer over the stored prefix.
-async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec<Fate> {
+/// and advances the writer over the stored prefix. `fresh`: the writer caught up with the
+/// stream just before this round.
+async fn commit_round(
+    shared: &Shared,
+    writer: &mut Writer,
+    todo: &[Job],
+    fresh: bool,
+) -> Vec<Fate> {
     let mut fates: Vec<Fate> = Vec::with_capacity(todo.len());
     let mut in_round: HashMap<&str, usize> = HashMap::new();
     let (mut head, mut hash) = (writer.head, writer.hash);
@@ -783,6 +792,17 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
             }
         }
         if let Expected::Head(expected) = req.expected {
+            if expected > head && !fresh {
+                // The caller read a later head than this writer knows: another process
+                // appended since this writer last caught up. The writer is behind, not the
+                // caller: catch up and compare again next round (refusing here would refuse
+                // every retry of the caller's decision too, since nothing else makes this
+                // writer catch up).
+                writer.stale = true;
+                sending = false;
+                fates.push(Fate::Retry);
+                continue;
+            }
             if expected != head {
                 fates.push(Fate::Done(Err(LogError::WrongExpectedPosition {
                     expected,
