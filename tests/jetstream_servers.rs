@@ -45,6 +45,19 @@ fn cluster(test: &str) -> Option<Cluster> {
     Some(Cluster::start(&binary, 3).expect("start a 3-node cluster"))
 }
 
+/// Prints the last lines of every node's log (for a failure's report).
+fn dump_logs(cluster: &Cluster) {
+    for node in cluster.nodes() {
+        let log = std::fs::read_to_string(cluster.dir().join(format!("{}.log", node.name)))
+            .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!("--- {} (last 40 lines)", node.name);
+        for line in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// The project space's stream (created if need be), once the meta leader is elected.
 async fn open(cluster: &Cluster) -> JetStreamLog {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -170,4 +183,88 @@ async fn issue11_a_writer_behind_the_stream_appends_on_the_head_its_caller_read(
     assert_eq!(head, Position(2));
     let keys: Vec<&str> = events.iter().map(|e| e.command_id.as_str()).collect();
     assert_eq!(keys, vec!["o1", "b2"]);
+}
+
+// Issue 11: "a decision made on a stale position is retried against the new head, never
+// appended", with two writers (two caseledger servers) each pipelining a group decided on the
+// same head: one group lands, the other is refused where its expected head was taken and lands
+// where it still holds; the stream stays gapless, verifies, and keeps answering. (Before the
+// fix the second group's pipelined publishes, chained by `Nats-Expected-Last-Msg-Id`, made
+// nats-server 2.15.1 log "critical write error: last msgid mismatch" on every replica and stop
+// answering publishes for good: the two-server storm hung after its first few dozen forms.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue11_two_writers_pipelining_from_one_head_leave_the_stream_writable() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = cluster("two writers pipelining from one head") else {
+        return;
+    };
+    let x = open(&cluster).await;
+    let y = open(&cluster).await;
+    let mut landed = 0usize;
+    for attempt in 0..3 {
+        let head = x.head().await.expect("head");
+        let chain = |name: &str, n: u64| -> Vec<AppendRequest> {
+            (0..n)
+                .map(|i| {
+                    user_request(
+                        &format!("{name}-{attempt}-{i}"),
+                        Expected::Head(Position(head.0 + i)),
+                    )
+                })
+                .collect()
+        };
+        let (xs, ys) = (chain("x", 43), chain("y", 10));
+        let mut expected: Vec<Position> = xs.iter().chain(ys.iter()).map(expected_head).collect();
+        let (x2, y2) = (x.clone(), y.clone());
+        let left = tokio::spawn(async move { x2.append_all(xs).await });
+        let right = tokio::spawn(async move { y2.append_all(ys).await });
+        let mut answers = tokio::time::timeout(Duration::from_secs(30), left)
+            .await
+            .expect("x answered within 30 s")
+            .expect("join");
+        answers.extend(
+            tokio::time::timeout(Duration::from_secs(30), right)
+                .await
+                .expect("y answered within 30 s")
+                .expect("join"),
+        );
+        for (answer, expected) in answers.iter().zip(expected.drain(..)) {
+            match answer {
+                Ok(AppendOutcome::Appended { first, last }) => {
+                    assert_eq!((*first, *last), (expected.next(), expected.next()));
+                    landed += 1;
+                }
+                Err(LogError::WrongExpectedPosition { .. }) => {}
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+        // Still writable, by either writer.
+        let probe = tokio::time::timeout(
+            Duration::from_secs(15),
+            y.append(user_request(&format!("probe-{attempt}"), Expected::Any)),
+        )
+        .await;
+        if !matches!(probe, Ok(Ok(_))) {
+            dump_logs(&cluster);
+            panic!("attempt {attempt}: the stream stopped answering: {probe:?}");
+        }
+        landed += 1;
+    }
+    let (events, head, _) = stream_contents(&x).await;
+    assert_eq!(
+        head.0 as usize, landed,
+        "every answered append is there, once"
+    );
+    let mut keys: Vec<&str> = events.iter().map(|e| e.command_id.as_str()).collect();
+    keys.sort_unstable();
+    let before = keys.len();
+    keys.dedup();
+    assert_eq!(keys.len(), before, "no key twice");
+}
+
+fn expected_head(req: &AppendRequest) -> Position {
+    match req.expected {
+        Expected::Head(p) => p,
+        Expected::Any => Position::ZERO,
+    }
 }
