@@ -2,7 +2,8 @@
 //! on a 3-node cluster these tests start themselves (issue 11): positions gapless from 1,
 //! expected-position conflicts refused, idempotent retries answered `AlreadyAppended`, the same
 //! hash chain as sled for the same appends, and nothing acknowledged lost or doubled when a node
-//! or the stream leader is killed with `kill -9` during a 64-task append storm.
+//! or the stream leader is killed with `kill -9` during a 64-task append storm; and the CLI on
+//! `--store nats://…`, two data dirs sharing one stream.
 //!
 //! Without a `nats-server` 2.12+ (`scripts/nats-server.sh`) they print `SKIP:`, or fail under
 //! `CASELEDGER_REQUIRE_SERVICES=1`. They run one at a time (each starts 3 servers).
@@ -454,4 +455,215 @@ async fn kill_9_of_a_follower_during_a_storm_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_stream_leader_during_a_storm_loses_and_doubles_nothing() {
     storm(Victim::Leader).await;
+}
+
+/// Runs the built binary with `--store STORE --data DATA --domain DOMAIN --json ARGS`, off the
+/// runtime's worker (it blocks until the process ends).
+fn cli(store: &str, data: &std::path::Path, domain: &str, args: &[&str]) -> std::process::Output {
+    tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+            .arg("--store")
+            .arg(store)
+            .arg("--data")
+            .arg(data)
+            .args(["--domain", domain, "--json"])
+            .args(args)
+            .env_remove("CASELEDGER_DATA")
+            .env_remove("CASELEDGER_STORE")
+            .output()
+            .expect("run caseledger")
+    })
+}
+
+/// [`cli`] that must exit 0; its first stdout line as JSON.
+fn cli_ok(store: &str, data: &std::path::Path, domain: &str, args: &[&str]) -> serde_json::Value {
+    let out = cli(store, data, domain, args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().next().unwrap_or("null")).expect("JSON output")
+}
+
+/// Issue 11 ("a global option `--store nats://…` puts every command on JetStream; `--data` then
+/// holds only that process's local projection state"): two data dirs on one stream see each
+/// other's writes, verify to the stream's head hash, export the same bytes; a read-only command
+/// on a project space without a stream fails `no_store` and creates neither stream nor data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_on_a_nats_store_shares_one_log_between_data_dirs() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = cluster("cli on --store nats") else {
+        return;
+    };
+    // Right after start the meta leader may still be in election: wait for a stream to open.
+    drop(open(&cluster, "warm-up").await);
+    let store = cluster.urls();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+
+    // A read-only command for a project space that has no stream.
+    let out = cli(&store, &b, "ghost", &["cases", "--user", "u-maria"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let error: serde_json::Value =
+        serde_json::from_str(stderr.lines().last().unwrap_or_default()).expect("JSON error");
+    assert_eq!(error["error"]["code"], "no_store", "{stderr}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the project space ghost has no stream")),
+        "{stderr}"
+    );
+    let config = JetStreamConfig::new(store.clone());
+    assert!(
+        !jetstream::stream_exists(&config, &DomainName::new("ghost"))
+            .await
+            .expect("ask for the stream")
+    );
+    assert!(!b.exists(), "the failed command created its data dir");
+
+    // Writes through data dir A.
+    for args in [
+        &["user", "create", "--id", "u-david", "--username", "david"][..],
+        &["user", "create", "--id", "u-maria", "--username", "maria"],
+        &[
+            "group",
+            "create",
+            "--id",
+            "g-team",
+            "--name",
+            "Kibera",
+            "--case-sharing",
+        ],
+        &["group", "add-member", "g-team", "u-david"],
+        &["group", "add-member", "g-team", "u-maria"],
+        &[
+            "app",
+            "create",
+            "--id",
+            "app-anc",
+            "--name",
+            "ANC",
+            "--case-sharing",
+            "--case-type",
+            "pregnancy",
+        ],
+    ] {
+        cli_ok(&store, &a, "cli", args);
+    }
+    let forms = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/conformance/01-shared-team");
+    let register = forms.join("01-register.xml");
+    let submitted = cli_ok(
+        &store,
+        &a,
+        "cli",
+        &[
+            "submit",
+            register.to_str().expect("utf-8"),
+            "--app",
+            "app-anc",
+        ],
+    );
+    assert_eq!(submitted["outcome"], "accepted", "{submitted}");
+    let case_id = "3f9b6a52-7c1e-4d2a-9b8e-1c5d2e7f4a10";
+    assert_eq!(submitted["cases"][0], case_id);
+    assert!(jetstream::stream_exists(&config, &DomainName::new("cli"))
+        .await
+        .expect("ask for the stream"));
+
+    // Reads through data dir B, which starts empty: its replica pulls the stream.
+    let cases = cli_ok(&store, &b, "cli", &["cases", "--user", "u-maria"]);
+    let ids: Vec<&str> = cases
+        .as_array()
+        .expect("a case list")
+        .iter()
+        .filter_map(|c| c["case_id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![case_id], "{cases}");
+    let case = cli_ok(&store, &b, "cli", &["case", "show", case_id]);
+    assert_eq!(case["owner_id"], "g-team", "{case}");
+    assert_eq!(case["user_id"], "u-david", "{case}");
+
+    // A write through B is read through A.
+    let visit = forms.join("02-maria-visit.xml");
+    let second = cli_ok(
+        &store,
+        &b,
+        "cli",
+        &["submit", visit.to_str().expect("utf-8"), "--app", "app-anc"],
+    );
+    assert_eq!(second["outcome"], "accepted", "{second}");
+    let case = cli_ok(&store, &a, "cli", &["case", "show", case_id]);
+    assert_eq!(case["user_id"], "u-maria", "{case}");
+
+    // Both replicas verify to the stream's head and hash, and export the same bytes.
+    let stream = open(&cluster, "cli")
+        .await
+        .verify()
+        .await
+        .expect("verify the stream");
+    let hex: String = stream
+        .head_hash
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for data in [&a, &b] {
+        let verified = cli_ok(&store, data, "cli", &["verify"]);
+        assert_eq!(verified["ok"], true, "{verified}");
+        assert_eq!(verified["head"], stream.head.0, "{verified}");
+        assert_eq!(verified["head_hash"], hex.as_str(), "{verified}");
+        assert_eq!(verified["stream"]["name"], "CASELEDGER_cli", "{verified}");
+        assert_eq!(verified["stream"]["head"], stream.head.0, "{verified}");
+        assert_eq!(verified["stream"]["head_hash"], hex.as_str(), "{verified}");
+        let log = cli_ok(&store, data, "cli", &["log", "--limit", "1000"]);
+        assert_eq!(
+            log.as_array().map(|l| l.len() as u64),
+            Some(stream.head.0),
+            "{log}"
+        );
+    }
+    let exported: Vec<Vec<u8>> = [&a, &b]
+        .iter()
+        .map(|data| {
+            let out = cli(&store, data, "cli", &["export"]);
+            assert_eq!(out.status.code(), Some(0));
+            out.stdout
+        })
+        .collect();
+    assert_eq!(
+        exported[0]
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count() as u64,
+        stream.head.0
+    );
+    assert_eq!(exported[0], exported[1]);
+
+    // The stream deleted and created again with other entries: the replica in A is not a copy
+    // of it, which `verify` reports as damage (exit 3), naming the position.
+    let client = async_nats::connect(cluster.url_list())
+        .await
+        .expect("connect");
+    async_nats::jetstream::new(client)
+        .delete_stream("CASELEDGER_cli")
+        .await
+        .expect("delete the stream");
+    let c = tmp.path().join("c");
+    cli_ok(
+        &store,
+        &c,
+        "cli",
+        &["user", "create", "--id", "u-new", "--username", "new"],
+    );
+    let out = cli(&store, &a, "cli", &["verify"]);
+    assert_eq!(out.status.code(), Some(3));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["position"], stream.head.0, "{report}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(r#""code":"damaged""#), "{stderr}");
 }

@@ -4,6 +4,8 @@
 //! - [`JetStreamLog`] is the log of one project space: one stream, its sequence the gapless
 //!   position, each message the envelope bytes [`eventlog::SledLog`] would store for the same
 //!   append (format 3, raw submission inline), so the hash chain and its head are the same.
+//! - [`stream_exists`] asks whether a project space has a stream, creating nothing (what a
+//!   command that only reads asks before it opens the log).
 //! - [`cluster::Cluster`] starts, kills and restarts a local cluster of `nats-server`s from the
 //!   shipped config (`deploy/nats/cluster.conf`), for tests and benches.
 //!
@@ -27,5 +29,5 @@ pub mod cluster;
 mod log;
 mod wire;
 
-pub use admin::Streams;
+pub use admin::{stream_exists, Streams};
 pub use log::{JetStreamConfig, JetStreamLog};
