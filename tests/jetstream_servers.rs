@@ -1,6 +1,6 @@
 //! Issue 11, scale-out: caseledger servers over one 3-node JetStream cluster. Two servers in this
-//! process (each with its own data dir: its replicas and projections) write the same project
-//! space's stream:
+//! process (each with its own data dir: its replicas and projections), or one of them and a
+//! `caseledger serve` process, write the same project space's stream:
 //!
 //! - two writers on one stream (each server has its own `JetStreamLog`): one behind the stream
 //!   appends on the head its caller read; two pipelining groups decided on the same head leave
@@ -8,14 +8,17 @@
 //! - a node (a follower, then the stream leader) is killed with `kill -9` during a 64-client
 //!   submission storm spread over two servers and restarted: every acknowledged form is in the
 //!   stream exactly once, positions are gapless, both servers' projections equal a fresh replay;
-//! - two servers updating one case concurrently lose no update and keep the received order.
+//! - two servers updating one case concurrently lose no update and keep the received order;
+//! - a `caseledger serve --store nats://…` killed with `kill -9` and restarted catches up from
+//!   its checkpoint.
 //!
 //! Without a `nats-server` (`scripts/nats-server.sh`) they print `SKIP:`, or fail under
 //! `CASELEDGER_REQUIRE_SERVICES=1`. They run one at a time (each starts 3 nats-servers).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -925,4 +928,250 @@ fn updating_create(id: &str, case: &str) -> Vec<u8> {
 </data>"#
     )
     .into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A `caseledger serve` process killed and restarted.
+
+/// Starts `caseledger --data DIR --store nats://… serve` on a free port with info logging to
+/// `log`, and waits until its `server.json` names it.
+// The caller kills or stops the child and waits for it; the lint cannot see past the return.
+#[allow(clippy::zombie_processes)]
+fn spawn_serve(dir: &Path, cluster: &Cluster, log: &Path) -> (Child, SocketAddr) {
+    let file = dir.join("server.json");
+    let _ = std::fs::remove_file(&file);
+    let stderr = std::fs::File::create(log).expect("log file");
+    let mut child = Process::new(env!("CARGO_BIN_EXE_caseledger"))
+        .args([
+            "--data",
+            dir.to_str().expect("utf-8"),
+            "--store",
+            &cluster.urls(),
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .env("CASELEDGER_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn serve");
+    let started = Instant::now();
+    loop {
+        let named = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter(|v| v["pid"].as_u64() == Some(u64::from(child.id())))
+            .and_then(|v| v["addr"].as_str().and_then(|a| a.parse().ok()));
+        if let Some(addr) = named {
+            return (child, addr);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "serve exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "serve did not start in 60 s: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The text of a log file without terminal colour sequences.
+fn plain(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ … final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The `from` of every "projection catch-up" line of a server's log, in order.
+fn catch_ups(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("projection catch-up"))
+        .filter_map(|l| {
+            let rest = &l[l.find("from=")? + 5..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// The replica head and projection checkpoint stored in a copy of `dir`, read without
+/// catching anything up.
+fn stored_marks(dir: &Path, copy: &Path) -> (Position, Position) {
+    copy_dir(dir, copy);
+    let db = Engine::open_db(copy, &EngineConfig::default()).expect("open the copy");
+    let domain = DomainName::new(DOMAIN);
+    let log = caseledger::eventlog::SledLog::open(
+        &db,
+        &domain,
+        caseledger::eventlog::LogConfig::default(),
+    )
+    .expect("the replica's log");
+    let projections =
+        caseledger::projections::Projections::open(&db, &domain).expect("the projections");
+    (log.written_head(), projections.checkpoint())
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target: PathBuf = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Submits `ids` through `addr` (each until acknowledged).
+async fn submit_all(addr: SocketAddr, auth: &str, ids: &[String]) -> u64 {
+    let mut last = 0;
+    for id in ids {
+        let ack = submit_until_acked(
+            &[addr],
+            0,
+            auth,
+            id,
+            &creating(id),
+            Instant::now() + Duration::from_secs(60),
+        )
+        .await
+        .expect("acknowledged");
+        last = last.max(ack.position);
+    }
+    last
+}
+
+// Issue 11: "A caseledger server killed and restarted catches up from its checkpoint." A
+// `caseledger serve --store nats://…` writes, is killed with kill -9 while the other server
+// writes on, and is restarted on the same data dir: it answers at the stream's head, having
+// folded only what it had not (its stored checkpoint was not zero, and its catch-up starts
+// there, not at 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue11_a_server_killed_and_restarted_catches_up_from_its_checkpoint() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = cluster("a server killed and restarted") else {
+        return;
+    };
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (dir_p, dir_b) = (tmp.path().join("p"), tmp.path().join("b"));
+    std::fs::create_dir_all(&dir_b).expect("mkdir");
+    let log = open(&cluster).await;
+    let auth = bootstrap(&log).await;
+    let b = start(&dir_b, &cluster).await;
+
+    let first_log = tmp.path().join("serve-1.log");
+    let (mut p, p_addr) = spawn_serve(&dir_p, &cluster, &first_log);
+    let ids = |prefix: &str, n: usize| -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}-{i:02}")).collect()
+    };
+    submit_all(p_addr, &auth, &ids("before-p", 16)).await;
+    submit_all(b.addr, &auth, &ids("before-b", 8)).await;
+    let head = log.head().await.expect("head");
+    // The process folded everything up to the head, its own writes and the other server's.
+    get_json(
+        p_addr,
+        &auth,
+        &format!(
+            "/api/v1/{DOMAIN}/cases?owner=u1&min_position={}&wait_ms=30000",
+            head.0
+        ),
+    )
+    .await;
+    // sled writes its buffers out every 500 ms; what it had not is lost to the kill, and
+    // copied or folded again on restart.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    p.kill().expect("kill -9");
+    p.wait().expect("reaped");
+    let (stored_head, stored_checkpoint) = stored_marks(&dir_p, &tmp.path().join("copy"));
+    assert!(
+        stored_checkpoint > Position::ZERO && stored_checkpoint <= stored_head,
+        "the killed server's data dir holds a checkpoint: head {stored_head}, checkpoint \
+         {stored_checkpoint}"
+    );
+
+    // Written while it is down.
+    submit_all(b.addr, &auth, &ids("while-down", 16)).await;
+    let head = log.head().await.expect("head");
+    assert!(head > stored_head);
+
+    let second_log = tmp.path().join("serve-2.log");
+    let (mut p, p_addr) = spawn_serve(&dir_p, &cluster, &second_log);
+    let on_p = get_json(
+        p_addr,
+        &auth,
+        &format!(
+            "/api/v1/{DOMAIN}/cases?owner=u1&min_position={}&wait_ms=30000",
+            head.0
+        ),
+    )
+    .await;
+    let on_b = get_json(
+        b.addr,
+        &auth,
+        &format!(
+            "/api/v1/{DOMAIN}/cases?owner=u1&min_position={}&wait_ms=30000",
+            head.0
+        ),
+    )
+    .await;
+    assert_eq!(on_p.as_array().map(Vec::len), Some(16 + 8 + 16));
+    assert_eq!(on_p, on_b, "the restarted server answers as the other one");
+
+    // What it printed on the way: folds from its stored checkpoint, never from the start.
+    let printed = plain(&second_log);
+    assert!(
+        !printed.contains("bulk rebuild") && !printed.contains("rebuilding the projections"),
+        "the restarted server rebuilt its projections: {printed}"
+    );
+    let froms = catch_ups(&printed);
+    assert_eq!(
+        froms.first().copied(),
+        Some(stored_checkpoint.0),
+        "the restarted server's first catch-up starts at its stored checkpoint: {printed}"
+    );
+    assert!(froms.iter().all(|&f| f >= stored_checkpoint.0), "{froms:?}");
+
+    // A clean stop, then the replica checked against the stream.
+    let status = Process::new("kill")
+        .args(["-TERM", &p.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let exit = p.wait().expect("exit");
+    assert!(exit.success(), "serve ends cleanly on SIGTERM: {exit}");
+    b.stop().await;
+    let (_, head_now, hash) = stream_contents(&log).await;
+    assert_eq!(head_now, head);
+    check_replica(&dir_p, &log, head, hash).await;
+    eprintln!(
+        "serve killed at replica head {stored_head} (checkpoint {stored_checkpoint}), restarted \
+         after the stream reached {head}: caught up from {froms:?}; {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
