@@ -14,9 +14,9 @@
 //!   shipped config (`deploy/nats/cluster.conf`), for tests and benches.
 //!
 //! It *is*: optimistic concurrency by `Nats-Expected-Last-Sequence`, idempotency by a key index
-//! rebuilt from the stream (with `Nats-Msg-Id` as the server's own guard), group commit by
-//! pipelined publishes, acknowledged only after the stream's quorum stored (and, with the
-//! shipped `sync_interval: always`, fsynced) the message. It is *not*: a place to delete or
+//! rebuilt from the stream (with `Nats-Msg-Id` as the server's own guard on a lone message),
+//! group commit by atomic batches, acknowledged only after the stream's quorum stored (and,
+//! with the shipped `sync_interval: always`, fsynced) the messages. It is *not*: a place to delete or
 //! rewrite messages (the stream denies both), nor faster than the cluster's round trip.
 //! `docs/DURABILITY.md` ("JetStream") says exactly what is promised.
 //!

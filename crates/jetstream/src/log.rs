@@ -1,5 +1,5 @@
 //! [`JetStreamLog`]: the log of one project space on one JetStream stream; appending (group
-//! commit by pipelined publishes), importing stored entries verbatim, reading, subscribing,
+//! commit by atomic batches), importing stored entries verbatim, reading, subscribing,
 //! verifying.
 //!
 //! # Messages
@@ -15,22 +15,19 @@
 //! One committer task owns the writer state: the head the log last confirmed, its chain hash
 //! and the idempotency index. It takes queued appends, up to `max_batch` events, and for each
 //! in order checks the key (index, then earlier appends of the group), then `Expected::Head`
-//! against the running head, encodes the envelope chained to the running hash and publishes it
-//! without waiting. Then it awaits all their acks together, each within the timeout (acks lost
-//! with a connection cost one timeout per group, not one per append), and answers each append,
-//! in order, with its own.
+//! against the running head, and encodes the envelopes chained to the running hash. Then it
+//! publishes the round without waiting in between: one message for a lone single-event append,
+//! otherwise one atomic batch (ADR-50) of every message of the round, all stored or none; and
+//! answers each append from the round's one ack.
 //!
-//! Pipelining stays correct with other writers on the stream because every publish is
-//! conditional on exactly the message it was chained to: the first of a group carries
-//! `Nats-Expected-Last-Sequence` = the confirmed head, each later one that sequence plus
-//! `Nats-Expected-Last-Msg-Id` = the previous publish's `Nats-Msg-Id` (unique per message). If
-//! any publish is refused, nothing chained after it can be stored; the refused appends are
-//! tried again in a new round after the writer caught up with the stream, which re-checks their
-//! key and expected head against what is really there.
-//!
-//! An append of several events is one atomic batch (ADR-50): all its messages or none, with
-//! the expected last sequence on its first message. A batch cannot carry an expected message
-//! id, so it is published on its own round, after the acks before it.
+//! This stays correct with other writers on the stream because the round's first message
+//! carries `Nats-Expected-Last-Sequence` = the confirmed head, and the rest is stored with it
+//! or not at all. If the round is refused, its appends are tried again in a new round after the
+//! writer caught up with the stream, which re-checks their key and expected head against what
+//! is really there. An append expecting a head beyond the writer's (its caller read the stream
+//! after another process appended) makes the writer catch up first. (Rounds used to be
+//! pipelined single publishes chained by `Nats-Expected-Last-Msg-Id`; nats-server 2.15.1 halts a
+//! stream on that header under two concurrent writers: see `commit_round`.)
 //!
 //! What must hold: a message is stored only right after the message whose chain hash it
 //! carries; the writer's head, hash and index describe a prefix of the stream; after an ack
@@ -67,7 +64,7 @@ pub struct JetStreamConfig {
     pub servers: String,
     /// Replicas of a newly created stream (1, 3 or 5); 3 in a cluster.
     pub replicas: usize,
-    /// Most events one group commit pipelines before it awaits their acks.
+    /// Most events one round of the group commit publishes (as one atomic batch).
     pub max_batch: usize,
     /// How long an ack or a read may take before the append or read is
     /// [`LogError::Unavailable`].
@@ -151,8 +148,6 @@ struct Writer {
     head: Position,
     /// The chain hash of `head`.
     hash: Hash,
-    /// The `Nats-Msg-Id` of the message at `head`, when this writer stored it.
-    last_id: Option<String>,
     /// Every idempotency key in the stream up to `head`, with the positions of its append.
     keys: HashMap<String, (Position, Position)>,
     /// Keys whose publish got no answer: their next publish uses a fresh `Nats-Msg-Id` (see
@@ -211,7 +206,6 @@ impl JetStreamLog {
         let mut writer = Writer {
             head: Position::ZERO,
             hash: GENESIS,
-            last_id: None,
             keys: HashMap::new(),
             uncertain: std::collections::HashSet::new(),
             stale: true,
@@ -368,8 +362,8 @@ impl EventStore for JetStreamLog {
         self.append_queued(req).await
     }
 
-    /// Queues every append before awaiting any, in order, so the committer pipelines them
-    /// (one group, chained by expected position).
+    /// Queues every append before awaiting any, in order, so the committer takes them as one
+    /// group (one atomic batch, chained by expected position).
     async fn append_all(
         &self,
         requests: Vec<AppendRequest>,
@@ -578,7 +572,6 @@ impl Shared {
                     );
                 }
                 writer.head = position;
-                writer.last_id = None;
                 next += 1;
             }
         }
@@ -587,26 +580,22 @@ impl Shared {
         Ok(())
     }
 
-    /// Encodes `req`'s events after `head`/`hash` and publishes them (one message, or one
-    /// atomic batch for several) without awaiting the ack.
-    async fn publish(
-        &self,
+    /// Encodes `req`'s events chained after `head`/`hash` into `round` (nothing is sent yet).
+    fn stage(
         writer: &mut Writer,
-        head: Position,
-        hash: Hash,
-        prev_id: Option<&str>,
+        round: &mut Round,
+        slot: usize,
         req: &AppendRequest,
-    ) -> Result<(Published, PublishAckFuture), LogError> {
-        let batch = req.events.len() > 1;
+    ) -> Result<(), LogError> {
         if req.events.len() > MAX_ATOMIC {
             return Err(LogError::Encode(format!(
                 "an append of {} events is over JetStream's {MAX_ATOMIC} per atomic batch",
                 req.events.len()
             )));
         }
-        // Encode everything before sending anything, so an encode error sends nothing.
+        // Encode every event before staging any, so an encode error stages nothing.
         let mut payloads = Vec::with_capacity(req.events.len());
-        let (mut position, mut running) = (head, hash);
+        let (mut position, mut running) = (round.head, round.hash);
         for event in &req.events {
             position = position.next();
             encode_event_chained(
@@ -620,45 +609,99 @@ impl Shared {
             running = chain_hash(&running, position, &writer.scratch);
             payloads.push(Bytes::copy_from_slice(&writer.scratch));
         }
-        // The key is the message id, except after an attempt that got no answer: JetStream
-        // silently drops a publish whose id matches one it still holds as "in process" (seen
-        // after a stream leader change: retries unanswered for over a minute). The key index
-        // and the conditional publish keep the append exactly-once without the server's dedupe.
-        let msg_id = match &req.idempotency_key {
-            Some(key) if !writer.uncertain.contains(key) => key.clone(),
-            Some(key) => format!("{key}~{}", uuid::Uuid::new_v4().simple()),
-            None => format!("{}~{}", req.command_id, uuid::Uuid::new_v4().simple()),
-        };
-        let mut messages: Vec<Message> = payloads
-            .into_iter()
-            .map(|payload| (HeaderMap::new(), payload))
-            .collect();
-        if let Some((first, _)) = messages.first_mut() {
-            if let Some(key) = &req.idempotency_key {
-                first.insert(wire::KEY, key.as_str());
-            }
-            first.insert(wire::COUNT, req.events.len().to_string().as_str());
-        }
-        let ids = (!batch).then_some((msg_id.as_str(), prev_id));
-        let wait = self.send(head, messages, ids).await?;
-        let published = Published {
-            first: head.next(),
+        round.appends.push(Staged {
+            slot,
+            first: round.head.next(),
             last: position,
-            hash: running,
-            msg_id: (!batch).then_some(msg_id),
-        };
-        Ok((published, wait))
+            key: req.idempotency_key.clone(),
+            command_id: req.command_id.0.clone(),
+            payloads,
+        });
+        round.head = position;
+        round.hash = running;
+        Ok(())
     }
 
+    /// Publishes a round without awaiting its ack: one message for a lone single-event append,
+    /// one atomic batch (ADR-50) for anything more. Only the first message is conditional, on
+    /// the head the round is chained to.
+    async fn publish(
+        &self,
+        writer: &Writer,
+        round: &Round,
+    ) -> Result<jetstream::context::PublishAckFuture, LogError> {
+        let total: usize = round.appends.iter().map(|a| a.payloads.len()).sum();
+        let batch = total > 1;
+        let batch_id = uuid::Uuid::new_v4().simple().to_string();
+        let mut n = 0usize;
+        let mut wait = None;
+        for append in &round.appends {
+            for (i, payload) in append.payloads.iter().enumerate() {
+                n += 1;
+                let mut headers = HeaderMap::new();
+                if n == 1 {
+                    headers.insert(
+                        wire::EXPECTED_LAST_SEQUENCE,
+                        round.base.0.to_string().as_str(),
+                    );
+                }
+                if i == 0 {
+                    if let Some(key) = &append.key {
+                        headers.insert(wire::KEY, key.as_str());
+                    }
+                    headers.insert(wire::COUNT, append.payloads.len().to_string().as_str());
+                }
+                if batch {
+                    headers.insert(wire::BATCH_ID, batch_id.as_str());
+                    headers.insert(wire::BATCH_SEQUENCE, n.to_string().as_str());
+                } else {
+                    // The key is the message id, except after an attempt that got no answer:
+                    // JetStream silently drops a publish whose id matches one it still holds
+                    // as "in process" (seen after a stream leader change: retries unanswered
+                    // for over a minute). The key index and the conditional publish keep the
+                    // append exactly-once without the server's dedupe.
+                    let msg_id = match &append.key {
+                        Some(key) if !writer.uncertain.contains(key) => key.clone(),
+                        Some(key) => format!("{key}~{}", uuid::Uuid::new_v4().simple()),
+                        None => format!("{}~{}", append.command_id, uuid::Uuid::new_v4().simple()),
+                    };
+                    headers.insert(wire::MSG_ID, msg_id.as_str());
+                }
+                let subject = self.subject.clone();
+                if n == total {
+                    if batch {
+                        headers.insert(wire::BATCH_COMMIT, "1");
+                    }
+                    let message = jetstream::message::PublishMessage::build()
+                        .headers(headers)
+                        .payload(payload.clone());
+                    let ack = self
+                        .js
+                        .send_publish(subject, message)
+                        .await
+                        .map_err(unavailable)?;
+                    wait = Some(ack);
+                } else {
+                    self.client
+                        .publish_with_headers(subject, headers, payload.clone())
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+        }
+        wait.ok_or_else(|| LogError::Encode("a round without events".into()))
+    }
+}
+
+impl Shared {
     /// Publishes `messages` (headers and payload each) right after `head`: one message, or one
-    /// atomic batch for several, the first conditional on `Nats-Expected-Last-Sequence` = `head`;
-    /// a single message also carries `ids`, its `Nats-Msg-Id` and the one it must follow.
-    /// Returns the ack of the last message, not awaited.
+    /// atomic batch for several, the first conditional on `Nats-Expected-Last-Sequence` = `head`
+    /// (an import, [`JetStreamLog::append_verbatim`]). Returns the ack of the last message, not
+    /// awaited.
     async fn send(
         &self,
         head: Position,
         messages: Vec<Message>,
-        ids: Option<(&str, Option<&str>)>,
     ) -> Result<PublishAckFuture, LogError> {
         let batch = messages.len() > 1;
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
@@ -671,11 +714,6 @@ impl Shared {
             if batch {
                 headers.insert(wire::BATCH_ID, batch_id.as_str());
                 headers.insert(wire::BATCH_SEQUENCE, (i + 1).to_string().as_str());
-            } else if let Some((msg_id, prev_id)) = ids {
-                headers.insert(wire::MSG_ID, msg_id);
-                if let Some(prev) = prev_id {
-                    headers.insert(wire::EXPECTED_LAST_MSG_ID, prev);
-                }
             }
             let subject = self.subject.clone();
             if i == last_index {
@@ -698,18 +736,35 @@ impl Shared {
                     .map_err(unavailable)?;
             }
         }
-        wait.ok_or_else(|| LogError::Encode("an append without events".into()))
+        wait.ok_or_else(|| LogError::Encode("an import without entries".into()))
     }
 }
 
-/// One append on the wire, its ack not yet awaited.
-struct Published {
+/// What one round publishes: appends chained after `base`, as one message or one atomic batch.
+struct Round {
+    /// The confirmed head the round is chained to (its only condition).
+    base: Position,
+    /// The head and chain hash after the appends staged so far.
+    head: Position,
+    hash: Hash,
+    appends: Vec<Staged>,
+}
+
+/// One append of a round, encoded.
+struct Staged {
+    /// Its index in the round's jobs.
+    slot: usize,
     first: Position,
     last: Position,
-    /// Chain hash of `last`.
-    hash: Hash,
-    /// The `Nats-Msg-Id` of a single-message append (the next publish may chain to it).
-    msg_id: Option<String>,
+    key: Option<String>,
+    command_id: String,
+    payloads: Vec<Bytes>,
+}
+
+impl Round {
+    fn messages(&self) -> usize {
+        self.appends.iter().map(|a| a.payloads.len()).sum()
+    }
 }
 
 async fn commit_loop(
@@ -788,7 +843,7 @@ async fn import(
                 hash: writer.hash,
             });
         }
-        let wait = match shared.send(writer.head, messages, None).await {
+        let wait = match shared.send(writer.head, messages).await {
             Ok(wait) => wait,
             Err(e) => {
                 // Maybe partly sent (an atomic batch never committed stores nothing).
@@ -803,7 +858,6 @@ async fn import(
             } if seq == last.0 => {
                 writer.head = last;
                 writer.hash = hash;
-                writer.last_id = None;
                 return Ok(AcknowledgedHead {
                     position: last,
                     hash,
@@ -849,6 +903,9 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
             }
             tokio::time::sleep(backoff(round)).await;
         }
+        // Caught up in this round: the writer knows every message the stream held when the
+        // round began, so an expected head beyond its own is not the stream's.
+        let fresh = writer.stale;
         if writer.stale {
             if let Err(e) = shared.catch_up(writer).await {
                 tracing::warn!(stream = %shared.stream, error = %e, "catch-up failed");
@@ -867,7 +924,7 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
                 return;
             }
         }
-        let fates = commit_round(shared, writer, &todo).await;
+        let fates = commit_round(shared, writer, &todo, fresh).await;
         let mut retry = Vec::new();
         let resolved: Vec<Option<AppendOutcome>> = fates
             .iter()
@@ -923,15 +980,30 @@ fn first_of(outcome: &AppendOutcome) -> Position {
     }
 }
 
-/// Publishes what it can of `todo` chained after the writer's head, awaits the acks in order,
-/// and advances the writer over the stored prefix.
-async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec<Fate> {
+/// Publishes what it can of `todo` as one round chained after the writer's head (one message,
+/// or one atomic batch), awaits its ack and advances the writer over it. `fresh`: the writer
+/// caught up with the stream just before this round.
+///
+/// Never `Nats-Expected-Last-Msg-Id`: with two writers pipelining publishes chained by it from
+/// the same head, nats-server 2.15.1 accepted a publish whose expected message id no longer
+/// matched when the message was applied; every replica logged "critical write error: last
+/// msgid mismatch" and the stream answered no publish again (`tests/jetstream_servers.rs`).
+/// One condition per round, on its first message, and an atomic batch for the rest keep a
+/// message stored only right after the one whose chain hash it carries.
+async fn commit_round(
+    shared: &Shared,
+    writer: &mut Writer,
+    todo: &[Job],
+    fresh: bool,
+) -> Vec<Fate> {
     let mut fates: Vec<Fate> = Vec::with_capacity(todo.len());
     let mut in_round: HashMap<&str, usize> = HashMap::new();
-    let (mut head, mut hash) = (writer.head, writer.hash);
-    let mut prev_id = writer.last_id.clone();
-    let mut pending: Vec<(usize, Published)> = Vec::new();
-    let mut waits: Vec<PublishAckFuture> = Vec::new();
+    let mut round = Round {
+        base: writer.head,
+        head: writer.head,
+        hash: writer.hash,
+        appends: Vec::new(),
+    };
     let mut sending = true;
     for (i, job) in todo.iter().enumerate() {
         let req = &job.req;
@@ -952,7 +1024,19 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
                 continue;
             }
         }
+        let head = round.head;
         if let Expected::Head(expected) = req.expected {
+            if expected > head && !fresh {
+                // The caller read a later head than this writer knows: another process
+                // appended since this writer last caught up. The writer is behind, not the
+                // caller: catch up and compare again next round (refusing here would refuse
+                // every retry of the caller's decision too, since nothing else makes this
+                // writer catch up).
+                writer.stale = true;
+                sending = false;
+                fates.push(Fate::Retry);
+                continue;
+            }
             if expected != head {
                 fates.push(Fate::Done(Err(LogError::WrongExpectedPosition {
                     expected,
@@ -968,106 +1052,91 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
             })));
             continue;
         }
-        // An atomic batch cannot chain by message id: it goes first in a round of its own.
-        if req.events.len() > 1 && !pending.is_empty() {
+        // A round is at most one atomic batch: the rest waits for the next round.
+        if !round.appends.is_empty() && round.messages() + req.events.len() > MAX_ATOMIC {
             sending = false;
             fates.push(Fate::Retry);
             continue;
         }
-        match shared
-            .publish(writer, head, hash, prev_id.as_deref(), req)
-            .await
-        {
-            Ok((published, wait)) => {
-                head = published.last;
-                hash = published.hash;
-                prev_id = published.msg_id.clone();
+        match Shared::stage(writer, &mut round, i, req) {
+            Ok(()) => {
                 if let Some(key) = req.idempotency_key.as_deref() {
                     in_round.insert(key, i);
                 }
-                let batch = req.events.len() > 1;
-                pending.push((i, published));
-                waits.push(wait);
                 fates.push(Fate::Retry);
-                if batch {
-                    sending = false;
-                }
             }
-            Err(e @ LogError::Encode(_)) => fates.push(Fate::Done(Err(e))),
-            Err(e) => {
-                // Maybe partly sent: nothing more this round, and catch up before the next.
-                writer.stale = true;
-                fates.push(Fate::Done(Err(e)));
-                sending = false;
-            }
+            Err(e) => fates.push(Fate::Done(Err(e))),
         }
     }
-    // All the acks at once, then in order: each waits at most the timeout from now, so a round
-    // whose acks are lost (its connection went to a node that was killed) is answered after one
-    // timeout. Awaited one by one, each ack's timeout started after the one before it had
-    // expired: 64 pipelined appends stalled the committer for 64 timeouts.
-    let acks = futures_util::future::join_all(waits.into_iter().map(wire::ack)).await;
-    let mut chained = true;
-    for ((i, published), ack) in pending.into_iter().zip(acks) {
-        let fate = match ack {
-            Ack::Stored {
-                seq,
-                duplicate: false,
-            } if seq == published.last.0 => {
-                if chained && !writer.stale {
-                    writer.head = published.last;
-                    writer.hash = published.hash;
-                    writer.last_id = published.msg_id.clone();
-                    if let Some(key) = &todo[i].req.idempotency_key {
-                        writer.uncertain.remove(key);
-                        writer
-                            .keys
-                            .insert(key.clone(), (published.first, published.last));
-                    }
+    if round.appends.is_empty() {
+        return fates;
+    }
+    let answer = match shared.publish(writer, &round).await {
+        Ok(wait) => wire::ack(wait).await,
+        // Maybe partly sent: an atomic batch without its commit stores nothing, a lone message
+        // may be stored. Catch up before the next round.
+        Err(e) => Ack::Unknown(e.to_string()),
+    };
+    let single_key = match round.appends.as_slice() {
+        [only] if only.payloads.len() == 1 => only.key.clone(),
+        _ => None,
+    };
+    match answer {
+        Ack::Stored {
+            seq,
+            duplicate: false,
+        } if seq == round.head.0 => {
+            // The round's first message was conditional on `base` and the rest is one atomic
+            // batch with it: stored right after the writer's head, as chained.
+            writer.head = round.head;
+            writer.hash = round.hash;
+            for append in &round.appends {
+                if let Some(key) = &append.key {
+                    writer.uncertain.remove(key);
+                    writer.keys.insert(key.clone(), (append.first, append.last));
                 }
-                Fate::Done(Ok(AppendOutcome::Appended {
-                    first: published.first,
-                    last: published.last,
-                }))
+                fates[append.slot] = Fate::Done(Ok(AppendOutcome::Appended {
+                    first: append.first,
+                    last: append.last,
+                }));
             }
-            Ack::Stored {
-                seq,
-                duplicate: true,
-            } => {
-                // Another writer used the key within the dedupe window; the index will see it.
-                chained = false;
-                writer.stale = true;
-                let count = todo[i].req.events.len() as u64;
-                Fate::Done(Ok(AppendOutcome::AlreadyAppended {
+        }
+        Ack::Stored {
+            seq,
+            duplicate: true,
+        } => {
+            // A lone message whose key another writer used within the dedupe window; the index
+            // will see it.
+            writer.stale = true;
+            for append in &round.appends {
+                let count = append.payloads.len() as u64;
+                fates[append.slot] = Fate::Done(Ok(AppendOutcome::AlreadyAppended {
                     first: Position(seq + 1 - count.min(seq)),
                     last: Position(seq),
-                }))
+                }));
             }
-            Ack::Stored { seq, .. } => {
-                chained = false;
-                writer.stale = true;
-                Fate::Done(Err(LogError::Unavailable(format!(
+        }
+        Ack::Stored { seq, .. } => {
+            writer.stale = true;
+            for append in &round.appends {
+                fates[append.slot] = Fate::Done(Err(LogError::Unavailable(format!(
                     "stored at {seq}, expected {}",
-                    published.last
-                ))))
+                    round.head
+                ))));
             }
-            Ack::Refused(reason) => {
-                tracing::debug!(stream = %shared.stream, %reason, "publish refused; catching up");
-                chained = false;
-                writer.stale = true;
-                Fate::Retry
+        }
+        Ack::Refused(reason) => {
+            tracing::debug!(stream = %shared.stream, %reason, "publish refused; catching up");
+            writer.stale = true;
+        }
+        Ack::Unknown(reason) => {
+            writer.stale = true;
+            if let Some(key) = single_key {
+                writer.uncertain.insert(key);
             }
-            Ack::Unknown(reason) => {
-                chained = false;
-                writer.stale = true;
-                if let Some(key) = &todo[i].req.idempotency_key {
-                    writer.uncertain.insert(key.clone());
-                }
-                Fate::Done(Err(LogError::Unavailable(reason)))
+            for append in &round.appends {
+                fates[append.slot] = Fate::Done(Err(LogError::Unavailable(reason.clone())));
             }
-        };
-        if let Some(slot) = fates.get_mut(i) {
-            *slot = fate;
         }
     }
     fates

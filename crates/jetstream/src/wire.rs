@@ -17,9 +17,6 @@ use futures_util::StreamExt;
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
 /// Optimistic concurrency: stored only if the stream's last sequence is this.
 pub(crate) const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
-/// Stored only if the stream's last message carries this `Nats-Msg-Id`: chains pipelined
-/// publishes to each other (see `log.rs`).
-pub(crate) const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
 /// Atomic batch publish (ADR-50, nats-server 2.12+).
 pub(crate) const BATCH_ID: &str = "Nats-Batch-Id";
 pub(crate) const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
