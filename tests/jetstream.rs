@@ -949,6 +949,42 @@ async fn cli_on_a_nats_store_shares_one_log_between_data_dirs() {
     );
     assert_eq!(exported[0], exported[1]);
 
+    // Issue 11, "moving a store: `export` from sled and `import` into JetStream (and back) give
+    // the same `verify` head": the stream's export into a sled data dir, that store's export
+    // into a new project space's stream.
+    let from_stream = tmp.path().join("from-stream.jsonl");
+    std::fs::write(&from_stream, &exported[0]).expect("write the export");
+    let on_sled = tmp.path().join("sled");
+    let from = from_stream.to_str().expect("utf-8");
+    cli_ok("sled", &on_sled, "cli", &["import", from]);
+    let verified = cli_ok("sled", &on_sled, "cli", &["verify"]);
+    assert_eq!(verified["head"], stream.head.0, "{verified}");
+    assert_eq!(verified["head_hash"], hex.as_str(), "{verified}");
+    let out = cli("sled", &on_sled, "cli", &["export"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        out.stdout, exported[0],
+        "sled exports the lines it imported"
+    );
+    let from_sled = tmp.path().join("from-sled.jsonl");
+    std::fs::write(&from_sled, &out.stdout).expect("write the export");
+    let from = from_sled.to_str().expect("utf-8");
+    let moved = tmp.path().join("moved");
+    let imported = cli_ok(&store, &moved, "moved", &["import", from]);
+    assert_eq!(imported["head_hash"], hex.as_str(), "{imported}");
+    let verified = cli_ok(&store, &moved, "moved", &["verify"]);
+    assert_eq!(verified["stream"]["name"], "CASELEDGER_moved", "{verified}");
+    assert_eq!(verified["stream"]["head"], stream.head.0, "{verified}");
+    assert_eq!(verified["stream"]["head_hash"], hex.as_str(), "{verified}");
+    assert_eq!(verified["head_hash"], hex.as_str(), "{verified}");
+    let case = cli_ok(&store, &moved, "moved", &["case", "show", case_id]);
+    assert_eq!(case["user_id"], "u-maria", "{case}");
+    // A stream cannot take an import over what it holds.
+    let again = cli(&store, &moved, "moved", &["import", from]);
+    assert_eq!(again.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("already holds"), "{stderr}");
+
     // The stream deleted and created again with other entries: the replica in A is not a copy
     // of it, which `verify` reports as damage (exit 3), naming the position.
     let client = async_nats::connect(cluster.url_list())
