@@ -604,17 +604,12 @@ async fn run(cli: Cli) -> Result<u8> {
     // On a JetStream cluster the data dir holds this process's replica: the same commands run
     // on it once it has pulled what the stream holds.
     let cluster = cli.store.jetstream();
-    if cluster.is_some() {
-        match cli.command {
-            Cmd::Demo => {
-                return Err(fail(
-                    Code::Usage,
-                    "demo runs in a fresh sled data dir only; drop --store (or unset \
-                     $CASELEDGER_STORE)",
-                ))
-            }
-            _ => {}
-        }
+    if cluster.is_some() && matches!(cli.command, Cmd::Demo) {
+        return Err(fail(
+            Code::Usage,
+            "demo runs in a fresh sled data dir only; drop --store (or unset \
+             $CASELEDGER_STORE)",
+        ));
     }
     if !cli.command.may_create_store() {
         match &cluster {
