@@ -549,7 +549,7 @@ fn build(
     })
 }
 
-/// The lines of an export, checked ([`LineChecker`]) and handed out in batches of verbatim
+/// The lines of an export, checked (each against the chain and its own envelope) and handed out in batches of verbatim
 /// entries, in position order: what `import` writes to its sink (the scratch sled log; a
 /// JetStream stream's verbatim append once it has one).
 ///
