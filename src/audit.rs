@@ -1,9 +1,12 @@
 //! `verify`, `export` and `import`: the auditor's view of the log (docs/AUDIT.md).
 //!
-//! - [`verify`] walks the log's hash chain from a position and checks the acknowledged head.
-//! - [`export`] writes one JSON line per event ([`export_line`]), deterministic bytes.
+//! - [`verify`] walks the log's hash chain from a position and checks the acknowledged head;
+//!   [`verify_replica`] checks a replica's copy and that it holds its upstream's head.
+//! - [`export`] writes one JSON line per event ([`export_line`]), deterministic bytes;
+//!   [`export_log`] does it for an open log (a replica's).
 //! - [`import`] rebuilds an empty data dir from an export, checking every line against the
-//!   chain and against its own envelope, in a scratch directory renamed into place at the end.
+//!   chain and against its own envelope ([`ImportBatches`] hands the checked lines to the
+//!   sink), in a scratch directory renamed into place at the end.
 //!
 //! What must hold: an export line is a pure function of (position, previous hash, envelope
 //! bytes), so export → import → export gives the same bytes; import takes a line only if it is
@@ -48,6 +51,14 @@ pub enum AuditError {
     /// `import` needs an empty (or missing) data directory.
     #[error("{0} is not empty: import only rebuilds an empty data dir")]
     NotEmpty(PathBuf),
+    /// `import` into a JetStream cluster needs the project space's stream to be empty.
+    #[error("the stream {stream} already holds {head} events: import only fills a new project space's stream")]
+    StreamNotEmpty {
+        /// The stream's name.
+        stream: String,
+        /// Its last position.
+        head: u64,
+    },
     /// There is no store in the data directory.
     #[error("no store in {0}")]
     NoStore(PathBuf),
@@ -177,6 +188,74 @@ pub fn verify(dir: &Path, domain: &DomainName, from: Position) -> Result<VerifyR
     })
 }
 
+/// `verify` of a replica (`Engine::open_replica`) against its upstream log: checks the replica's
+/// log from `from` to its head as [`verify`] does, then that it holds the upstream's verified
+/// head with the same hash. The replica is pulled after the upstream was verified, so it may be
+/// ahead (another process appended since); it is compared at the upstream's head then.
+///
+/// # Errors
+/// [`AuditError::Damaged`] at the first bad position of the replica, or at the upstream's head
+/// when the replica does not reach it or hashes it differently.
+pub fn verify_replica(
+    log: &SledLog,
+    from: Position,
+    upstream: &eventlog::Verified,
+) -> Result<VerifyReport, AuditError> {
+    let verified = log.verify(from)?;
+    let at = upstream.head;
+    if verified.head < at {
+        return Err(AuditError::Damaged {
+            position: at.0,
+            reason: format!(
+                "the local replica ends at position {}, before the stream's head {at}",
+                verified.head
+            ),
+        });
+    }
+    let ours = if verified.head == at {
+        verified.head_hash
+    } else {
+        hash_at(log, at)?
+    };
+    if ours != upstream.head_hash {
+        return Err(AuditError::Damaged {
+            position: at.0,
+            reason: format!(
+                "the local replica hashes position {at} to {}, the stream to {}",
+                to_hex(&ours),
+                to_hex(&upstream.head_hash)
+            ),
+        });
+    }
+    Ok(VerifyReport {
+        verified,
+        acknowledged: None,
+    })
+}
+
+/// The chain hash of `log` at `at` (its stored previous hash taken on trust).
+fn hash_at(log: &SledLog, at: Position) -> Result<Hash, AuditError> {
+    if at == Position::ZERO {
+        return Ok(GENESIS);
+    }
+    match log.chain_from(at)?.next() {
+        Some(entry) => {
+            let entry = entry?;
+            if entry.position == at {
+                return Ok(entry.hash);
+            }
+            Err(AuditError::Damaged {
+                position: at.0,
+                reason: format!("the log holds position {} there", entry.position),
+            })
+        }
+        None => Err(AuditError::Damaged {
+            position: at.0,
+            reason: "missing from the local replica".into(),
+        }),
+    }
+}
+
 /// Writes the events `from..=to` (to the head when `to` is `None`) as JSON lines to `out`, each
 /// checked against the chain as it is read. Refuses a log that lost acknowledged entries before
 /// writing anything. Returns how many lines were written.
@@ -195,28 +274,42 @@ pub fn export(
         if let Some(acked) = read_head_file(dir, domain)? {
             log.check_acknowledged(acked)?;
         }
-        let to = to.unwrap_or(Position(u64::MAX));
-        let mut lines = 0;
-        for entry in log.chain_from(from)? {
-            let entry = entry?;
-            if entry.position > to {
-                break;
-            }
-            let event = entry.decode()?;
-            let raw = match event.event.form_record() {
-                Some(form) if form.raw.is_detached() => Some(log.raw_bytes(entry.position, form)?),
-                _ => None,
-            };
-            let mut line = export_line(&entry, &event, raw.as_deref());
-            line.push('\n');
-            out.write_all(line.as_bytes())
-                .map_err(|e| AuditError::Io("writing the export".into(), e))?;
-            lines += 1;
-        }
-        out.flush()
-            .map_err(|e| AuditError::Io("writing the export".into(), e))?;
-        Ok(lines)
+        export_log(log, from, to, out)
     })
+}
+
+/// [`export`] of an open log (a replica's, which keeps no acknowledged head of its own): the
+/// events `from..=to` as JSON lines, each checked against the chain as it is read.
+///
+/// # Errors
+/// As [`export`].
+pub fn export_log(
+    log: &SledLog,
+    from: Position,
+    to: Option<Position>,
+    out: &mut dyn Write,
+) -> Result<u64, AuditError> {
+    let to = to.unwrap_or(Position(u64::MAX));
+    let mut lines = 0;
+    for entry in log.chain_from(from)? {
+        let entry = entry?;
+        if entry.position > to {
+            break;
+        }
+        let event = entry.decode()?;
+        let raw = match event.event.form_record() {
+            Some(form) if form.raw.is_detached() => Some(log.raw_bytes(entry.position, form)?),
+            _ => None,
+        };
+        let mut line = export_line(&entry, &event, raw.as_deref());
+        line.push('\n');
+        out.write_all(line.as_bytes())
+            .map_err(|e| AuditError::Io("writing the export".into(), e))?;
+        lines += 1;
+    }
+    out.flush()
+        .map_err(|e| AuditError::Io("writing the export".into(), e))?;
+    Ok(lines)
 }
 
 /// One export line (without its newline): a JSON object with sorted keys,
@@ -365,6 +458,64 @@ pub fn import(
     Ok(report)
 }
 
+/// Imports the export in `file` into `stream`, which must be empty: reads the whole export once
+/// to check every line and the expected head (a stream cannot take back what it stored, and
+/// denies deletes), then again to append it verbatim, in atomic batches each conditional on the
+/// stream's head. Returns the head, the stream's now.
+///
+/// # Errors
+/// [`AuditError::StreamNotEmpty`] (nothing is read); [`AuditError::Refused`] naming the first
+/// bad line, or an export that does not end at `expect_head` (nothing is appended);
+/// [`AuditError::Io`]; [`AuditError::Log`] when the cluster refuses or is unavailable (batches
+/// before it are in the stream: the stream then holds a prefix of the export, which `verify`
+/// shows and a second import refuses).
+pub async fn import_into_stream(
+    file: &Path,
+    stream: &jetstream::JetStreamLog,
+    expect_head: Option<Hash>,
+) -> Result<ImportReport, AuditError> {
+    use eventlog::EventStore;
+    let head = stream.head().await.map_err(AuditError::Log)?;
+    if head != Position::ZERO {
+        return Err(AuditError::StreamNotEmpty {
+            stream: stream.stream_name().to_owned(),
+            head: head.0,
+        });
+    }
+    let open = || -> Result<ImportBatches<std::io::BufReader<std::fs::File>>, AuditError> {
+        let input =
+            std::fs::File::open(file).map_err(|e| AuditError::Io(file.display().to_string(), e))?;
+        Ok(ImportBatches::new(std::io::BufReader::new(input)))
+    };
+    let mut checking = open()?;
+    while checking.next_batch()?.is_some() {}
+    let checked = checking.finish(expect_head)?;
+    let mut batches = open()?;
+    while let Some(batch) = batches.next_batch()? {
+        for chunk in batch.chunks(STREAM_BATCH) {
+            stream
+                .append_verbatim(chunk)
+                .await
+                .map_err(AuditError::Log)?;
+        }
+    }
+    let head = batches.finish(expect_head)?;
+    if head != checked {
+        return Err(AuditError::Refused {
+            line: usize::try_from(head.position.0).unwrap_or(usize::MAX),
+            position: head.position.0,
+            reason: "the export changed while it was imported".into(),
+        });
+    }
+    Ok(ImportReport {
+        events: head.position.0,
+        head,
+    })
+}
+
+/// Entries per verbatim append into a stream (JetStream's atomic batches hold 1000 at most).
+const STREAM_BATCH: usize = 500;
+
 /// Writes the checked lines into a fresh store in `scratch`, then opens the engine there once so
 /// that the projections are rebuilt and the acknowledged head is recorded.
 fn build(
@@ -380,60 +531,12 @@ fn build(
             .map_err(|e| AuditError::Log(LogError::Storage(e)))?;
         let log = SledLog::open(&db, domain, LogConfig::default())?;
         log.store_raw_in(&raw_dir(scratch), true)?;
-        let mut checker = LineChecker {
-            position: Position::ZERO,
-            hash: GENESIS,
-        };
-        let mut batch = Vec::with_capacity(IMPORT_BATCH);
-        let mut blank = None;
-        let mut input = input;
-        let mut index = 0usize;
-        while let Some(line) = next_line(&mut input, MAX_LINE).map_err(|e| match e {
-            LineError::Io(e) => AuditError::Io("reading the export".into(), e),
-            LineError::TooLong => AuditError::Refused {
-                line: index + 1,
-                position: checker.position.0 + 1,
-                reason: format!("a line over {MAX_LINE} bytes: not an export line"),
-            },
-        })? {
-            index += 1;
-            let index = index - 1;
-            if let Some(at) = blank {
-                return Err(AuditError::Refused {
-                    line: at,
-                    position: checker.position.0 + 1,
-                    reason: "empty line".into(),
-                });
-            }
-            if line.is_empty() {
-                // Only the end of the file may be empty (after the last newline).
-                blank = Some(index + 1);
-                continue;
-            }
-            let (envelope, raw) = checker.check(index + 1, &line)?;
-            batch.push(VerbatimEntry {
-                position: checker.position,
-                envelope,
-                raw,
-            });
-            if batch.len() == IMPORT_BATCH {
-                write_batch(&log, &mut batch)?;
-            }
+        let mut batches = ImportBatches::new(input);
+        while let Some(batch) = batches.next_batch()? {
+            log.append_verbatim(&batch)?;
         }
-        write_batch(&log, &mut batch)?;
-        if let Some(expected) = expect_head {
-            if expected != checker.hash {
-                return Err(AuditError::Refused {
-                    line: usize::try_from(checker.position.0).unwrap_or(usize::MAX),
-                    position: checker.position.0,
-                    reason: format!(
-                        "the export ends at hash {}, not the expected head {}",
-                        to_hex(&checker.hash),
-                        to_hex(&expected)
-                    ),
-                });
-            }
-        }
+        // The scratch store is thrown away when the export does not end at the expected head.
+        batches.finish(expect_head)?;
         log.flush_blocking()?;
         log.head_hash()
     };
@@ -446,12 +549,99 @@ fn build(
     })
 }
 
-fn write_batch(log: &SledLog, batch: &mut Vec<VerbatimEntry>) -> Result<(), AuditError> {
-    if !batch.is_empty() {
-        log.append_verbatim(batch)?;
-        batch.clear();
+/// The lines of an export, checked (each against the chain and its own envelope) and handed out in batches of verbatim
+/// entries, in position order: what `import` writes to its sink (the scratch sled log; a
+/// JetStream stream's verbatim append once it has one).
+///
+/// A sink that cannot throw its writes away (a stream) should read the export once without
+/// writing, so that a refused line or a wrong head is found before anything is stored.
+pub struct ImportBatches<R> {
+    input: R,
+    checker: LineChecker,
+    /// Lines read so far.
+    lines: usize,
+    /// The line number of an empty line, refused unless it is the last.
+    blank: Option<usize>,
+}
+
+impl<R: BufRead> ImportBatches<R> {
+    /// Reads the export `input` from its first line.
+    pub fn new(input: R) -> Self {
+        ImportBatches {
+            input,
+            checker: LineChecker {
+                position: Position::ZERO,
+                hash: GENESIS,
+            },
+            lines: 0,
+            blank: None,
+        }
     }
-    Ok(())
+
+    /// The next checked entries, at most 1024 of them; `None` after the last line.
+    ///
+    /// # Errors
+    /// [`AuditError::Refused`] naming the first bad line (nothing of its batch is handed out);
+    /// [`AuditError::Io`] when reading fails.
+    pub fn next_batch(&mut self) -> Result<Option<Vec<VerbatimEntry>>, AuditError> {
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        while batch.len() < IMPORT_BATCH {
+            let line = next_line(&mut self.input, MAX_LINE).map_err(|e| match e {
+                LineError::Io(e) => AuditError::Io("reading the export".into(), e),
+                LineError::TooLong => AuditError::Refused {
+                    line: self.lines + 1,
+                    position: self.checker.position.0 + 1,
+                    reason: format!("a line over {MAX_LINE} bytes: not an export line"),
+                },
+            })?;
+            let Some(line) = line else {
+                break;
+            };
+            self.lines += 1;
+            if let Some(at) = self.blank {
+                return Err(AuditError::Refused {
+                    line: at,
+                    position: self.checker.position.0 + 1,
+                    reason: "empty line".into(),
+                });
+            }
+            if line.is_empty() {
+                // Only the end of the file may be empty (after the last newline).
+                self.blank = Some(self.lines);
+                continue;
+            }
+            let (envelope, raw) = self.checker.check(self.lines, &line)?;
+            batch.push(VerbatimEntry {
+                position: self.checker.position,
+                envelope,
+                raw,
+            });
+        }
+        Ok((!batch.is_empty()).then_some(batch))
+    }
+
+    /// After the last batch: the export's head (its last position and hash), refused unless it
+    /// is `expect_head` when one is given.
+    ///
+    /// # Errors
+    /// [`AuditError::Refused`] when the head is not the expected one.
+    pub fn finish(self, expect_head: Option<Hash>) -> Result<AcknowledgedHead, AuditError> {
+        let LineChecker { position, hash } = self.checker;
+        if let Some(expected) = expect_head {
+            if expected != hash {
+                return Err(AuditError::Refused {
+                    line: usize::try_from(position.0).unwrap_or(usize::MAX),
+                    position: position.0,
+                    reason: format!(
+                        "the export ends at hash {}, not the expected head {}",
+                        to_hex(&hash),
+                        to_hex(&expected)
+                    ),
+                });
+            }
+        }
+        Ok(AcknowledgedHead { position, hash })
+    }
 }
 
 /// The longest export line `import` reads: a form's raw bytes are capped at 64 MiB on input

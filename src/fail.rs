@@ -2,7 +2,7 @@
 //! `{"error":{"code":"…","message":"…"}}` on stderr, with a stable code (`docs/CLI.md`).
 //!
 //! What must hold: the exit status is the documented one whatever the code (1 for usage, IO,
-//! unknown ids and a store that is missing or held; 3 for damage or a refused export found by
+//! unknown ids, a store that is missing or held and a JetStream cluster that does not answer; 3 for damage or a refused export found by
 //! `verify`, `export` or `import`), and a closed stdout (`caseledger log | head -1`) is not a
 //! failure: the command ends quietly with status 0.
 
@@ -34,6 +34,8 @@ pub(crate) enum Code {
     NoStore,
     /// Another process holds the store.
     StoreLocked,
+    /// The JetStream cluster of `--store` cannot be reached, or did not answer in time.
+    Unavailable,
     /// The store or the export is damaged.
     Damaged,
     /// `import` refused an export line, or an export that does not end at `--head`.
@@ -57,6 +59,7 @@ impl Code {
             Code::TooLarge => "too_large",
             Code::NoStore => "no_store",
             Code::StoreLocked => "store_locked",
+            Code::Unavailable => "unavailable",
             Code::Damaged => "damaged",
             Code::Refused => "refused",
             Code::Io => "io",
@@ -156,6 +159,10 @@ fn classify(cause: &(dyn std::error::Error + 'static)) -> Option<(Code, u8)> {
     if let Some(e) = cause.downcast_ref::<CommandError>() {
         return Some((command(e), 1));
     }
+    // The JetStream log's own errors (`--store nats://…`): reaching the cluster, or its stream.
+    if let Some(e) = cause.downcast_ref::<LogError>() {
+        return Some((log(e), 1));
+    }
     if cause.downcast_ref::<std::io::Error>().is_some() {
         return Some((Code::Io, 1));
     }
@@ -194,6 +201,7 @@ fn log(e: &LogError) -> Code {
         LogError::Corrupt { .. } | LogError::UnsupportedEnvelope { .. } => Code::Damaged,
         LogError::Storage(sled::Error::Corruption { .. }) => Code::Damaged,
         LogError::Storage(sled::Error::Io(_)) => Code::Io,
+        LogError::Unavailable(_) => Code::Unavailable,
         _ => Code::Internal,
     }
 }
@@ -205,7 +213,7 @@ fn audit(e: &AuditError) -> (Code, u8) {
             (Code::Damaged, 3)
         }
         AuditError::Refused { .. } => (Code::Refused, 3),
-        AuditError::NotEmpty(_) => (Code::InvalidInput, 1),
+        AuditError::NotEmpty(_) | AuditError::StreamNotEmpty { .. } => (Code::InvalidInput, 1),
         AuditError::NoStore(_) => (Code::NoStore, 1),
         AuditError::Io(..) => (Code::Io, 1),
         AuditError::Log(l) => (log(l), 1),

@@ -19,6 +19,7 @@ mod credentials;
 mod datadir;
 mod fail;
 mod serve;
+mod store;
 mod submit;
 mod table;
 mod travel;
@@ -26,9 +27,10 @@ mod travel;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Result;
-use caseledger::domain::{AppId, CaseId, Command, FormId, GroupId, Position, UserId};
+use caseledger::domain::{AppId, CaseId, Command, DomainName, FormId, GroupId, Position, UserId};
 use caseledger::{view, Engine, EngineConfig, EngineError, Request, SubmitStatus, UpgradeStatus};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -49,7 +51,8 @@ Exit status: 0 done (duplicates included), 2 a submission was rejected (it is st
 Examples:
   caseledger --data /tmp/cl user create --id u-maria --username maria
   caseledger --data /tmp/cl --json cases --user u-maria
-  CASELEDGER_DATA=/tmp/cl caseledger log --limit 20"
+  CASELEDGER_DATA=/tmp/cl caseledger log --limit 20
+  caseledger --store nats://127.0.0.1:5222,127.0.0.1:5223 --data /tmp/replica cases --user u-maria"
 )]
 struct Cli {
     /// Data directory (default: $CASELEDGER_DATA, else ./caseledger-data).
@@ -60,6 +63,16 @@ struct Cli {
         default_value = "caseledger-data"
     )]
     data: PathBuf,
+    /// Where the log is: sled (the store in --data) or nats://HOST:PORT[,HOST:PORT...], a
+    /// JetStream cluster, when --data holds only this process's replica and projections.
+    #[arg(
+        long,
+        global = true,
+        env = "CASELEDGER_STORE",
+        default_value = "sled",
+        value_parser = store::parse
+    )]
+    store: store::Store,
     /// Project space.
     #[arg(long, global = true, default_value = "demo")]
     domain: String,
@@ -277,7 +290,8 @@ Examples:
         #[arg(long)]
         since: Option<String>,
     },
-    /// Run the seed's case-sharing stories in a fresh data dir and show what each user sees.
+    /// Run the seed's case-sharing stories in a fresh data dir and show what each user sees
+    /// (sled only: not with --store nats://).
     #[command(after_help = "\
 Examples:
   caseledger demo
@@ -586,12 +600,31 @@ pub(crate) fn print_line(line: &str) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
+    let domain = DomainName::from(cli.domain.as_str());
+    // On a JetStream cluster the data dir holds this process's replica: the same commands run
+    // on it once it has pulled what the stream holds.
+    let cluster = cli.store.jetstream();
+    if cluster.is_some() && matches!(cli.command, Cmd::Demo) {
+        return Err(fail(
+            Code::Usage,
+            "demo runs in a fresh sled data dir only; drop --store (or unset \
+             $CASELEDGER_STORE)",
+        ));
+    }
     if !cli.command.may_create_store() {
-        datadir::require_store(&cli.data)?;
+        match &cluster {
+            None => datadir::require_store(&cli.data)?,
+            // The server serves every project space of the cluster: no one stream to require.
+            Some(_) if matches!(cli.command, Cmd::Serve(_)) => {}
+            Some(cluster) => store::require_stream(cluster, &domain).await?,
+        }
     }
     if let Cmd::Serve(args) = &cli.command {
+        if cluster.is_some() {
+            store::data_dir(&cli.data)?;
+        }
         datadir::require_free(&cli.data)?;
-        return serve::run(&cli.data, args, None);
+        return serve::run(&cli.data, args, cluster);
     }
     if let Cmd::Demo = cli.command {
         return caseledger::demo::run(&cli.data).await.map(|()| 0);
@@ -608,20 +641,34 @@ async fn run(cli: Cli) -> Result<u8> {
     if !matches!(cli.command, Cmd::Import { .. }) {
         datadir::require_free(&cli.data)?;
     }
-    if matches!(
+    let audits = matches!(
         cli.command,
         Cmd::Verify { .. } | Cmd::Export { .. } | Cmd::Import { .. }
-    ) {
-        return audit(&cli);
-    }
-    // The log alone: nothing derived from it (projections) can keep anyone from reading it.
-    if let Cmd::Log { from, limit } = cli.command {
-        let log = Engine::open_log(&cli.data, &cli.domain.as_str().into(), &config)
-            .map_err(|e| opening(&cli, e))?;
-        return print_log(&log, &cli, from, limit);
-    }
-    let engine = Engine::open(&cli.data, &cli.domain.as_str().into(), config)
-        .map_err(|e| opening(&cli, e))?;
+    );
+    let engine = match &cluster {
+        None => {
+            if audits {
+                return audit(&cli, None).await;
+            }
+            // The log alone: nothing derived from it (projections) can keep anyone from reading it.
+            if let Cmd::Log { from, limit } = cli.command {
+                let log =
+                    Engine::open_log(&cli.data, &domain, &config).map_err(|e| opening(&cli, e))?;
+                return print_log(&log, &cli, from, limit);
+            }
+            Engine::open(&cli.data, &domain, config).map_err(|e| opening(&cli, e))?
+        }
+        Some(cluster) => {
+            let upstream = store::connect(cluster, &domain).await?;
+            store::data_dir(&cli.data)?;
+            if audits {
+                return audit(&cli, Some((&upstream, config))).await;
+            }
+            open_replica(&cli, &upstream, config)
+                .await
+                .map_err(|e| opening(&cli, e))?
+        }
+    };
     // A one-shot command answers from projections folded by other rules rather than rebuild
     // them first (they read; a rebuild can take minutes): say so, and what rebuilds them.
     if let UpgradeStatus::Needed { stored, current } = engine.upgrade_status() {
@@ -645,6 +692,17 @@ async fn run(cli: Cli) -> Result<u8> {
     let code = result?;
     engine.flush()?;
     Ok(code)
+}
+
+/// Opens the replica of `upstream` in the data dir (which must exist: [`store::data_dir`]); it
+/// pulls what the stream holds before it returns.
+async fn open_replica(
+    cli: &Cli,
+    upstream: &Arc<jetstream::JetStreamLog>,
+    config: EngineConfig,
+) -> Result<Engine, EngineError> {
+    let store: Arc<dyn caseledger::eventlog::EventStore> = upstream.clone();
+    Engine::open_replica(&cli.data, &cli.domain.as_str().into(), config, store).await
 }
 
 /// An error opening the store: a lock taken since the probe names its holder too.
@@ -928,32 +986,66 @@ async fn dispatch(engine: &Engine, cli: &Cli) -> Result<u8> {
     }
 }
 
-/// `verify`, `export`, `import`: on the log alone, without opening the engine (exit 3: damage
-/// or a refused export).
-fn audit(cli: &Cli) -> Result<u8> {
+/// `verify`, `export`, `import`: on the log alone, without opening the engine; on a JetStream
+/// cluster (`upstream`), on the replica after it pulled, `verify` checking the stream too
+/// (exit 3: damage or a refused export).
+async fn audit(
+    cli: &Cli,
+    upstream: Option<(&Arc<jetstream::JetStreamLog>, EngineConfig)>,
+) -> Result<u8> {
     use caseledger::audit::{self, AuditError};
     use caseledger::eventlog::chain::to_hex;
     enum Done {
-        Verified(audit::VerifyReport),
+        /// The log's report, and on a cluster the stream's name and report.
+        Verified(
+            audit::VerifyReport,
+            Option<(String, caseledger::eventlog::Verified)>,
+        ),
         Exported,
         Imported(audit::ImportReport),
     }
     let domain = cli.domain.as_str().into();
-    let result = match &cli.command {
-        Cmd::Verify { from } => {
-            audit::verify(&cli.data, &domain, Position(*from)).map(Done::Verified)
+    let result: Result<Done> = match (&cli.command, upstream) {
+        (Cmd::Verify { from }, None) => audit::verify(&cli.data, &domain, Position(*from))
+            .map(|r| Done::Verified(r, None))
+            .map_err(Into::into),
+        (Cmd::Verify { from }, Some((up, config))) => {
+            verify_replica(cli, up, config, Position(*from))
+                .await
+                .map(|(r, stream)| Done::Verified(r, Some(stream)))
         }
-        Cmd::Export {
-            format: ExportFormat::Jsonl,
-            from,
-            to,
-        } => {
-            let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+        (
+            Cmd::Export {
+                format: ExportFormat::Jsonl,
+                from,
+                to,
+            },
+            up,
+        ) => {
             let from = Position(*from);
-            audit::export(&cli.data, &domain, from, to.map(Position), &mut stdout)
-                .map(|_| Done::Exported)
+            let to = to.map(Position);
+            match up {
+                None => {
+                    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+                    audit::export(&cli.data, &domain, from, to, &mut stdout)
+                        .map(|_| Done::Exported)
+                        .map_err(Into::into)
+                }
+                Some((up, config)) => match open_audited(cli, up, config).await {
+                    Ok(engine) => {
+                        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+                        let exported = audit::export_log(engine.log(), from, to, &mut stdout);
+                        drop(stdout);
+                        exported
+                            .map_err(anyhow::Error::from)
+                            .and_then(|_| Ok(engine.flush()?))
+                            .map(|()| Done::Exported)
+                    }
+                    Err(e) => Err(e),
+                },
+            }
         }
-        Cmd::Import { file, head } => {
+        (Cmd::Import { file, head }, None) => {
             let head = head
                 .as_deref()
                 .map(|h| {
@@ -961,13 +1053,50 @@ fn audit(cli: &Cli) -> Result<u8> {
                         .ok_or_else(|| fail(Code::InvalidInput, "--head wants 64 hex digits"))
                 })
                 .transpose()?;
-            audit::import(file, &cli.data, &domain, head).map(Done::Imported)
+            audit::import(file, &cli.data, &domain, head)
+                .map(Done::Imported)
+                .map_err(Into::into)
+        }
+        (Cmd::Import { file, head }, Some((up, config))) => {
+            let head = head
+                .as_deref()
+                .map(|h| {
+                    audit::parse_head(h)
+                        .ok_or_else(|| fail(Code::InvalidInput, "--head wants 64 hex digits"))
+                })
+                .transpose()?;
+            match audit::import_into_stream(file, up, head).await {
+                // The replica copies and folds what was imported.
+                Ok(report) => match open_audited(cli, up, config).await {
+                    Ok(engine) => engine
+                        .flush()
+                        .map(|()| Done::Imported(report))
+                        .map_err(Into::into),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.into()),
+            }
         }
         _ => Ok(Done::Exported),
     };
     match result {
-        Ok(Done::Verified(r)) if cli.json => out(&r.to_json())?,
-        Ok(Done::Verified(r)) => {
+        Ok(Done::Verified(r, stream)) if cli.json => {
+            let mut value = r.to_json();
+            if let (Some((name, s)), Some(fields)) = (stream, value.as_object_mut()) {
+                fields.insert(
+                    "stream".into(),
+                    json!({
+                        "name": name,
+                        "head": s.head.0,
+                        "head_hash": to_hex(&s.head_hash),
+                        "entries": s.entries,
+                        "bytes": s.bytes,
+                    }),
+                );
+            }
+            out(&value)?;
+        }
+        Ok(Done::Verified(r, stream)) => {
             let v = &r.verified;
             print_line(&format!(
                 "ok: {} entries checked from position {} ({} unchained)",
@@ -976,6 +1105,14 @@ fn audit(cli: &Cli) -> Result<u8> {
             print_line(&format!("head {} {}", v.head, to_hex(&v.head_hash)))?;
             if let Some(a) = r.acknowledged {
                 print_line(&format!("acknowledged {} {}", a.position, to_hex(&a.hash)))?;
+            }
+            if let Some((name, s)) = stream {
+                print_line(&format!(
+                    "stream {name}: {} entries checked; head {} {}",
+                    s.entries,
+                    s.head,
+                    to_hex(&s.head_hash)
+                ))?;
             }
         }
         Ok(Done::Exported) => {}
@@ -992,20 +1129,61 @@ fn audit(cli: &Cli) -> Result<u8> {
             r.head.position,
             to_hex(&r.head.hash)
         ))?,
-        Err(e) if e.is_damage() => {
-            if cli.json && matches!(cli.command, Cmd::Verify { .. }) {
-                let position = match &e {
+        Err(e) => {
+            let damage = e.downcast_ref::<AuditError>().filter(|a| a.is_damage());
+            if let (Some(a), true) = (
+                damage,
+                cli.json && matches!(cli.command, Cmd::Verify { .. }),
+            ) {
+                let position = match a {
                     AuditError::Damaged { position, .. } => Some(*position),
                     _ => None,
                 };
-                out(&json!({"ok": false, "position": position, "error": e.to_string()}))?;
+                out(&json!({"ok": false, "position": position, "error": a.to_string()}))?;
             }
-            // Exit 3 (`fail` knows audit damage).
-            return Err(e.into());
+            // Exit 3 for damage (`fail` knows audit errors).
+            return Err(e);
         }
-        Err(e) => return Err(e.into()),
     }
     Ok(0)
+}
+
+/// `verify` on a JetStream cluster: the stream first (its damage is verify's damage, and the
+/// replica pulled after it holds at least its head), then the replica, which must hold the
+/// stream's head with the same hash.
+async fn verify_replica(
+    cli: &Cli,
+    upstream: &Arc<jetstream::JetStreamLog>,
+    config: EngineConfig,
+    from: Position,
+) -> Result<(
+    caseledger::audit::VerifyReport,
+    (String, caseledger::eventlog::Verified),
+)> {
+    use caseledger::audit::{self, AuditError};
+    let stream = upstream.verify().await.map_err(AuditError::from)?;
+    let engine = open_audited(cli, upstream, config).await?;
+    let report = audit::verify_replica(engine.log(), from, &stream)?;
+    engine.flush()?;
+    Ok((report, (upstream.stream_name().to_owned(), stream)))
+}
+
+/// [`open_replica`] for `verify` and `export`: a replica that does not chain, or is not a copy of
+/// the stream, is damage they report (exit 3).
+async fn open_audited(
+    cli: &Cli,
+    upstream: &Arc<jetstream::JetStreamLog>,
+    config: EngineConfig,
+) -> Result<Engine> {
+    use caseledger::eventlog::LogError;
+    match open_replica(cli, upstream, config).await {
+        Ok(engine) => Ok(engine),
+        Err(EngineError::Log(
+            e @ (LogError::Corrupt { .. } | LogError::UnsupportedEnvelope { .. }),
+        )) => Err(anyhow::Error::new(caseledger::audit::AuditError::from(e))
+            .context(format!("opening the replica in {}", cli.data.display()))),
+        Err(e) => Err(opening(cli, e)),
+    }
 }
 
 pub(crate) fn print_case(c: &caseledger::domain::Case) -> Result<()> {

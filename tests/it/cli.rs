@@ -15,6 +15,7 @@ fn run(data: &Path, args: &[&str]) -> Output {
         .arg("--json")
         .args(args)
         .env_remove("CASELEDGER_DATA")
+        .env_remove("CASELEDGER_STORE")
         .output()
         .expect("run caseledger")
 }
@@ -517,6 +518,7 @@ fn run_text(data: &Path, args: &[&str]) -> Output {
         .arg(data)
         .args(args)
         .env_remove("CASELEDGER_DATA")
+        .env_remove("CASELEDGER_STORE")
         .output()
         .expect("run caseledger")
 }
@@ -634,6 +636,7 @@ fn submit_of_a_fifo_waits_without_holding_the_store() {
         .args(["--json", "submit", "--app", "app-anc"])
         .arg(&fifo)
         .env_remove("CASELEDGER_DATA")
+        .env_remove("CASELEDGER_STORE")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -898,6 +901,7 @@ fn a_closed_pipe_ends_quietly() {
             .arg(data)
             .args(args)
             .env_remove("CASELEDGER_DATA")
+            .env_remove("CASELEDGER_STORE")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -921,6 +925,7 @@ fn help(path: &[&str]) -> String {
         .args(path)
         .arg("--help")
         .env_remove("CASELEDGER_DATA")
+        .env_remove("CASELEDGER_STORE")
         .output()
         .expect("run caseledger");
     assert_eq!(out.status.code(), Some(0), "{path:?}");
@@ -992,4 +997,160 @@ fn every_help_documents_every_option_and_shows_an_example() {
         }
     }
     assert!(seen > 25, "walked only {seen} commands");
+}
+
+/// Runs the binary with `--json` and `envs` set (`CASELEDGER_STORE` is not inherited).
+fn run_env(data: &Path, envs: &[(&str, &str)], args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_caseledger"))
+        .arg("--data")
+        .arg(data)
+        .arg("--json")
+        .args(args)
+        .env_remove("CASELEDGER_DATA")
+        .env_remove("CASELEDGER_STORE")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run caseledger")
+}
+
+/// Issue 11: a `--store` (or `$CASELEDGER_STORE`) that is neither `sled` nor
+/// `nats://HOST:PORT[,HOST:PORT…]` is a usage error saying what is wrong, and nothing is opened.
+#[test]
+fn a_malformed_store_is_a_usage_error_naming_what_is_wrong() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    for (value, says) in [
+        ("bogus", "neither sled nor a nats:// URL"),
+        ("nats://db.example", "has no port"),
+        ("nats://h:4222,", "an empty entry"),
+        ("nats://h:4222,tls://h:4223", "a tls:// URL"),
+        ("nats://h:99999", "not a number from 1 to 65535"),
+        ("nats://user:secret@h:4222", "is not HOST:PORT"),
+    ] {
+        for out in [
+            run(
+                &data,
+                &[
+                    "--store",
+                    value,
+                    "user",
+                    "create",
+                    "--id",
+                    "u1",
+                    "--username",
+                    "one",
+                ],
+            ),
+            run_env(
+                &data,
+                &[("CASELEDGER_STORE", value)],
+                &["user", "create", "--id", "u1", "--username", "one"],
+            ),
+        ] {
+            assert_eq!(out.status.code(), Some(1), "{value}");
+            let (code, message) = json_error(&out);
+            assert_eq!(code, "usage", "{value}: {message}");
+            assert!(message.contains(says), "{value}: {message}");
+            assert!(
+                message.contains("--store takes sled or nats://HOST:PORT[,HOST:PORT...]"),
+                "{value}: {message}"
+            );
+            assert!(out.stdout.is_empty(), "{value}");
+            assert!(!data.exists(), "{value}: the data dir was created");
+        }
+    }
+    let text = run_text(&data, &["--store", "bogus", "groups"]);
+    assert_eq!(text.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(
+        stderr.starts_with("error: invalid value 'bogus' for '--store <STORE>'"),
+        "{stderr}"
+    );
+}
+
+/// Issue 11: `sled` is the default store, and naming it (flag or environment) changes nothing.
+#[test]
+fn sled_is_the_default_store_by_flag_or_environment() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path();
+    ok(
+        data,
+        &["user", "create", "--id", "u-maria", "--username", "maria"],
+    );
+    ok(
+        data,
+        &[
+            "--store",
+            "sled",
+            "user",
+            "create",
+            "--id",
+            "u-ana",
+            "--username",
+            "ana",
+        ],
+    );
+    let out = run_env(data, &[("CASELEDGER_STORE", "sled")], &["log"]);
+    assert_eq!(out.status.code(), Some(0));
+    let log: Value = serde_json::from_slice(&out.stdout).expect("JSON log");
+    assert_eq!(log.as_array().map(Vec::len), Some(2));
+    assert_eq!(head(data), 2);
+}
+
+/// A loopback address where nothing listens: a port the kernel handed out, closed again.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// Issue 11: a JetStream cluster that cannot be reached fails every command with
+/// `unavailable` (exit 1), one sentence naming the cluster, and leaves no data dir behind.
+#[test]
+fn an_unreachable_cluster_is_unavailable_and_nothing_is_created() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("replica");
+    let store = format!("nats://127.0.0.1:{}", closed_port());
+    for args in [
+        &["groups"][..],
+        &["log"],
+        &["verify"],
+        &["export"],
+        &["user", "create", "--id", "u1", "--username", "one"],
+    ] {
+        let mut all = vec!["--store", store.as_str()];
+        all.extend_from_slice(args);
+        let out = run(&data, &all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let (code, message) = json_error(&out);
+        assert_eq!(code, "unavailable", "{args:?}: {message}");
+        assert!(
+            message.contains(&format!("the JetStream cluster {store}")),
+            "{args:?}: {message}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(!data.exists(), "{args:?} created the data dir");
+    }
+}
+
+/// Issue 11: `demo` runs on sled only; `import` into a JetStream store needs the cluster (it
+/// checks the stream is empty before reading the export), and creates nothing without it.
+#[test]
+fn demo_refuses_a_nats_store_and_import_needs_its_cluster() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let store = format!("nats://127.0.0.1:{}", closed_port());
+    let (code, message) = json_error(&run(&data, &["--store", &store, "demo"]));
+    assert_eq!(code, "usage");
+    assert!(
+        message.contains("demo runs in a fresh sled data dir only"),
+        "{message}"
+    );
+    let out = run(
+        &data,
+        &["--store", &store, "import", "/nonexistent/log.jsonl"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let (code, _) = json_error(&out);
+    assert_eq!(code, "unavailable");
+    assert!(!data.exists());
 }

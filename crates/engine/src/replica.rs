@@ -11,16 +11,16 @@
 //!
 //! Write path of a group of commands ([`Engine::execute_replicated`]), one group at a time per
 //! engine:
-//! 1. pull: copy what the upstream holds beyond the replica's head, fold it;
-//! 2. decide each command against the projections, positions counted from the upstream head
-//!    just pulled; a command whose fold reads its own forms back (an edit, an archive) ends the
-//!    round, the rest waits for the next one;
-//! 3. append the decided commands, each with `Expected::Head` of the one before and its command
+//! 1. decide each command against the projections, positions counted from the copy's head
+//!    (kept close to the upstream's by the previous group's pull and the follower); a command
+//!    whose fold reads its own forms back (an edit, an archive) ends the round, the rest waits
+//!    for the next one;
+//! 2. append the decided commands, each with `Expected::Head` of the one before and its command
 //!    id as idempotency key, pipelined ([`EventStore::append_all`]);
-//! 4. a command refused because another writer got there first (`WrongExpectedPosition`) is
-//!    decided again in the next round, against the new head: a decision made on a stale
-//!    position is never appended;
-//! 5. pull again, and answer each command with its events as the replica holds them, so the
+//! 3. a command refused because another writer got there first (`WrongExpectedPosition`) is
+//!    decided again in the next round, after a pull, against the new head: a decision made on
+//!    a stale position is never appended;
+//! 4. pull, and answer each command with its events as the replica holds them, so the
 //!    writer reads its own writes.
 //!
 //! Between writes, [`Engine::follow`] keeps the replica up with what other processes append.
@@ -122,6 +122,15 @@ impl Engine {
             Ok(engine)
         })?;
         engine.check_prefix().await?;
+        // Copy first; projections that have folded nothing over a long copy are rebuilt in
+        // bulk, as `Engine::open` does for a long log.
+        let head = engine.copy().await?;
+        if engine.projections.checkpoint() == Position::ZERO
+            && head.0 >= engine.config.bulk_catch_up_from
+        {
+            tracing::info!(events = head.0, "replica projections empty: bulk rebuild");
+            blocking(|| engine.replay(&mut |_, _| {}))?;
+        }
         engine.pull().await?;
         Ok(engine)
     }
@@ -180,6 +189,35 @@ impl Engine {
             return Ok(self.log.written_head());
         };
         let _one = up.pull.lock().await;
+        let before = self.projections.checkpoint();
+        let head = self.copy_locked(up).await?;
+        if head > before {
+            let last = self
+                .log
+                .read_at(head)?
+                .map_or(Timestamp::EPOCH, |e| e.recorded_at);
+            blocking(|| -> Result<(), EngineError> {
+                let mut writer = self.lock();
+                Self::settle(&mut writer);
+                // The next command's received time follows the upstream's last one.
+                writer.last = writer.last.max(last);
+                self.catch_up()
+            })?;
+        }
+        Ok(head)
+    }
+
+    /// Copies what the upstream holds beyond the replica's head, without folding it.
+    async fn copy(&self) -> Result<Position, EngineError> {
+        let Some(up) = &self.upstream else {
+            return Ok(self.log.written_head());
+        };
+        let _one = up.pull.lock().await;
+        self.copy_locked(up).await
+    }
+
+    /// [`Engine::copy`] for a caller holding the pull lock: copies and flushes.
+    async fn copy_locked(&self, up: &Upstream) -> Result<Position, EngineError> {
         let before = self.log.written_head();
         loop {
             let from = self.log.written_head().next();
@@ -197,17 +235,6 @@ impl Engine {
         if head > before {
             // Durable in the replica's sense (flushed, not synced): subscriptions see it.
             self.log.wait_durable(head).await?;
-            let last = self
-                .log
-                .read_at(head)?
-                .map_or(Timestamp::EPOCH, |e| e.recorded_at);
-            blocking(|| -> Result<(), EngineError> {
-                let mut writer = self.lock();
-                Self::settle(&mut writer);
-                // The next command's received time follows the upstream's last one.
-                writer.last = writer.last.max(last);
-                self.catch_up()
-            })?;
         }
         Ok(head)
     }
@@ -268,14 +295,19 @@ impl Engine {
         requests: &[Request],
     ) -> Result<Outcomes, EngineError> {
         let mut fates: Vec<Option<Fate>> = requests.iter().map(|_| None).collect();
-        for _round in 0..MAX_ROUNDS {
+        for round in 0..MAX_ROUNDS {
             let todo: Vec<usize> = (0..requests.len())
                 .filter(|&i| fates[i].is_none())
                 .collect();
             if todo.is_empty() {
                 break;
             }
-            self.pull().await?;
+            // The first round decides on the copy as it is (the last group's pull and the
+            // follower keep it close to the stream): a stale decision is refused by its
+            // expected position, never appended, and decided again after a pull.
+            if round > 0 {
+                self.pull().await?;
+            }
             let decided = blocking(|| self.decide_round(requests, &todo, &mut fates))?;
             if decided.is_empty() {
                 continue;

@@ -296,3 +296,40 @@ async fn an_append_refused_for_a_moved_head_is_decided_again_on_the_new_head() {
     );
     assert_eq!(a.projections().checkpoint(), Position(1));
 }
+
+// Issue 11: a fresh replica over a long stream copies it, then folds it in bulk as `replay`
+// does (not in chunks), and answers as a replay of the same log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_replica_of_a_long_stream_answers_as_a_replay_of_it() {
+    let up = upstream();
+    let writer_dir = tempfile::tempdir().expect("w");
+    let writer = replica(writer_dir.path(), &up).await;
+    writer.execute(create_user("u1")).await.expect("user");
+    for i in 0..12 {
+        writer
+            .submit(
+                form(&format!("f{i}"), &format!("c{i}"), true, "v"),
+                None,
+                None,
+            )
+            .await
+            .expect("form");
+    }
+    let fresh_dir = tempfile::tempdir().expect("f");
+    let store: Arc<dyn EventStore> = Arc::new(up.log.clone());
+    let config = EngineConfig {
+        bulk_catch_up_from: 5,
+        ..EngineConfig::default()
+    };
+    let fresh = Engine::open_replica(fresh_dir.path(), &"d".into(), config, store)
+        .await
+        .expect("open");
+    assert_eq!(fresh.projections().checkpoint(), Position(13));
+    assert!(fresh
+        .projections()
+        .case(&CaseId::from("c11"))
+        .expect("read")
+        .is_some());
+    let differences = fresh.verify(&mut |_, _| {}).expect("verify");
+    assert!(differences.is_empty(), "{differences:?}");
+}

@@ -1,5 +1,9 @@
-//! The cluster seen as a set of project spaces: which have a stream, asked without creating
-//! one (a name in a URL or on a read-only command must never create a project space).
+//! Questions about a cluster that must not change it: does a project space's stream exist?
+//!
+//! [`crate::JetStreamLog::open`] creates the stream it does not find, which is right for a
+//! command that writes; a command that only reads, and a server asked about a name in a URL,
+//! ask first ([`stream_exists`], [`Streams::exists`]), so that they never leave an empty stream
+//! behind (as they never leave an empty sled store behind).
 
 use async_nats::jetstream::{self, context::GetStreamErrorKind, ErrorCode};
 use domain::DomainName;
@@ -8,9 +12,10 @@ use eventlog::LogError;
 use crate::wire::{self, unavailable};
 use crate::JetStreamConfig;
 
-/// One connection to the cluster, for questions about its streams.
+/// One connection to the cluster, for questions about its streams (a server keeps one).
 #[derive(Clone)]
 pub struct Streams {
+    client: async_nats::Client,
     js: jetstream::Context,
 }
 
@@ -24,42 +29,72 @@ impl Streams {
     /// Connects to the servers `config` names.
     ///
     /// # Errors
-    /// [`LogError::Unavailable`] when the cluster cannot be reached.
+    /// [`LogError::Unavailable`] when no URL is given or the cluster cannot be reached.
     pub async fn connect(config: &JetStreamConfig) -> Result<Streams, LogError> {
-        let servers: Vec<&str> = config
-            .servers
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
+        let servers = config.server_list();
+        if servers.is_empty() {
+            return Err(LogError::Unavailable("no server URL given".into()));
+        }
         let client = async_nats::ConnectOptions::new()
             .request_timeout(Some(config.timeout))
             .connection_timeout(config.timeout)
             .connect(servers)
             .await
             .map_err(unavailable)?;
-        Ok(Streams {
-            js: jetstream::ContextBuilder::new()
-                .timeout(config.timeout)
-                .build(client),
-        })
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.timeout)
+            .build(client.clone());
+        Ok(Streams { client, js })
     }
 
-    /// Whether `domain` has a stream (a log) on the cluster.
+    /// Whether `domain` has a stream (a log) on the cluster; creates nothing.
     ///
     /// # Errors
-    /// [`LogError::Unavailable`] when the cluster does not answer.
+    /// [`LogError::Unavailable`] when the cluster does not answer (no meta leader yet, a
+    /// timeout), or answers with another error than "stream not found".
     pub async fn exists(&self, domain: &DomainName) -> Result<bool, LogError> {
         match self.js.get_stream(wire::stream_name(domain)).await {
             Ok(_) => Ok(true),
             Err(e) => match e.kind() {
-                GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                GetStreamErrorKind::JetStream(api)
+                    if api.error_code() == ErrorCode::STREAM_NOT_FOUND =>
                 {
                     Ok(false)
                 }
                 _ => Err(unavailable(e)),
             },
         }
+    }
+
+    /// Closes the connection, letting what is in flight finish (best effort).
+    pub async fn close(self) {
+        let _ = self.client.drain().await;
+    }
+}
+
+/// Whether the stream of `domain` exists on the cluster `config` names. Connects, asks for the
+/// stream's info and disconnects; creates nothing.
+///
+/// # Errors
+/// As [`Streams::connect`] and [`Streams::exists`].
+pub async fn stream_exists(
+    config: &JetStreamConfig,
+    domain: &DomainName,
+) -> Result<bool, LogError> {
+    let streams = Streams::connect(config).await?;
+    let answer = streams.exists(domain).await;
+    // The answer is known whether or not the goodbye gets through.
+    streams.close().await;
+    answer
+}
+
+impl JetStreamConfig {
+    /// The server URLs of [`JetStreamConfig::servers`], trimmed, empty ones left out.
+    pub fn server_list(&self) -> Vec<&str> {
+        self.servers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 }

@@ -1,51 +1,60 @@
 //! [`JetStreamLog`]: the log of one project space on one JetStream stream; appending (group
-//! commit by pipelined publishes), reading, subscribing, verifying.
+//! commit by atomic batches), importing stored entries verbatim, reading, subscribing,
+//! verifying.
+//!
+//! # Messages
+//!
+//! A message is one envelope, chained as sled chains it. An imported format-4 envelope (a form
+//! whose raw submission sled stores out of line) is followed, in the same message, by those raw
+//! bytes (`message.rs`). Every reader splits such a message and checks the bytes against the
+//! envelope: `read` returns the form with its bytes inline, `read_entries` the envelope and the
+//! bytes apart, as sled does.
 //!
 //! # Appending
 //!
 //! One committer task owns the writer state: the head the log last confirmed, its chain hash
 //! and the idempotency index. It takes queued appends, up to `max_batch` events, and for each
 //! in order checks the key (index, then earlier appends of the group), then `Expected::Head`
-//! against the running head, encodes the envelope chained to the running hash and publishes it
-//! without waiting. Then it awaits the acks in order and answers each append with its own.
+//! against the running head, and encodes the envelopes chained to the running hash. Then it
+//! publishes the round without waiting in between: one message for a lone single-event append,
+//! otherwise one atomic batch (ADR-50) of every message of the round, all stored or none; and
+//! answers each append from the round's one ack.
 //!
-//! Pipelining stays correct with other writers on the stream because every publish is
-//! conditional on exactly the message it was chained to: the first of a group carries
-//! `Nats-Expected-Last-Sequence` = the confirmed head, each later one that sequence plus
-//! `Nats-Expected-Last-Msg-Id` = the previous publish's `Nats-Msg-Id` (unique per message). If
-//! any publish is refused, nothing chained after it can be stored; the refused appends are
-//! tried again in a new round after the writer caught up with the stream, which re-checks their
-//! key and expected head against what is really there.
-//!
-//! An append of several events is one atomic batch (ADR-50): all its messages or none, with
-//! the expected last sequence on its first message. A batch cannot carry an expected message
-//! id, so it is published on its own round, after the acks before it.
+//! This stays correct with other writers on the stream because the round's first message
+//! carries `Nats-Expected-Last-Sequence` = the confirmed head, and the rest is stored with it
+//! or not at all. If the round is refused, its appends are tried again in a new round after the
+//! writer caught up with the stream, which re-checks their key and expected head against what
+//! is really there. An append expecting a head beyond the writer's (its caller read the stream
+//! after another process appended) makes the writer catch up first. (Rounds used to be
+//! pipelined single publishes chained by `Nats-Expected-Last-Msg-Id`; nats-server 2.15.1 halts a
+//! stream on that header under two concurrent writers: see `commit_round`.)
 //!
 //! What must hold: a message is stored only right after the message whose chain hash it
 //! carries; the writer's head, hash and index describe a prefix of the stream; after an ack
 //! that did not come (timeout, lost connection), the writer catches up from the stream before
 //! it publishes again.
 //!
-//! One file past 600 lines: the committer, the catch-up that feeds it and the readers share the
-//! writer's state and the decoding of stored messages.
+//! One file past 600 lines: the committer, the import, the catch-up that feeds them and the
+//! readers share the writer's state (what a stored message holds is `message.rs`).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, stream};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use domain::{DomainName, Position, RecordedEvent};
 use eventlog::{
-    chain_hash, decode_envelope, decode_header, encode_event_chained, AppendOutcome, AppendRequest,
-    EventStore, Expected, Hash, LogError, Subscription, SubscriptionSource, VerbatimEntry,
-    Verified, GENESIS,
+    chain_hash, encode_event_chained, AcknowledgedHead, AppendOutcome, AppendRequest, EventStore,
+    Expected, Hash, LogError, Subscription, SubscriptionSource, VerbatimEntry, Verified, GENESIS,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::message::{check_chained, decode_stored, parts, verbatim_messages, Message, Parts};
 use crate::wire::{self, unavailable, Ack, Stored};
 
 /// How a [`JetStreamLog`] reaches its cluster and sets up its stream.
@@ -55,7 +64,7 @@ pub struct JetStreamConfig {
     pub servers: String,
     /// Replicas of a newly created stream (1, 3 or 5); 3 in a cluster.
     pub replicas: usize,
-    /// Most events one group commit pipelines before it awaits their acks.
+    /// Most events one round of the group commit publishes (as one atomic batch).
     pub max_batch: usize,
     /// How long an ack or a read may take before the append or read is
     /// [`LogError::Unavailable`].
@@ -103,7 +112,7 @@ pub struct JetStreamLog {
 
 struct Inner {
     shared: Arc<Shared>,
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Queued>,
 }
 
 /// What the committer and the readers both use.
@@ -116,9 +125,21 @@ struct Shared {
     config: JetStreamConfig,
 }
 
+/// What the committer takes from its queue, in order.
+enum Queued {
+    Append(Job),
+    Verbatim(VerbatimJob),
+}
+
 struct Job {
     req: AppendRequest,
     answer: oneshot::Sender<Result<AppendOutcome, LogError>>,
+}
+
+/// An import ([`JetStreamLog::append_verbatim`]).
+struct VerbatimJob {
+    entries: Vec<VerbatimEntry>,
+    answer: oneshot::Sender<Result<AcknowledgedHead, LogError>>,
 }
 
 /// The committer's state.
@@ -127,8 +148,6 @@ struct Writer {
     head: Position,
     /// The chain hash of `head`.
     hash: Hash,
-    /// The `Nats-Msg-Id` of the message at `head`, when this writer stored it.
-    last_id: Option<String>,
     /// Every idempotency key in the stream up to `head`, with the positions of its append.
     keys: HashMap<String, (Position, Position)>,
     /// Keys whose publish got no answer: their next publish uses a fresh `Nats-Msg-Id` (see
@@ -159,22 +178,7 @@ impl JetStreamLog {
     /// [`LogError::Unavailable`] when the cluster cannot be reached or refuses the stream;
     /// [`LogError::Corrupt`] when a stored message does not verify.
     pub async fn open(config: JetStreamConfig, domain: &DomainName) -> Result<Self, LogError> {
-        let servers: Vec<&str> = config
-            .servers
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        let client = async_nats::ConnectOptions::new()
-            .request_timeout(Some(config.timeout))
-            .connection_timeout(config.timeout)
-            .connect(servers)
-            .await
-            .map_err(unavailable)?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(config.timeout)
-            .ack_timeout(config.timeout)
-            .build(client.clone());
+        let (client, js) = connect(&config).await?;
         let stream = wire::stream_name(domain);
         let subject = wire::subject(domain);
         js.get_or_create_stream(stream::Config {
@@ -202,7 +206,6 @@ impl JetStreamLog {
         let mut writer = Writer {
             head: Position::ZERO,
             hash: GENESIS,
-            last_id: None,
             keys: HashMap::new(),
             uncertain: std::collections::HashSet::new(),
             stale: true,
@@ -215,6 +218,60 @@ impl JetStreamLog {
         Ok(JetStreamLog {
             inner: Arc::new(Inner { shared, jobs }),
         })
+    }
+
+    /// The project spaces that have a log on the cluster `config` names: every stream named as
+    /// [`JetStreamLog::open`] names one (`CASELEDGER_<space>`, a one-to-one spelling), sorted.
+    /// Other streams on the cluster are left out.
+    ///
+    /// # Errors
+    /// [`LogError::Unavailable`] when the cluster cannot be reached or does not list its
+    /// streams.
+    pub async fn domains(config: &JetStreamConfig) -> Result<Vec<DomainName>, LogError> {
+        let (_client, js) = connect(config).await?;
+        let mut names = js.stream_names();
+        let mut out = Vec::new();
+        while let Some(name) = names.next().await {
+            if let Some(domain) = wire::domain_of(&name.map_err(unavailable)?) {
+                out.push(domain);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Appends stored entries exactly as they are (an import of another log's
+    /// [`EventStore::read_entries`], e.g. a sled log's): each must be at the next position,
+    /// decode, say that position, store the chain hash of the entries before it, and, for a
+    /// format-4 envelope, come with the raw submission of the length and SHA-256 it names. That
+    /// raw submission is stored in the same message, after the envelope
+    /// (`Caseledger-Envelope-Len` says where it ends); the chain covers the envelope only, so
+    /// the head hash is the source's. Legacy (unchained) envelopes are refused: a JetStream log
+    /// holds chained ones only.
+    ///
+    /// Goes through the committer like [`EventStore::append`], as one atomic batch conditional
+    /// on the stream's last sequence, and returns once the stream's quorum stored it. The
+    /// imported entries carry no idempotency keys (as with `SledLog::append_verbatim`).
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] naming the first entry that fails a check, or the first entry when
+    /// the stream's next position is not its own (nothing is appended);
+    /// [`LogError::Encode`] for more than 1000 entries (JetStream's limit per atomic batch) or
+    /// an entry over the server's `max_payload`; [`LogError::Unavailable`] when the ack did not
+    /// come (the import may be in the stream: compare [`EventStore::head`]).
+    pub async fn append_verbatim(
+        &self,
+        entries: &[VerbatimEntry],
+    ) -> Result<AcknowledgedHead, LogError> {
+        let (answer, rx) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Queued::Verbatim(VerbatimJob {
+                entries: entries.to_vec(),
+                answer,
+            }))
+            .map_err(|_| LogError::Shutdown)?;
+        rx.await.map_err(|_| LogError::Shutdown)?
     }
 
     /// The project space this log belongs to.
@@ -230,6 +287,12 @@ impl JetStreamLog {
     /// The subject every message of this log is published on.
     pub fn subject(&self) -> &str {
         &self.inner.shared.subject
+    }
+
+    /// The `server_name` of the node this log's connection goes through now (it moves when
+    /// that node goes away).
+    pub fn connected_server(&self) -> String {
+        self.inner.shared.client.server_info().server_name
     }
 
     /// The server name of the stream's leader now (`None` during an election).
@@ -281,7 +344,7 @@ impl JetStreamLog {
         let (answer, rx) = oneshot::channel();
         self.inner
             .jobs
-            .send(Job { req, answer })
+            .send(Queued::Append(Job { req, answer }))
             .map_err(|_| LogError::Shutdown)?;
         rx.await.map_err(|_| LogError::Shutdown)?
     }
@@ -299,8 +362,8 @@ impl EventStore for JetStreamLog {
         self.append_queued(req).await
     }
 
-    /// Queues every append before awaiting any, in order, so the committer pipelines them
-    /// (one group, chained by expected position).
+    /// Queues every append before awaiting any, in order, so the committer takes them as one
+    /// group (one atomic batch, chained by expected position).
     async fn append_all(
         &self,
         requests: Vec<AppendRequest>,
@@ -308,7 +371,7 @@ impl EventStore for JetStreamLog {
         let mut waiting = Vec::with_capacity(requests.len());
         for req in requests {
             let (answer, rx) = oneshot::channel();
-            let sent = self.inner.jobs.send(Job { req, answer });
+            let sent = self.inner.jobs.send(Queued::Append(Job { req, answer }));
             waiting.push(sent.ok().map(|()| rx));
         }
         let mut out = Vec::with_capacity(waiting.len());
@@ -346,15 +409,50 @@ impl EventStore for JetStreamLog {
     }
 }
 
+/// A connection to the servers `config` names, and its JetStream context.
+async fn connect(config: &JetStreamConfig) -> Result<(Client, jetstream::Context), LogError> {
+    let servers: Vec<&str> = config
+        .servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let client = async_nats::ConnectOptions::new()
+        .request_timeout(Some(config.timeout))
+        .connection_timeout(config.timeout)
+        .connect(servers)
+        .await
+        .map_err(unavailable)?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(config.timeout)
+        .ack_timeout(config.timeout)
+        .build(client.clone());
+    Ok((client, js))
+}
+
 impl Shared {
-    /// The stream's last sequence, from the leader's stream info.
+    /// The stream's last sequence, from the stream leader's info.
+    ///
+    /// While the stream has no leader (an election after its leader went away), a replica
+    /// answers with its own state, which may not have applied the last messages the leader
+    /// acknowledged; its answer names no leader. That is [`LogError::Unavailable`] here, never
+    /// a shorter stream: `catch_up` would take it for a lost tail.
     async fn last_sequence(&self) -> Result<u64, LogError> {
         let stream = self
             .js
             .get_stream(&self.stream)
             .await
             .map_err(unavailable)?;
-        Ok(stream.cached_info().state.last_sequence)
+        let info = stream.cached_info();
+        if let Some(cluster) = &info.cluster {
+            if cluster.leader.as_deref().unwrap_or_default().is_empty() {
+                return Err(LogError::Unavailable(format!(
+                    "stream {} has no leader (an election); its replicas' state may be behind",
+                    self.stream
+                )));
+            }
+        }
+        Ok(info.state.last_sequence)
     }
 
     /// Messages `from..=to` as one or more direct gets; at least one message unless a replica
@@ -406,16 +504,11 @@ impl Shared {
         let mut next = from;
         while next <= to {
             for message in self.page(next, to).await? {
-                if message.seq != next {
-                    return Err(LogError::corrupt(
-                        Position(next),
-                        format!("missing: the stream answered {}", message.seq),
-                    ));
-                }
+                let Parts { envelope, raw, .. } = parts(&message, Position(next))?;
                 out.push(VerbatimEntry {
                     position: Position(next),
-                    envelope: message.payload.to_vec(),
-                    raw: None,
+                    envelope: envelope.to_vec(),
+                    raw: raw.map(<[u8]>::to_vec),
                 });
                 next += 1;
             }
@@ -479,7 +572,6 @@ impl Shared {
                     );
                 }
                 writer.head = position;
-                writer.last_id = None;
                 next += 1;
             }
         }
@@ -488,26 +580,22 @@ impl Shared {
         Ok(())
     }
 
-    /// Encodes `req`'s events after `head`/`hash` and publishes them (one message, or one
-    /// atomic batch for several) without awaiting the ack.
-    async fn publish(
-        &self,
+    /// Encodes `req`'s events chained after `head`/`hash` into `round` (nothing is sent yet).
+    fn stage(
         writer: &mut Writer,
-        head: Position,
-        hash: Hash,
-        prev_id: Option<&str>,
+        round: &mut Round,
+        slot: usize,
         req: &AppendRequest,
-    ) -> Result<Published, LogError> {
-        let batch = req.events.len() > 1;
+    ) -> Result<(), LogError> {
         if req.events.len() > MAX_ATOMIC {
             return Err(LogError::Encode(format!(
                 "an append of {} events is over JetStream's {MAX_ATOMIC} per atomic batch",
                 req.events.len()
             )));
         }
-        // Encode everything before sending anything, so an encode error sends nothing.
+        // Encode every event before staging any, so an encode error stages nothing.
         let mut payloads = Vec::with_capacity(req.events.len());
-        let (mut position, mut running) = (head, hash);
+        let (mut position, mut running) = (round.head, round.hash);
         for event in &req.events {
             position = position.next();
             encode_event_chained(
@@ -521,35 +609,111 @@ impl Shared {
             running = chain_hash(&running, position, &writer.scratch);
             payloads.push(Bytes::copy_from_slice(&writer.scratch));
         }
-        // The key is the message id, except after an attempt that got no answer: JetStream
-        // silently drops a publish whose id matches one it still holds as "in process" (seen
-        // after a stream leader change: retries unanswered for over a minute). The key index
-        // and the conditional publish keep the append exactly-once without the server's dedupe.
-        let msg_id = match &req.idempotency_key {
-            Some(key) if !writer.uncertain.contains(key) => key.clone(),
-            Some(key) => format!("{key}~{}", uuid::Uuid::new_v4().simple()),
-            None => format!("{}~{}", req.command_id, uuid::Uuid::new_v4().simple()),
-        };
+        round.appends.push(Staged {
+            slot,
+            first: round.head.next(),
+            last: position,
+            key: req.idempotency_key.clone(),
+            command_id: req.command_id.0.clone(),
+            payloads,
+        });
+        round.head = position;
+        round.hash = running;
+        Ok(())
+    }
+
+    /// Publishes a round without awaiting its ack: one message for a lone single-event append,
+    /// one atomic batch (ADR-50) for anything more. Only the first message is conditional, on
+    /// the head the round is chained to.
+    async fn publish(
+        &self,
+        writer: &Writer,
+        round: &Round,
+    ) -> Result<jetstream::context::PublishAckFuture, LogError> {
+        let total: usize = round.appends.iter().map(|a| a.payloads.len()).sum();
+        let batch = total > 1;
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
-        let last_index = payloads.len() - 1;
+        let mut n = 0usize;
         let mut wait = None;
-        for (i, payload) in payloads.into_iter().enumerate() {
-            let mut headers = HeaderMap::new();
+        for append in &round.appends {
+            for (i, payload) in append.payloads.iter().enumerate() {
+                n += 1;
+                let mut headers = HeaderMap::new();
+                if n == 1 {
+                    headers.insert(
+                        wire::EXPECTED_LAST_SEQUENCE,
+                        round.base.0.to_string().as_str(),
+                    );
+                }
+                if i == 0 {
+                    if let Some(key) = &append.key {
+                        headers.insert(wire::KEY, key.as_str());
+                    }
+                    headers.insert(wire::COUNT, append.payloads.len().to_string().as_str());
+                }
+                if batch {
+                    headers.insert(wire::BATCH_ID, batch_id.as_str());
+                    headers.insert(wire::BATCH_SEQUENCE, n.to_string().as_str());
+                } else {
+                    // The key is the message id, except after an attempt that got no answer:
+                    // JetStream silently drops a publish whose id matches one it still holds
+                    // as "in process" (seen after a stream leader change: retries unanswered
+                    // for over a minute). The key index and the conditional publish keep the
+                    // append exactly-once without the server's dedupe.
+                    let msg_id = match &append.key {
+                        Some(key) if !writer.uncertain.contains(key) => key.clone(),
+                        Some(key) => format!("{key}~{}", uuid::Uuid::new_v4().simple()),
+                        None => format!("{}~{}", append.command_id, uuid::Uuid::new_v4().simple()),
+                    };
+                    headers.insert(wire::MSG_ID, msg_id.as_str());
+                }
+                let subject = self.subject.clone();
+                if n == total {
+                    if batch {
+                        headers.insert(wire::BATCH_COMMIT, "1");
+                    }
+                    let message = jetstream::message::PublishMessage::build()
+                        .headers(headers)
+                        .payload(payload.clone());
+                    let ack = self
+                        .js
+                        .send_publish(subject, message)
+                        .await
+                        .map_err(unavailable)?;
+                    wait = Some(ack);
+                } else {
+                    self.client
+                        .publish_with_headers(subject, headers, payload.clone())
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+        }
+        wait.ok_or_else(|| LogError::Encode("a round without events".into()))
+    }
+}
+
+impl Shared {
+    /// Publishes `messages` (headers and payload each) right after `head`: one message, or one
+    /// atomic batch for several, the first conditional on `Nats-Expected-Last-Sequence` = `head`
+    /// (an import, [`JetStreamLog::append_verbatim`]). Returns the ack of the last message, not
+    /// awaited.
+    async fn send(
+        &self,
+        head: Position,
+        messages: Vec<Message>,
+    ) -> Result<PublishAckFuture, LogError> {
+        let batch = messages.len() > 1;
+        let batch_id = uuid::Uuid::new_v4().simple().to_string();
+        let last_index = messages.len().saturating_sub(1);
+        let mut wait = None;
+        for (i, (mut headers, payload)) in messages.into_iter().enumerate() {
             if i == 0 {
                 headers.insert(wire::EXPECTED_LAST_SEQUENCE, head.0.to_string().as_str());
-                if let Some(key) = &req.idempotency_key {
-                    headers.insert(wire::KEY, key.as_str());
-                }
-                headers.insert(wire::COUNT, req.events.len().to_string().as_str());
             }
             if batch {
                 headers.insert(wire::BATCH_ID, batch_id.as_str());
                 headers.insert(wire::BATCH_SEQUENCE, (i + 1).to_string().as_str());
-            } else {
-                headers.insert(wire::MSG_ID, msg_id.as_str());
-                if let Some(prev) = prev_id {
-                    headers.insert(wire::EXPECTED_LAST_MSG_ID, prev);
-                }
             }
             let subject = self.subject.clone();
             if i == last_index {
@@ -572,94 +736,153 @@ impl Shared {
                     .map_err(unavailable)?;
             }
         }
-        let wait = wait.ok_or_else(|| LogError::Encode("an append without events".into()))?;
-        Ok(Published {
-            first: head.next(),
-            last: position,
-            hash: running,
-            msg_id: (!batch).then_some(msg_id),
-            wait,
-        })
+        wait.ok_or_else(|| LogError::Encode("an import without entries".into()))
     }
 }
 
-/// One append on the wire, its ack not yet awaited.
-struct Published {
+/// What one round publishes: appends chained after `base`, as one message or one atomic batch.
+struct Round {
+    /// The confirmed head the round is chained to (its only condition).
+    base: Position,
+    /// The head and chain hash after the appends staged so far.
+    head: Position,
+    hash: Hash,
+    appends: Vec<Staged>,
+}
+
+/// One append of a round, encoded.
+struct Staged {
+    /// Its index in the round's jobs.
+    slot: usize,
     first: Position,
     last: Position,
-    /// Chain hash of `last`.
-    hash: Hash,
-    /// The `Nats-Msg-Id` of a single-message append (the next publish may chain to it).
-    msg_id: Option<String>,
-    wait: jetstream::context::PublishAckFuture,
+    key: Option<String>,
+    command_id: String,
+    payloads: Vec<Bytes>,
 }
 
-/// Checks a stored message at `position` against the chain so far; returns its chain hash.
-fn check_chained(message: &Stored, position: Position, prev: &Hash) -> Result<Hash, LogError> {
-    if message.seq != position.0 {
-        return Err(LogError::corrupt(
-            position,
-            format!("missing: the stream answered {}", message.seq),
-        ));
+impl Round {
+    fn messages(&self) -> usize {
+        self.appends.iter().map(|a| a.payloads.len()).sum()
     }
-    let header = decode_header(&message.payload).map_err(|e| e.at(position))?;
-    match header.prev {
-        Some(stored) if stored == prev => {}
-        Some(_) => {
-            return Err(LogError::corrupt(
-                position,
-                "its stored previous hash is not the chain hash before it",
-            ))
-        }
-        None => {
-            return Err(LogError::corrupt(
-                position,
-                "an unchained (legacy) envelope in a JetStream log",
-            ))
-        }
-    }
-    Ok(chain_hash(prev, position, &message.payload))
-}
-
-fn decode_stored(message: &Stored, position: Position) -> Result<RecordedEvent, LogError> {
-    if message.seq != position.0 {
-        return Err(LogError::corrupt(
-            position,
-            format!("missing: the stream answered {}", message.seq),
-        ));
-    }
-    let event = decode_envelope(&message.payload).map_err(|e| e.at(position))?;
-    if event.position != position {
-        return Err(LogError::corrupt(
-            position,
-            format!(
-                "stored at sequence {position} but the envelope says {}",
-                event.position
-            ),
-        ));
-    }
-    Ok(event)
 }
 
 async fn commit_loop(
     shared: Arc<Shared>,
     mut writer: Writer,
-    mut queue: mpsc::UnboundedReceiver<Job>,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
 ) {
-    while let Some(first) = queue.recv().await {
+    // An import queued behind a group of appends, taken off the queue while grouping.
+    let mut next: Option<Queued> = None;
+    loop {
+        let queued = match next.take() {
+            Some(queued) => queued,
+            None => match queue.recv().await {
+                Some(queued) => queued,
+                None => return,
+            },
+        };
+        let first = match queued {
+            Queued::Append(job) => job,
+            Queued::Verbatim(job) => {
+                let result = import(&shared, &mut writer, &job.entries).await;
+                let _ = job.answer.send(result);
+                continue;
+            }
+        };
         let mut events = first.req.events.len().max(1);
         let mut group = vec![first];
         while events < shared.config.max_batch {
             match queue.try_recv() {
-                Ok(job) => {
+                Ok(Queued::Append(job)) => {
                     events += job.req.events.len().max(1);
                     group.push(job);
+                }
+                Ok(verbatim) => {
+                    next = Some(verbatim);
+                    break;
                 }
                 Err(_) => break,
             }
         }
         commit_group(&shared, &mut writer, group).await;
     }
+}
+
+/// Publishes `entries` verbatim right after the writer's head, as one atomic batch, and awaits
+/// its ack ([`JetStreamLog::append_verbatim`]). A refused publish (another writer moved the
+/// stream) is checked again after a catch-up, where it no longer fits and is refused.
+async fn import(
+    shared: &Shared,
+    writer: &mut Writer,
+    entries: &[VerbatimEntry],
+) -> Result<AcknowledgedHead, LogError> {
+    if entries.len() > MAX_ATOMIC {
+        return Err(LogError::Encode(format!(
+            "an import of {} entries is over JetStream's {MAX_ATOMIC} per atomic batch",
+            entries.len()
+        )));
+    }
+    let max_payload = shared.client.server_info().max_payload;
+    let deadline = tokio::time::Instant::now() + shared.config.timeout;
+    for round in 0..MAX_ROUNDS {
+        if round > 0 {
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(backoff(round)).await;
+        }
+        if writer.stale {
+            shared.catch_up(writer).await?;
+        }
+        let (messages, last, hash) =
+            verbatim_messages(writer.head, writer.hash, entries, max_payload)?;
+        if messages.is_empty() {
+            return Ok(AcknowledgedHead {
+                position: writer.head,
+                hash: writer.hash,
+            });
+        }
+        let wait = match shared.send(writer.head, messages).await {
+            Ok(wait) => wait,
+            Err(e) => {
+                // Maybe partly sent (an atomic batch never committed stores nothing).
+                writer.stale = true;
+                return Err(e);
+            }
+        };
+        match wire::ack(wait).await {
+            Ack::Stored {
+                seq,
+                duplicate: false,
+            } if seq == last.0 => {
+                writer.head = last;
+                writer.hash = hash;
+                return Ok(AcknowledgedHead {
+                    position: last,
+                    hash,
+                });
+            }
+            Ack::Stored { seq, .. } => {
+                writer.stale = true;
+                return Err(LogError::Unavailable(format!(
+                    "import stored at {seq}, expected {last}"
+                )));
+            }
+            Ack::Refused(reason) => {
+                tracing::debug!(stream = %shared.stream, %reason, "import refused; catching up");
+                writer.stale = true;
+            }
+            Ack::Unknown(reason) => {
+                writer.stale = true;
+                return Err(LogError::Unavailable(reason));
+            }
+        }
+    }
+    Err(LogError::Unavailable(format!(
+        "import still refused after {:?} of catching up with other writers",
+        shared.config.timeout
+    )))
 }
 
 /// What became of one append in a round.
@@ -680,6 +903,9 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
             }
             tokio::time::sleep(backoff(round)).await;
         }
+        // Caught up in this round: the writer knows every message the stream held when the
+        // round began, so an expected head beyond its own is not the stream's.
+        let fresh = writer.stale;
         if writer.stale {
             if let Err(e) = shared.catch_up(writer).await {
                 tracing::warn!(stream = %shared.stream, error = %e, "catch-up failed");
@@ -698,7 +924,7 @@ async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) 
                 return;
             }
         }
-        let fates = commit_round(shared, writer, &todo).await;
+        let fates = commit_round(shared, writer, &todo, fresh).await;
         let mut retry = Vec::new();
         let resolved: Vec<Option<AppendOutcome>> = fates
             .iter()
@@ -754,14 +980,30 @@ fn first_of(outcome: &AppendOutcome) -> Position {
     }
 }
 
-/// Publishes what it can of `todo` chained after the writer's head, awaits the acks in order,
-/// and advances the writer over the stored prefix.
-async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec<Fate> {
+/// Publishes what it can of `todo` as one round chained after the writer's head (one message,
+/// or one atomic batch), awaits its ack and advances the writer over it. `fresh`: the writer
+/// caught up with the stream just before this round.
+///
+/// Never `Nats-Expected-Last-Msg-Id`: with two writers pipelining publishes chained by it from
+/// the same head, nats-server 2.15.1 accepted a publish whose expected message id no longer
+/// matched when the message was applied; every replica logged "critical write error: last
+/// msgid mismatch" and the stream answered no publish again (`tests/jetstream_servers.rs`).
+/// One condition per round, on its first message, and an atomic batch for the rest keep a
+/// message stored only right after the one whose chain hash it carries.
+async fn commit_round(
+    shared: &Shared,
+    writer: &mut Writer,
+    todo: &[Job],
+    fresh: bool,
+) -> Vec<Fate> {
     let mut fates: Vec<Fate> = Vec::with_capacity(todo.len());
     let mut in_round: HashMap<&str, usize> = HashMap::new();
-    let (mut head, mut hash) = (writer.head, writer.hash);
-    let mut prev_id = writer.last_id.clone();
-    let mut pending: Vec<(usize, Published)> = Vec::new();
+    let mut round = Round {
+        base: writer.head,
+        head: writer.head,
+        hash: writer.hash,
+        appends: Vec::new(),
+    };
     let mut sending = true;
     for (i, job) in todo.iter().enumerate() {
         let req = &job.req;
@@ -782,7 +1024,19 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
                 continue;
             }
         }
+        let head = round.head;
         if let Expected::Head(expected) = req.expected {
+            if expected > head && !fresh {
+                // The caller read a later head than this writer knows: another process
+                // appended since this writer last caught up. The writer is behind, not the
+                // caller: catch up and compare again next round (refusing here would refuse
+                // every retry of the caller's decision too, since nothing else makes this
+                // writer catch up).
+                writer.stale = true;
+                sending = false;
+                fates.push(Fate::Retry);
+                continue;
+            }
             if expected != head {
                 fates.push(Fate::Done(Err(LogError::WrongExpectedPosition {
                     expected,
@@ -798,101 +1052,91 @@ async fn commit_round(shared: &Shared, writer: &mut Writer, todo: &[Job]) -> Vec
             })));
             continue;
         }
-        // An atomic batch cannot chain by message id: it goes first in a round of its own.
-        if req.events.len() > 1 && !pending.is_empty() {
+        // A round is at most one atomic batch: the rest waits for the next round.
+        if !round.appends.is_empty() && round.messages() + req.events.len() > MAX_ATOMIC {
             sending = false;
             fates.push(Fate::Retry);
             continue;
         }
-        match shared
-            .publish(writer, head, hash, prev_id.as_deref(), req)
-            .await
-        {
-            Ok(published) => {
-                head = published.last;
-                hash = published.hash;
-                prev_id = published.msg_id.clone();
+        match Shared::stage(writer, &mut round, i, req) {
+            Ok(()) => {
                 if let Some(key) = req.idempotency_key.as_deref() {
                     in_round.insert(key, i);
                 }
-                let batch = req.events.len() > 1;
-                pending.push((i, published));
                 fates.push(Fate::Retry);
-                if batch {
-                    sending = false;
-                }
             }
-            Err(e @ LogError::Encode(_)) => fates.push(Fate::Done(Err(e))),
-            Err(e) => {
-                // Maybe partly sent: nothing more this round, and catch up before the next.
-                writer.stale = true;
-                fates.push(Fate::Done(Err(e)));
-                sending = false;
-            }
+            Err(e) => fates.push(Fate::Done(Err(e))),
         }
     }
-    let mut chained = true;
-    for (i, published) in pending {
-        let ack = wire::ack(published.wait).await;
-        let fate = match ack {
-            Ack::Stored {
-                seq,
-                duplicate: false,
-            } if seq == published.last.0 => {
-                if chained && !writer.stale {
-                    writer.head = published.last;
-                    writer.hash = published.hash;
-                    writer.last_id = published.msg_id.clone();
-                    if let Some(key) = &todo[i].req.idempotency_key {
-                        writer.uncertain.remove(key);
-                        writer
-                            .keys
-                            .insert(key.clone(), (published.first, published.last));
-                    }
+    if round.appends.is_empty() {
+        return fates;
+    }
+    let answer = match shared.publish(writer, &round).await {
+        Ok(wait) => wire::ack(wait).await,
+        // Maybe partly sent: an atomic batch without its commit stores nothing, a lone message
+        // may be stored. Catch up before the next round.
+        Err(e) => Ack::Unknown(e.to_string()),
+    };
+    let single_key = match round.appends.as_slice() {
+        [only] if only.payloads.len() == 1 => only.key.clone(),
+        _ => None,
+    };
+    match answer {
+        Ack::Stored {
+            seq,
+            duplicate: false,
+        } if seq == round.head.0 => {
+            // The round's first message was conditional on `base` and the rest is one atomic
+            // batch with it: stored right after the writer's head, as chained.
+            writer.head = round.head;
+            writer.hash = round.hash;
+            for append in &round.appends {
+                if let Some(key) = &append.key {
+                    writer.uncertain.remove(key);
+                    writer.keys.insert(key.clone(), (append.first, append.last));
                 }
-                Fate::Done(Ok(AppendOutcome::Appended {
-                    first: published.first,
-                    last: published.last,
-                }))
+                fates[append.slot] = Fate::Done(Ok(AppendOutcome::Appended {
+                    first: append.first,
+                    last: append.last,
+                }));
             }
-            Ack::Stored {
-                seq,
-                duplicate: true,
-            } => {
-                // Another writer used the key within the dedupe window; the index will see it.
-                chained = false;
-                writer.stale = true;
-                let count = todo[i].req.events.len() as u64;
-                Fate::Done(Ok(AppendOutcome::AlreadyAppended {
+        }
+        Ack::Stored {
+            seq,
+            duplicate: true,
+        } => {
+            // A lone message whose key another writer used within the dedupe window; the index
+            // will see it.
+            writer.stale = true;
+            for append in &round.appends {
+                let count = append.payloads.len() as u64;
+                fates[append.slot] = Fate::Done(Ok(AppendOutcome::AlreadyAppended {
                     first: Position(seq + 1 - count.min(seq)),
                     last: Position(seq),
-                }))
+                }));
             }
-            Ack::Stored { seq, .. } => {
-                chained = false;
-                writer.stale = true;
-                Fate::Done(Err(LogError::Unavailable(format!(
+        }
+        Ack::Stored { seq, .. } => {
+            writer.stale = true;
+            for append in &round.appends {
+                fates[append.slot] = Fate::Done(Err(LogError::Unavailable(format!(
                     "stored at {seq}, expected {}",
-                    published.last
-                ))))
+                    round.head
+                ))));
             }
-            Ack::Refused(reason) => {
-                tracing::debug!(stream = %shared.stream, %reason, "publish refused; catching up");
-                chained = false;
-                writer.stale = true;
-                Fate::Retry
+        }
+        Ack::Refused(reason) => {
+            tracing::debug!(stream = %shared.stream, %reason, "publish refused; catching up");
+            writer.stale = true;
+        }
+        Ack::Unknown(reason) => {
+            writer.stale = true;
+            if let Some(key) = single_key {
+                writer.uncertain.insert(key);
             }
-            Ack::Unknown(reason) => {
-                chained = false;
-                writer.stale = true;
-                if let Some(key) = &todo[i].req.idempotency_key {
-                    writer.uncertain.insert(key.clone());
-                }
-                Fate::Done(Err(LogError::Unavailable(reason)))
+            for append in &round.appends {
+                fates[append.slot] = Fate::Done(Err(LogError::Unavailable(reason.clone())));
             }
-        };
-        if let Some(slot) = fates.get_mut(i) {
-            *slot = fate;
         }
     }
     fates

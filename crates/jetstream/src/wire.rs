@@ -17,9 +17,6 @@ use futures_util::StreamExt;
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
 /// Optimistic concurrency: stored only if the stream's last sequence is this.
 pub(crate) const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
-/// Stored only if the stream's last message carries this `Nats-Msg-Id`: chains pipelined
-/// publishes to each other (see `log.rs`).
-pub(crate) const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
 /// Atomic batch publish (ADR-50, nats-server 2.12+).
 pub(crate) const BATCH_ID: &str = "Nats-Batch-Id";
 pub(crate) const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
@@ -29,10 +26,39 @@ pub(crate) const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 pub(crate) const KEY: &str = "Caseledger-Key";
 /// On the first message of an append: how many events (messages) it has.
 pub(crate) const COUNT: &str = "Caseledger-Count";
+/// On a message that carries a form's raw submission after its envelope (an imported format-4
+/// entry, `JetStreamLog::append_verbatim`): the length of the envelope, where the raw bytes
+/// start. The hash chain covers the envelope only.
+pub(crate) const ENVELOPE_LEN: &str = "Caseledger-Envelope-Len";
+
+/// What every stream name of caseledger starts with.
+const STREAM_PREFIX: &str = "CASELEDGER_";
 
 /// The stream of a project space: `CASELEDGER_<token>`.
 pub(crate) fn stream_name(domain: &DomainName) -> String {
-    format!("CASELEDGER_{}", token(domain.as_str()))
+    format!("{STREAM_PREFIX}{}", token(domain.as_str()))
+}
+
+/// The project space whose stream is `stream` ([`stream_name`] undone), `None` for a stream
+/// caseledger did not name.
+pub(crate) fn domain_of(stream: &str) -> Option<DomainName> {
+    let token = stream.strip_prefix(STREAM_PREFIX)?;
+    let mut bytes = Vec::with_capacity(token.len());
+    let mut rest = token.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'_' {
+            let (hex, tail) = tail.split_first_chunk::<2>()?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = tail;
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    let domain = DomainName::new(String::from_utf8(bytes).ok()?);
+    // Only the one spelling `token` gives (upper-case hex, no escaped letters).
+    (stream_name(&domain) == stream).then_some(domain)
 }
 
 /// The one subject of a project space's stream: `caseledger.<token>.log`.
@@ -60,7 +86,10 @@ pub(crate) enum Ack {
     /// Stored (by the quorum) at `seq`; `duplicate` when JetStream recognised the
     /// `Nats-Msg-Id` and stored nothing new (`seq` is the original's).
     Stored { seq: u64, duplicate: bool },
-    /// Refused by an expected-last-sequence or expected-last-msg-id check: nothing stored.
+    /// Refused by an expected-last-sequence or expected-last-msg-id check, or delivered to no
+    /// stream at all (no responders: right after the stream was created its subject's
+    /// interest may not have reached the server this connection goes through yet): nothing
+    /// stored.
     Refused(String),
     /// No answer, an error answer, or a lost connection: maybe stored, maybe not.
     Unknown(String),
@@ -75,9 +104,9 @@ pub(crate) async fn ack(wait: PublishAckFuture) -> Ack {
             duplicate: ack.duplicate,
         },
         Err(e) => match e.kind() {
-            PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId => {
-                Ack::Refused(e.to_string())
-            }
+            PublishErrorKind::WrongLastSequence
+            | PublishErrorKind::WrongLastMessageId
+            | PublishErrorKind::StreamNotFound => Ack::Refused(e.to_string()),
             _ => Ack::Unknown(e.to_string()),
         },
     }
@@ -173,5 +202,23 @@ mod tests {
         assert_eq!(stream_name(&a), "CASELEDGER_demo_2Espace");
         assert_eq!(subject(&a), "caseledger.demo_2Espace.log");
         assert_ne!(stream_name(&a), stream_name(&b));
+    }
+
+    #[test]
+    fn a_stream_name_gives_back_its_domain() {
+        for name in ["demo", "demo.space", "demo_2Espace", "a b/ü", "x-1", ""] {
+            let domain = DomainName::new(name);
+            assert_eq!(domain_of(&stream_name(&domain)), Some(domain));
+        }
+        // Not caseledger's, or not a spelling `stream_name` makes.
+        for stream in [
+            "KV_config",
+            "CASELEDGER_a_2",
+            "CASELEDGER_a_zz",
+            "CASELEDGER_a_2e",
+            "CASELEDGER__61",
+        ] {
+            assert_eq!(domain_of(stream), None, "{stream}");
+        }
     }
 }

@@ -134,6 +134,13 @@ pub(crate) async fn caught_up(
         .map_or(DEFAULT_WAIT, Duration::from_millis)
         .min(MAX_WAIT);
     let deadline = Instant::now() + bound;
+    if engine.upstream().is_some() && engine.projections().checkpoint().0 < min {
+        // A replica: the write may have gone through another server; ask the stream now rather
+        // than wait for the follower. Unreachable, the wait below still ends in a 503.
+        if let Err(e) = engine.pull().await {
+            tracing::debug!(error = %e, "pull for min_position failed");
+        }
+    }
     loop {
         let reached = engine.projections().checkpoint().0;
         if reached >= min {

@@ -178,7 +178,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     out.push_str("# TYPE caseledger_projection_lag_events gauge\n");
     let mut engines = state.engines();
     engines.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-    for (domain, engine) in engines {
+    for (domain, engine) in &engines {
         let lag = engine
             .log()
             .written_head()
@@ -189,6 +189,28 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
             "caseledger_projection_lag_events{{domain=\"{}\"}} {lag}",
             label(domain.as_str())
         );
+    }
+    if engines.iter().any(|(_, e)| e.upstream().is_some()) {
+        out.push_str("# HELP caseledger_replica_head_position Last position copied from the JetStream stream, per project space.\n");
+        out.push_str("# TYPE caseledger_replica_head_position gauge\n");
+        for (domain, engine) in engines.iter().filter(|(_, e)| e.upstream().is_some()) {
+            let _ = writeln!(
+                out,
+                "caseledger_replica_head_position{{domain=\"{}\"}} {}",
+                label(domain.as_str()),
+                engine.log().written_head().0
+            );
+        }
+        out.push_str("# HELP caseledger_replica_refused_appends_total Appends the stream refused because another writer had moved its head; each was decided again.\n");
+        out.push_str("# TYPE caseledger_replica_refused_appends_total counter\n");
+        for (domain, engine) in engines.iter().filter(|(_, e)| e.upstream().is_some()) {
+            let _ = writeln!(
+                out,
+                "caseledger_replica_refused_appends_total{{domain=\"{}\"}} {}",
+                label(domain.as_str()),
+                engine.refused_appends()
+            );
+        }
     }
     out.push_str("# HELP caseledger_sse_subscribers Server-Sent Event streams open now.\n");
     out.push_str("# TYPE caseledger_sse_subscribers gauge\n");
