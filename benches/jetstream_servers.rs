@@ -11,8 +11,8 @@
 //! Servers are processes: this bench binary run again as a child
 //! (`CASELEDGER_BENCH_SERVER_CHILD=<data dir>`) that serves `server::Server` with
 //! `ServerConfig::store` naming the cluster, on a two-worker tokio runtime as `caseledger serve`
-//! uses on this machine, with its own empty data dir: its replicas open on first use. (The
-//! binary's `serve` has no option for a JetStream store yet.) The clients run in this process,
+//! uses on this machine, with its own empty data dir: its replicas open on first use (the server
+//! `caseledger --store nats://… serve` runs). The clients run in this process,
 //! on their own two-worker runtime.
 //!
 //! Phases, each `CASELEDGER_BENCH_SECONDS` (default 10) after a warm-up in which every client
