@@ -221,6 +221,21 @@ struct Writer {
     recent: std::collections::VecDeque<Touched>,
 }
 
+impl Writer {
+    /// The received time of `request`: its own, or now, never before the last one handed out
+    /// (server received time never goes backwards, so a time maps to a log prefix).
+    fn received_at(&mut self, request: &Request) -> Timestamp {
+        match request.received_at {
+            Some(t) => t,
+            None => {
+                let t = now().max(self.last);
+                self.last = t;
+                t
+            }
+        }
+    }
+}
+
 /// How many sealed batches [`Writer::recent`] remembers; a read made before more batches than
 /// this were sealed is dropped and done again under the lock.
 const RECENT_BATCHES: usize = 32;
@@ -725,12 +740,7 @@ impl Engine {
                 None => None,
             };
             if let Some((first, end)) = done_before {
-                let done: Result<Vec<_>, _> = self
-                    .log
-                    .iter_from(first)
-                    .take_while(|e| e.as_ref().map_or(true, |e| e.position <= end))
-                    .collect();
-                results.push(Some(Ok(Outcome { events: done? })));
+                results.push(Some(Ok(self.events_between(first, end)?)));
                 // The first attempt may not be durable yet: wait for it too.
                 last_max(&mut last, Some(end));
                 continue;
@@ -747,15 +757,7 @@ impl Engine {
                 results.push(Some(Ok(Outcome { events: again })));
                 continue;
             }
-            let received_at = match request.received_at {
-                Some(t) => t,
-                None => {
-                    // Server received time never goes backwards, so a time maps to a log prefix.
-                    let t = now().max(clock.last);
-                    clock.last = t;
-                    t
-                }
-            };
+            let received_at = clock.received_at(request);
             let events = match domain::decide(&pending, &request.command, received_at) {
                 Ok(events) => events,
                 Err(e) => {
@@ -773,17 +775,7 @@ impl Engine {
             }
             // Positions are assigned in order under the writer lock, so they are known now and
             // the next command of the group can be decided against this one's effects.
-            let recorded: Vec<RecordedEvent> = events
-                .iter()
-                .cloned()
-                .zip(head.0 + 1..)
-                .map(|(event, p)| RecordedEvent {
-                    position: Position(p),
-                    recorded_at: received_at,
-                    command_id: request.command_id.clone(),
-                    event,
-                })
-                .collect();
+            let recorded = recorded_after(head, request, received_at, &events);
             // Rebuilding cases (R54, R57) reads the case's forms back from the log, this one
             // included: write what is decided so far before folding such an event.
             let rebuilds = events.iter().any(rebuilds_cases);
@@ -839,6 +831,16 @@ impl Engine {
             done: Arc::clone(&done),
         });
         Ok((results, last, Some(done)))
+    }
+
+    /// The events at `first..=last` as the log holds them (what a retried command is answered).
+    fn events_between(&self, first: Position, last: Position) -> Result<Outcome, EngineError> {
+        let events: Result<Vec<RecordedEvent>, _> = self
+            .log
+            .iter_from(first)
+            .take_while(|e| e.as_ref().map_or(true, |e| e.position <= last))
+            .collect();
+        Ok(Outcome { events: events? })
     }
 
     /// Writes decided appends as one sled batch and files each outcome in its request's slot.
@@ -1080,6 +1082,26 @@ fn file_name_of(domain: &DomainName) -> String {
         }
         name
     })
+}
+
+/// `events` of `request`, received at `received_at`, at the positions after `head`.
+fn recorded_after(
+    head: Position,
+    request: &Request,
+    received_at: Timestamp,
+    events: &[Event],
+) -> Vec<RecordedEvent> {
+    events
+        .iter()
+        .cloned()
+        .zip(head.0 + 1..)
+        .map(|(event, p)| RecordedEvent {
+            position: Position(p),
+            recorded_at: received_at,
+            command_id: request.command_id.clone(),
+            event,
+        })
+        .collect()
 }
 
 /// Whether folding `event` rebuilds cases from their forms, which it reads back from the log

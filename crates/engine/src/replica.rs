@@ -28,11 +28,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use domain::{Position, RecordedEvent, Timestamp};
+use domain::{Position, Timestamp};
 use eventlog::raw::raw_dir;
 use eventlog::{AppendOutcome, AppendRequest, EventStore, Expected, LogError};
 
-use crate::{blocking, now, Engine, EngineConfig, EngineError, Outcome, Outcomes, Request};
+use crate::{blocking, Engine, EngineConfig, EngineError, Outcome, Outcomes, Request};
 
 /// Entries copied per upstream read.
 const PULL_PAGE: usize = 1024;
@@ -356,16 +356,6 @@ impl Engine {
             .collect())
     }
 
-    /// The events at `first..=last` as the replica holds them.
-    fn events_between(&self, first: Position, last: Position) -> Result<Outcome, EngineError> {
-        let events: Result<Vec<RecordedEvent>, _> = self
-            .log
-            .iter_from(first)
-            .take_while(|e| e.as_ref().map_or(true, |e| e.position <= last))
-            .collect();
-        Ok(Outcome { events: events? })
-    }
-
     /// Decides the commands `todo` (in order) against the projections at the replica's head;
     /// files the fate of those answered without an append, and returns the appends of the
     /// others, each expecting the head the one before it leaves. Stops after a command whose
@@ -396,14 +386,7 @@ impl Engine {
                     continue;
                 }
             }
-            let received_at = match request.received_at {
-                Some(t) => t,
-                None => {
-                    let t = now().max(clock.last);
-                    clock.last = t;
-                    t
-                }
-            };
+            let received_at = clock.received_at(request);
             let events = match domain::decide(&pending, &request.command, received_at) {
                 Ok(events) => events,
                 Err(e) => {
@@ -419,17 +402,7 @@ impl Engine {
                 continue;
             }
             let rebuilds = events.iter().any(crate::rebuilds_cases);
-            let recorded: Vec<RecordedEvent> = events
-                .iter()
-                .cloned()
-                .zip(head.0 + 1..)
-                .map(|(event, p)| RecordedEvent {
-                    position: Position(p),
-                    recorded_at: received_at,
-                    command_id: request.command_id.clone(),
-                    event,
-                })
-                .collect();
+            let recorded = crate::recorded_after(head, request, received_at, &events);
             out.push((
                 slot,
                 AppendRequest {

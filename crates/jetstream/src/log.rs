@@ -491,32 +491,29 @@ impl Shared {
         from: Position,
         limit: usize,
     ) -> Result<Vec<VerbatimEntry>, LogError> {
-        let from = from.max(Position(1)).0;
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let head = self.last_sequence().await?;
-        if from > head {
-            return Ok(Vec::new());
-        }
-        let to = head.min(from.saturating_add(limit as u64 - 1));
-        let mut out = Vec::with_capacity((to - from + 1) as usize);
-        let mut next = from;
-        while next <= to {
-            for message in self.page(next, to).await? {
-                let Parts { envelope, raw, .. } = parts(&message, Position(next))?;
-                out.push(VerbatimEntry {
-                    position: Position(next),
-                    envelope: envelope.to_vec(),
-                    raw: raw.map(<[u8]>::to_vec),
-                });
-                next += 1;
-            }
-        }
-        Ok(out)
+        self.read_with(from, limit, |message, position| {
+            let Parts { envelope, raw, .. } = parts(message, position)?;
+            Ok(VerbatimEntry {
+                position,
+                envelope: envelope.to_vec(),
+                raw: raw.map(<[u8]>::to_vec),
+            })
+        })
+        .await
     }
 
     async fn read(&self, from: Position, limit: usize) -> Result<Vec<RecordedEvent>, LogError> {
+        self.read_with(from, limit, decode_stored).await
+    }
+
+    /// Messages `from..` (at most `limit`, up to the head now), each made into a `T` by `each`
+    /// with the position it must be at.
+    async fn read_with<T>(
+        &self,
+        from: Position,
+        limit: usize,
+        each: impl Fn(&Stored, Position) -> Result<T, LogError>,
+    ) -> Result<Vec<T>, LogError> {
         let from = from.max(Position(1)).0;
         if limit == 0 {
             return Ok(Vec::new());
@@ -530,7 +527,7 @@ impl Shared {
         let mut next = from;
         while next <= to {
             for message in self.page(next, to).await? {
-                out.push(decode_stored(&message, Position(next))?);
+                out.push(each(&message, Position(next))?);
                 next += 1;
             }
         }
