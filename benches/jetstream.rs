@@ -34,7 +34,7 @@ use domain::{
 use eventlog::{
     encode_envelope_chained, AppendRequest, EventStore, Expected, LogConfig, SledLog, GENESIS,
 };
-use jetstream::cluster::{nats_server, Cluster};
+use jetstream::cluster::{nats_server, open_when_ready, Cluster};
 use jetstream::{JetStreamConfig, JetStreamLog};
 
 const TASKS: u64 = 64;
@@ -221,18 +221,13 @@ async fn sled_log(n: u64) -> BenchResult<Run> {
 
 /// Opens a first log so the meta leader exists before anything is timed.
 async fn wait_for_jetstream(cluster: &Cluster) -> BenchResult<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let config = JetStreamConfig::new(cluster.urls());
-        match JetStreamLog::open(config, &DomainName::new("bench-warmup")).await {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("waiting for JetStream: {e}");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    open_when_ready(
+        JetStreamConfig::new(cluster.urls()),
+        &DomainName::new("bench-warmup"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(())
 }
 
 fn main() -> BenchResult<()> {

@@ -54,7 +54,7 @@ use caseledger::{Engine, EngineConfig, SubmitStatus};
 use common::anc::{directory, raw_form, APP};
 use common::{env_or, load_average, machine, BenchResult, CpuUse, CpuWatch};
 use futures_util::StreamExt;
-use jetstream::cluster::{nats_server, Cluster};
+use jetstream::cluster::{nats_server, open_when_ready, Cluster};
 use jetstream::{JetStreamConfig, JetStreamLog};
 
 const TASKS: usize = 64;
@@ -589,17 +589,13 @@ async fn fresh_replica(
 
 /// Opens a first log so the meta leader exists before anything is timed.
 async fn wait_for_jetstream(cluster: &Cluster) -> BenchResult<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match JetStreamLog::open(js_config(cluster, 3), &DomainName::new("bench-warmup")).await {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("waiting for JetStream: {e}");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    open_when_ready(
+        js_config(cluster, 3),
+        &DomainName::new("bench-warmup"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(())
 }
 
 fn main() -> BenchResult<()> {

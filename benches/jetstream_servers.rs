@@ -58,7 +58,7 @@ use caseledger::eventlog::EventStore;
 use caseledger::{Engine, EngineConfig, Request};
 use common::http::{form, password, Conn};
 use common::{env_or, load_average, machine, user, BenchResult, CpuUse, CpuWatch};
-use jetstream::cluster::{nats_server, Cluster};
+use jetstream::cluster::{nats_server, open_when_ready, Cluster};
 use jetstream::{JetStreamConfig, JetStreamLog};
 use server::{Server, ServerConfig};
 use tokio::sync::Barrier;
@@ -514,17 +514,13 @@ async fn envelope_size(urls: &str, space: &str) -> BenchResult<usize> {
 
 /// Opens a first log so the meta leader exists before anything is timed.
 async fn wait_for_jetstream(urls: &str) -> BenchResult<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match JetStreamLog::open(js_config(urls), &DomainName::new("bench-warmup")).await {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("waiting for JetStream: {e}");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    open_when_ready(
+        js_config(urls),
+        &DomainName::new("bench-warmup"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(())
 }
 
 fn main() -> BenchResult<()> {

@@ -21,7 +21,7 @@ use caseledger::eventlog::{
     decode_envelope, encode_envelope_chained, AppendOutcome, AppendRequest, EventStore, Expected,
     LogConfig, LogError, SledLog, VerbatimEntry, GENESIS,
 };
-use jetstream::cluster::{nats_server, require_services, Cluster};
+use jetstream::cluster::{nats_server, open_when_ready, require_services, Cluster};
 use jetstream::{JetStreamConfig, JetStreamLog};
 use sha2::{Digest, Sha256};
 
@@ -51,17 +51,13 @@ async fn open(cluster: &Cluster, domain: &str) -> JetStreamLog {
 /// A log through the servers `urls`, retried for 30 s: opening needs the stream's leader, which
 /// may be in election (after a start, a restart, a kill).
 async fn open_at(urls: &str, domain: &str) -> JetStreamLog {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match JetStreamLog::open(JetStreamConfig::new(urls), &DomainName::new(domain)).await {
-            Ok(log) => return log,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("opening the JetStream log: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => panic!("cannot open the JetStream log: {e}"),
-        }
-    }
+    open_when_ready(
+        JetStreamConfig::new(urls),
+        &DomainName::new(domain),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot open the JetStream log: {e}"))
 }
 
 fn user(i: u64) -> Event {

@@ -27,7 +27,7 @@ use caseledger::domain::{
 };
 use caseledger::eventlog::{AppendOutcome, AppendRequest, EventStore, Expected, LogError};
 use caseledger::{Engine, EngineConfig, Request};
-use jetstream::cluster::{nats_server, require_services, Cluster};
+use jetstream::cluster::{nats_server, open_when_ready, require_services, Cluster};
 use jetstream::{JetStreamConfig, JetStreamLog};
 use server::{Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,22 +79,13 @@ fn dump_logs(cluster: &Cluster) {
 
 /// The project space's stream (created if need be), once the meta leader is elected.
 async fn open(cluster: &Cluster) -> JetStreamLog {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match JetStreamLog::open(
-            JetStreamConfig::new(cluster.urls()),
-            &DomainName::new(DOMAIN),
-        )
-        .await
-        {
-            Ok(log) => return log,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("opening the JetStream log: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => panic!("cannot open the JetStream log: {e}"),
-        }
-    }
+    open_when_ready(
+        JetStreamConfig::new(cluster.urls()),
+        &DomainName::new(DOMAIN),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot open the JetStream log: {e}"))
 }
 
 /// Everything the stream holds, checked: the chain verifies and positions run gapless from 1

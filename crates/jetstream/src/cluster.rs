@@ -428,3 +428,27 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Opens the log of `domain` with `config`, retried every 250 ms for up to `wait`: opening needs
+/// the meta leader and the stream's leader, either of which may be in election (after a start,
+/// a restart, a kill). Each failed attempt is printed to stderr.
+///
+/// # Errors
+/// The last attempt's error once `wait` has passed.
+pub async fn open_when_ready(
+    config: crate::JetStreamConfig,
+    domain: &domain::DomainName,
+    wait: Duration,
+) -> Result<crate::JetStreamLog, eventlog::LogError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match crate::JetStreamLog::open(config.clone(), domain).await {
+            Ok(log) => return Ok(log),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("opening the JetStream log of {domain}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
