@@ -370,7 +370,11 @@ impl Engine {
         Self::settle(&mut clock);
         self.catch_up()?;
         let mut pending = self.projections.pending_over(None, None);
-        let mut head = self.log.written_head();
+        // The head the decisions see: what the projections folded, not the copy's written head,
+        // which the follower's copy may have moved past since `catch_up` (it appends without
+        // the writer lock). Expecting the copy's head would let a decision that did not see
+        // those entries be appended after them: a form accepted twice under a kill -9 storm.
+        let mut head = pending.checkpoint();
         let mut keys: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         let mut out = Vec::new();
         for &slot in todo {
