@@ -259,6 +259,47 @@ async fn jetstream_log_keeps_the_sled_contract_and_its_hash_chain() {
             last: Position(8)
         }
     );
+    // An `append_all` chain is decided in order: once its first append is refused, the
+    // second is refused too, although the other writer's one event made its head fit.
+    other
+        .append(request("o9", Expected::Head(Position(8)), vec![user(9)]))
+        .await
+        .expect("the other writer's 9");
+    let chain = log
+        .append_all(vec![
+            request("x1", Expected::Head(Position(8)), vec![user(10)]),
+            request("x2", Expected::Head(Position(9)), vec![user(11)]),
+            request("x3", Expected::Any, vec![user(12)]),
+        ])
+        .await;
+    assert!(
+        matches!(
+            chain[0],
+            Err(LogError::WrongExpectedPosition {
+                expected: Position(8),
+                actual: Position(9)
+            })
+        ),
+        "{chain:?}"
+    );
+    assert!(
+        matches!(
+            chain[1],
+            Err(LogError::WrongExpectedPosition {
+                expected: Position(9),
+                ..
+            })
+        ),
+        "decided with x1 in place, which is not there: {chain:?}"
+    );
+    assert_eq!(
+        chain[2].as_ref().ok(),
+        Some(&AppendOutcome::Appended {
+            first: Position(10),
+            last: Position(10)
+        }),
+        "an append expecting no head does not depend on the chain"
+    );
     // Both writers pipelining at once still leave one gapless chain.
     let (a, b) = (log.clone(), other.clone());
     let left = tokio::spawn(async move {
@@ -278,8 +319,8 @@ async fn jetstream_log_keeps_the_sled_contract_and_its_hash_chain() {
     left.await.expect("join");
     right.await.expect("join");
     let verified = log.verify().await.expect("verify after two writers");
-    assert_eq!(verified.head, Position(88));
-    assert_eq!(log.head().await.expect("head"), Position(88));
+    assert_eq!(verified.head, Position(90));
+    assert_eq!(log.head().await.expect("head"), Position(90));
 
     // A stream that lost acknowledged messages (here: deleted and created again) is never
     // written over: the writer that saw them acknowledged reports the lost tail.

@@ -75,13 +75,33 @@ pub trait EventStore: Send + Sync {
     /// Appends several requests in order, each as [`EventStore::append`] would (each with its
     /// own expected position and key), and answers each. A store that can pipelines them, so
     /// that a group costs about one round trip; the default awaits one after the other.
+    ///
+    /// The requests are a *chain*: each was decided on the ones before it. Once one of them is
+    /// not `Appended` (refused, already appended elsewhere, failed), every later one that
+    /// expects a head ([`Expected::Head`]) is refused with [`LogError::WrongExpectedPosition`]
+    /// without being tried: its expected position was computed with the earlier one in place,
+    /// and another writer's entries of the same length must not make it fit.
     async fn append_all(
         &self,
         requests: Vec<AppendRequest>,
     ) -> Vec<Result<AppendOutcome, LogError>> {
         let mut out = Vec::with_capacity(requests.len());
+        // Once broken: the head the refusals report (what the log holds, not what was expected).
+        let mut broken: Option<Position> = None;
         for req in requests {
-            out.push(self.append(req).await);
+            let result = match (req.expected, broken) {
+                (Expected::Head(expected), Some(actual)) => {
+                    Err(LogError::WrongExpectedPosition { expected, actual })
+                }
+                _ => self.append(req).await,
+            };
+            if broken.is_none() && !matches!(result, Ok(AppendOutcome::Appended { .. })) {
+                broken = Some(match &result {
+                    Err(LogError::WrongExpectedPosition { actual, .. }) => *actual,
+                    _ => self.head().await.unwrap_or(Position::ZERO),
+                });
+            }
+            out.push(result);
         }
         out
     }
@@ -107,4 +127,73 @@ pub trait EventStore: Send + Sync {
     /// Durable events from `from` on: first those already in the log, then new ones as they
     /// become durable.
     async fn subscribe(&self, from: Position) -> Result<Subscription, LogError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::{CommandId, Event, Position, Timestamp, UserCreatedV1, UserId};
+
+    use crate::tests::open;
+    use crate::{AppendOutcome, AppendRequest, EventStore, Expected, LogError};
+
+    fn create(user: &str, expected: Expected) -> AppendRequest {
+        AppendRequest {
+            expected,
+            idempotency_key: None,
+            command_id: CommandId::new(user),
+            recorded_at: Timestamp(1),
+            events: vec![Event::UserCreatedV1(UserCreatedV1 {
+                user_id: UserId::new(user),
+                username: user.into(),
+            })],
+        }
+    }
+
+    // Issue 11 ("a decision made on a stale position is retried against the new head, never
+    // appended"): the second append of a chain was decided with the first in place. Another
+    // writer's single event makes its expected head fit; it must be refused all the same.
+    #[tokio::test]
+    async fn append_all_refuses_the_rest_of_a_chain_after_a_refused_append() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_db, log) = open(&dir);
+        log.append(create("u-other", Expected::Any))
+            .await
+            .expect("the other writer");
+        let answers = log
+            .append_all(vec![
+                create("u-a", Expected::Head(Position::ZERO)),
+                create("u-b", Expected::Head(Position(1))),
+                create("u-c", Expected::Any),
+            ])
+            .await;
+        assert!(
+            matches!(
+                answers[0],
+                Err(LogError::WrongExpectedPosition {
+                    expected: Position(0),
+                    actual: Position(1)
+                })
+            ),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(
+                answers[1],
+                Err(LogError::WrongExpectedPosition {
+                    expected: Position(1),
+                    actual: Position(1)
+                })
+            ),
+            "decided on u-a, which is not there: {answers:?}"
+        );
+        // An append that expects no head does not depend on the ones before it.
+        assert_eq!(
+            answers[2].as_ref().ok(),
+            Some(&AppendOutcome::Appended {
+                first: Position(2),
+                last: Position(2),
+            })
+        );
+        assert_eq!(log.written_head(), Position(2));
+    }
 }

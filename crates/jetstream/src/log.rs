@@ -15,7 +15,9 @@
 //! One committer task owns the writer state: the head the log last confirmed, its chain hash
 //! and the idempotency index. It takes queued appends, up to `max_batch` events, and for each
 //! in order checks the key (index, then earlier appends of the group), then `Expected::Head`
-//! against the running head, and encodes the envelopes chained to the running hash. Then it
+//! against the running head (refusing outright an append of an `append_all` chain one of whose
+//! earlier appends was not appended: it was decided with that one in place), and encodes the
+//! envelopes chained to the running hash. Then it
 //! publishes the round without waiting in between: one message for a lone single-event append,
 //! otherwise one atomic batch (ADR-50) of every message of the round, all stored or none; and
 //! answers each append from the round's one ack.
@@ -97,6 +99,41 @@ const MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// The server's limit on messages in one atomic batch.
 const MAX_ATOMIC: usize = 1000;
 
+/// How long [`JetStreamLog::open`] keeps asking for its stream, in configured timeouts. A new
+/// R3 stream answers its creation only once its own group has elected a leader, and an election
+/// that splits its vote takes another 4 to 9 s: one timeout is not always enough on a loaded
+/// machine (a CI run saw the creation time out after 10 s).
+const CREATE_TIMEOUTS: u32 = 3;
+
+/// Looks the stream up and creates it when it is missing, asking again while the answer is a
+/// timeout or "JetStream unavailable" (an election in progress) until [`CREATE_TIMEOUTS`]
+/// timeouts have passed. Both requests are idempotent: a creation that timed out on the caller's
+/// side but went through is found by the next lookup.
+async fn get_or_create(
+    js: &jetstream::Context,
+    wanted: stream::Config,
+    config: &JetStreamConfig,
+) -> Result<(), LogError> {
+    use async_nats::jetstream::context::CreateStreamErrorKind as Kind;
+    let deadline = tokio::time::Instant::now() + config.timeout * CREATE_TIMEOUTS;
+    loop {
+        let error = match js.get_or_create_stream(wanted.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let passing = match error.kind() {
+            Kind::TimedOut | Kind::JetStreamUnavailable => true,
+            Kind::JetStream(e) => e.code() == 503,
+            _ => false,
+        };
+        if !passing || tokio::time::Instant::now() >= deadline {
+            return Err(unavailable(error));
+        }
+        tracing::warn!(stream = %wanted.name, %error, "the stream did not answer yet; asking again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// The append-only log of one project space on a JetStream stream.
 ///
 /// Cheap to clone: clones share one connection and one committer.
@@ -113,6 +150,8 @@ pub struct JetStreamLog {
 struct Inner {
     shared: Arc<Shared>,
     jobs: mpsc::UnboundedSender<Queued>,
+    /// The next [`Job::chain`] id.
+    chains: std::sync::atomic::AtomicU64,
 }
 
 /// What the committer and the readers both use.
@@ -127,13 +166,18 @@ struct Shared {
 
 /// What the committer takes from its queue, in order.
 enum Queued {
-    Append(Job),
+    /// One append, or the chain of one `append_all`, queued at once so that it is never split
+    /// between the committer's groups.
+    Append(Vec<Job>),
     Verbatim(VerbatimJob),
 }
 
 struct Job {
     req: AppendRequest,
     answer: oneshot::Sender<Result<AppendOutcome, LogError>>,
+    /// The [`EventStore::append_all`] call this append is part of, if any: once one append of
+    /// a chain is not appended, its later appends that expect a head are refused.
+    chain: Option<u64>,
 }
 
 /// An import ([`JetStreamLog::append_verbatim`]).
@@ -157,6 +201,9 @@ struct Writer {
     /// `head`, so catch up before the next publish.
     stale: bool,
     scratch: Vec<u8>,
+    /// Chains ([`Job::chain`]) one of whose appends was not appended, until their last append
+    /// is answered.
+    broken: std::collections::HashSet<u64>,
 }
 
 impl fmt::Debug for JetStreamLog {
@@ -172,7 +219,8 @@ impl JetStreamLog {
     /// Connects, creates the project space's stream if it does not exist (file storage,
     /// `config.replicas`, direct gets and atomic batches allowed, deletes and purges denied so
     /// positions stay gapless), reads it once to rebuild the key index and the head's chain
-    /// hash, and starts the committer. Needs a tokio runtime.
+    /// hash, and starts the committer. Needs a tokio runtime. While the cluster or the new
+    /// stream's group elects a leader, the stream is asked for again, for up to three timeouts.
     ///
     /// # Errors
     /// [`LogError::Unavailable`] when the cluster cannot be reached or refuses the stream;
@@ -181,7 +229,7 @@ impl JetStreamLog {
         let (client, js) = connect(&config).await?;
         let stream = wire::stream_name(domain);
         let subject = wire::subject(domain);
-        js.get_or_create_stream(stream::Config {
+        let wanted = stream::Config {
             name: stream.clone(),
             subjects: vec![subject.clone()],
             storage: stream::StorageType::File,
@@ -192,9 +240,8 @@ impl JetStreamLog {
             deny_delete: true,
             deny_purge: true,
             ..Default::default()
-        })
-        .await
-        .map_err(unavailable)?;
+        };
+        get_or_create(&js, wanted, &config).await?;
         let shared = Arc::new(Shared {
             client,
             js,
@@ -210,13 +257,18 @@ impl JetStreamLog {
             uncertain: std::collections::HashSet::new(),
             stale: true,
             scratch: Vec::with_capacity(4096),
+            broken: std::collections::HashSet::new(),
         };
         shared.catch_up(&mut writer).await?;
         tracing::info!(domain = %domain, head = writer.head.0, stream = %shared.stream, "opened JetStream log");
         let (jobs, queue) = mpsc::unbounded_channel();
         tokio::spawn(commit_loop(Arc::clone(&shared), writer, queue));
         Ok(JetStreamLog {
-            inner: Arc::new(Inner { shared, jobs }),
+            inner: Arc::new(Inner {
+                shared,
+                jobs,
+                chains: std::sync::atomic::AtomicU64::new(0),
+            }),
         })
     }
 
@@ -344,7 +396,11 @@ impl JetStreamLog {
         let (answer, rx) = oneshot::channel();
         self.inner
             .jobs
-            .send(Queued::Append(Job { req, answer }))
+            .send(Queued::Append(vec![Job {
+                req,
+                answer,
+                chain: None,
+            }]))
             .map_err(|_| LogError::Shutdown)?;
         rx.await.map_err(|_| LogError::Shutdown)?
     }
@@ -362,24 +418,32 @@ impl EventStore for JetStreamLog {
         self.append_queued(req).await
     }
 
-    /// Queues every append before awaiting any, in order, so the committer takes them as one
-    /// group (one atomic batch, chained by expected position).
+    /// Queues every append as one chain before awaiting any, so the committer takes them in
+    /// one group (one atomic batch where they fit), each expecting the head the one before
+    /// leaves; once one is not appended, the later ones that expect a head are refused (the
+    /// trait's contract).
     async fn append_all(
         &self,
         requests: Vec<AppendRequest>,
     ) -> Vec<Result<AppendOutcome, LogError>> {
+        let chain = Some(
+            self.inner
+                .chains
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        let mut jobs = Vec::with_capacity(requests.len());
         let mut waiting = Vec::with_capacity(requests.len());
         for req in requests {
             let (answer, rx) = oneshot::channel();
-            let sent = self.inner.jobs.send(Queued::Append(Job { req, answer }));
-            waiting.push(sent.ok().map(|()| rx));
+            jobs.push(Job { req, answer, chain });
+            waiting.push(rx);
+        }
+        if self.inner.jobs.send(Queued::Append(jobs)).is_err() {
+            return waiting.iter().map(|_| Err(LogError::Shutdown)).collect();
         }
         let mut out = Vec::with_capacity(waiting.len());
         for rx in waiting {
-            out.push(match rx {
-                Some(rx) => rx.await.unwrap_or(Err(LogError::Shutdown)),
-                None => Err(LogError::Shutdown),
-            });
+            out.push(rx.await.unwrap_or(Err(LogError::Shutdown)));
         }
         out
     }
@@ -780,20 +844,23 @@ async fn commit_loop(
             },
         };
         let first = match queued {
-            Queued::Append(job) => job,
+            Queued::Append(jobs) => jobs,
             Queued::Verbatim(job) => {
                 let result = import(&shared, &mut writer, &job.entries).await;
                 let _ = job.answer.send(result);
                 continue;
             }
         };
-        let mut events = first.req.events.len().max(1);
-        let mut group = vec![first];
+        let mut events: usize = first.iter().map(|j| j.req.events.len().max(1)).sum();
+        let mut group = first;
         while events < shared.config.max_batch {
             match queue.try_recv() {
-                Ok(Queued::Append(job)) => {
-                    events += job.req.events.len().max(1);
-                    group.push(job);
+                Ok(Queued::Append(jobs)) => {
+                    events += jobs
+                        .iter()
+                        .map(|j| j.req.events.len().max(1))
+                        .sum::<usize>();
+                    group.extend(jobs);
                 }
                 Ok(verbatim) => {
                     next = Some(verbatim);
@@ -892,6 +959,8 @@ enum Fate {
 }
 
 async fn commit_group(shared: &Shared, writer: &mut Writer, mut todo: Vec<Job>) {
+    // A chain is queued whole, so it never outlives its group.
+    writer.broken.clear();
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     for round in 0..MAX_ROUNDS {
         if round > 0 {
@@ -1004,66 +1073,76 @@ async fn commit_round(
     let mut sending = true;
     for (i, job) in todo.iter().enumerate() {
         let req = &job.req;
-        if !sending {
-            fates.push(Fate::Retry);
-            continue;
-        }
-        if let Some(key) = req.idempotency_key.as_deref() {
-            if let Some(&(first, last)) = writer.keys.get(key) {
-                fates.push(Fate::Done(Ok(AppendOutcome::AlreadyAppended {
-                    first,
-                    last,
-                })));
-                continue;
+        let fate = 'fate: {
+            if !sending {
+                break 'fate Fate::Retry;
             }
-            if let Some(&n) = in_round.get(key) {
-                fates.push(Fate::SameKeyAs(n));
-                continue;
-            }
-        }
-        let head = round.head;
-        if let Expected::Head(expected) = req.expected {
-            if expected > head && !fresh {
-                // The caller read a later head than this writer knows: another process
-                // appended since this writer last caught up. The writer is behind, not the
-                // caller: catch up and compare again next round (refusing here would refuse
-                // every retry of the caller's decision too, since nothing else makes this
-                // writer catch up).
-                writer.stale = true;
-                sending = false;
-                fates.push(Fate::Retry);
-                continue;
-            }
-            if expected != head {
-                fates.push(Fate::Done(Err(LogError::WrongExpectedPosition {
-                    expected,
-                    actual: head,
-                })));
-                continue;
-            }
-        }
-        if req.events.is_empty() {
-            fates.push(Fate::Done(Ok(AppendOutcome::Appended {
-                first: head.next(),
-                last: head,
-            })));
-            continue;
-        }
-        // A round is at most one atomic batch: the rest waits for the next round.
-        if !round.appends.is_empty() && round.messages() + req.events.len() > MAX_ATOMIC {
-            sending = false;
-            fates.push(Fate::Retry);
-            continue;
-        }
-        match Shared::stage(writer, &mut round, i, req) {
-            Ok(()) => {
-                if let Some(key) = req.idempotency_key.as_deref() {
-                    in_round.insert(key, i);
+            if let (Some(chain), Expected::Head(expected)) = (job.chain, req.expected) {
+                if writer.broken.contains(&chain) {
+                    // Decided on an earlier append of its chain that was not appended.
+                    break 'fate Fate::Done(Err(LogError::WrongExpectedPosition {
+                        expected,
+                        actual: round.head,
+                    }));
                 }
-                fates.push(Fate::Retry);
             }
-            Err(e) => fates.push(Fate::Done(Err(e))),
+            if let Some(key) = req.idempotency_key.as_deref() {
+                if let Some(&(first, last)) = writer.keys.get(key) {
+                    break 'fate Fate::Done(Ok(AppendOutcome::AlreadyAppended { first, last }));
+                }
+                if let Some(&n) = in_round.get(key) {
+                    break 'fate Fate::SameKeyAs(n);
+                }
+            }
+            let head = round.head;
+            if let Expected::Head(expected) = req.expected {
+                if expected > head && !fresh {
+                    // The caller read a later head than this writer knows: another process
+                    // appended since this writer last caught up. The writer is behind, not the
+                    // caller: catch up and compare again next round (refusing here would refuse
+                    // every retry of the caller's decision too, since nothing else makes this
+                    // writer catch up).
+                    writer.stale = true;
+                    sending = false;
+                    break 'fate Fate::Retry;
+                }
+                if expected != head {
+                    break 'fate Fate::Done(Err(LogError::WrongExpectedPosition {
+                        expected,
+                        actual: head,
+                    }));
+                }
+            }
+            if req.events.is_empty() {
+                break 'fate Fate::Done(Ok(AppendOutcome::Appended {
+                    first: head.next(),
+                    last: head,
+                }));
+            }
+            // A round is at most one atomic batch: the rest waits for the next round.
+            if !round.appends.is_empty() && round.messages() + req.events.len() > MAX_ATOMIC {
+                sending = false;
+                break 'fate Fate::Retry;
+            }
+            match Shared::stage(writer, &mut round, i, req) {
+                Ok(()) => {
+                    if let Some(key) = req.idempotency_key.as_deref() {
+                        in_round.insert(key, i);
+                    }
+                    Fate::Retry
+                }
+                Err(e) => Fate::Done(Err(e)),
+            }
+        };
+        if let Some(chain) = job.chain {
+            if !matches!(
+                fate,
+                Fate::Retry | Fate::Done(Ok(AppendOutcome::Appended { .. }))
+            ) {
+                writer.broken.insert(chain);
+            }
         }
+        fates.push(fate);
     }
     if round.appends.is_empty() {
         return fates;
@@ -1133,6 +1212,16 @@ async fn commit_round(
             }
             for append in &round.appends {
                 fates[append.slot] = Fate::Done(Err(LogError::Unavailable(reason.clone())));
+            }
+        }
+    }
+    for (job, fate) in todo.iter().zip(&fates) {
+        if let Some(chain) = job.chain {
+            if matches!(
+                fate,
+                Fate::Done(Ok(AppendOutcome::AlreadyAppended { .. })) | Fate::Done(Err(_))
+            ) {
+                writer.broken.insert(chain);
             }
         }
     }
