@@ -28,13 +28,13 @@ use crate::{Engine, EngineError, Outcome, Request};
 /// Requests decided as one group at most.
 pub const MAX_GROUP: usize = 256;
 
-type Answer = oneshot::Sender<Result<Outcome, EngineError>>;
+pub(crate) type Answer = oneshot::Sender<Result<Outcome, EngineError>>;
 
 /// The queue of requests waiting to be decided, and the lead.
 #[derive(Default)]
 pub(crate) struct Combiner {
     queue: Mutex<Vec<(Request, Answer)>>,
-    lead: tokio::sync::Mutex<()>,
+    pub(crate) lead: tokio::sync::Mutex<()>,
 }
 
 impl Combiner {
@@ -45,7 +45,7 @@ impl Combiner {
         }
     }
 
-    fn take(&self) -> Vec<(Request, Answer)> {
+    pub(crate) fn take(&self) -> Vec<(Request, Answer)> {
         let mut q = match self.queue.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
@@ -69,17 +69,14 @@ impl Engine {
                 // Empty: a leader before took this request along; its group answers it.
                 let group = self.combiner.take();
                 if !group.is_empty() {
-                    let (requests, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
                     if let Some(up) = &self.upstream {
-                        // A replica's group waits for the upstream under the lead: the next
-                        // group is decided on the head this one leaves.
-                        match self.execute_replicated(up, &requests).await {
-                            Ok(outcomes) => answer_all(answers, outcomes, Ok(())),
-                            Err(e) => answer_failed(answers, &e),
-                        }
+                        // A replica's leader appends its group upstream and, while that is in
+                        // flight, decides the next one on the head it leaves (`replica.rs`).
+                        self.lead_replicated(up, group).await;
                         drop(lead);
                         return received(rx.await);
                     }
+                    let (requests, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
                     let begun = self.begin(&requests);
                     drop(lead);
                     match begun {
@@ -110,7 +107,7 @@ fn received(
 }
 
 /// Every request of a group failed together (before anything was appended, or with the log).
-fn answer_failed(answers: Vec<Answer>, e: &EngineError) {
+pub(crate) fn answer_failed(answers: Vec<Answer>, e: &EngineError) {
     for answer in answers {
         // An unreachable log stays what it is (callers retry it); other failures of the
         // group are internal to each of its commands.
@@ -124,7 +121,11 @@ fn answer_failed(answers: Vec<Answer>, e: &EngineError) {
     }
 }
 
-fn answer_all(answers: Vec<Answer>, outcomes: crate::Outcomes, finished: Result<(), EngineError>) {
+pub(crate) fn answer_all(
+    answers: Vec<Answer>,
+    outcomes: crate::Outcomes,
+    finished: Result<(), EngineError>,
+) {
     match finished {
         Ok(()) => {
             for (answer, outcome) in answers.into_iter().zip(outcomes) {

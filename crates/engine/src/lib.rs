@@ -32,6 +32,7 @@ mod combine;
 mod committer;
 mod error;
 mod outcome;
+mod pipeline;
 mod replica;
 mod store;
 mod upgrade;
@@ -219,6 +220,10 @@ struct Writer {
     /// Ids touched by the batches sealed last, oldest first, to validate reads made ahead of
     /// the lock ([`Prefetched::validate`]).
     recent: std::collections::VecDeque<Touched>,
+    /// A replica's leader is deciding groups on top of groups still being appended upstream
+    /// (`replica.rs`): their projection batches are applied as each lands, so nobody else may
+    /// fold the copy meanwhile (it would fold those entries twice).
+    leading: bool,
 }
 
 impl Writer {
@@ -379,6 +384,7 @@ impl Engine {
                 last: Timestamp::EPOCH,
                 inflight: None,
                 recent: std::collections::VecDeque::new(),
+                leading: false,
             }),
             config,
             repaired: Mutex::new(Vec::new()),
@@ -622,6 +628,8 @@ impl Engine {
     /// failed command appends nothing.
     pub async fn execute_many(&self, requests: Vec<Request>) -> Result<Outcomes, EngineError> {
         if let Some(up) = &self.upstream {
+            // Under the lead, so that no streak of groups is in flight meanwhile.
+            let _lead = self.combiner.lead.lock().await;
             return self.execute_replicated(up, &requests).await;
         }
         let (results, last, written) = self.begin(&requests)?;

@@ -45,7 +45,9 @@ pub(crate) struct Upstream {
     /// One pull at a time: the replica is appended to in position order.
     pull: tokio::sync::Mutex<()>,
     /// Appends refused because another writer moved the head first, each decided again.
-    refused: std::sync::atomic::AtomicU64,
+    pub(crate) refused: std::sync::atomic::AtomicU64,
+    /// Groups decided while the group before them was being appended (`pipeline.rs`).
+    pub(crate) overlapped: std::sync::atomic::AtomicU64,
 }
 
 impl Upstream {
@@ -54,12 +56,13 @@ impl Upstream {
             store,
             pull: tokio::sync::Mutex::new(()),
             refused: std::sync::atomic::AtomicU64::new(0),
+            overlapped: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
 
 /// What one round made of a command of the group.
-enum Fate {
+pub(crate) enum Fate {
     /// Answered: an error, nothing to append, or a retry already in the log.
     Answered(Result<Outcome, EngineError>),
     /// In the log at `first..=last` (appended now or by an earlier attempt).
@@ -149,6 +152,15 @@ impl Engine {
             .map_or(0, |u| u.refused.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// How many of this replica's groups were decided while the group before them was still
+    /// being appended upstream (the pipelined write path); 0 for an engine that is not a
+    /// replica.
+    pub fn overlapped_groups(&self) -> u64 {
+        self.upstream.as_ref().map_or(0, |u| {
+            u.overlapped.load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
     /// Refuses a replica that is not a prefix of its upstream: longer than it, or with another
     /// entry at its head.
     async fn check_prefix(&self) -> Result<(), EngineError> {
@@ -198,9 +210,13 @@ impl Engine {
                 .map_or(Timestamp::EPOCH, |e| e.recorded_at);
             blocking(|| -> Result<(), EngineError> {
                 let mut writer = self.lock();
-                Self::settle(&mut writer);
                 // The next command's received time follows the upstream's last one.
                 writer.last = writer.last.max(last);
+                if writer.leading {
+                    // A leader's groups are landing: it folds what it copied when it is done.
+                    return Ok(());
+                }
+                Self::settle(&mut writer);
                 self.catch_up()
             })?;
         }
@@ -208,7 +224,7 @@ impl Engine {
     }
 
     /// Copies what the upstream holds beyond the replica's head, without folding it.
-    async fn copy(&self) -> Result<Position, EngineError> {
+    pub(crate) async fn copy(&self) -> Result<Position, EngineError> {
         let Some(up) = &self.upstream else {
             return Ok(self.log.written_head());
         };
@@ -288,13 +304,26 @@ impl Engine {
         })
     }
 
-    /// Decides and appends a group of commands on the upstream log (see the module docs).
+    /// Decides and appends a group of commands on the upstream log, round by round (see the
+    /// module docs).
     pub(crate) async fn execute_replicated(
         &self,
         up: &Upstream,
         requests: &[Request],
     ) -> Result<Outcomes, EngineError> {
-        let mut fates: Vec<Option<Fate>> = requests.iter().map(|_| None).collect();
+        let fates = requests.iter().map(|_| None).collect();
+        self.execute_rounds(up, requests, fates, false).await
+    }
+
+    /// [`Engine::execute_replicated`] for requests of which some already have their fate; the
+    /// others are decided in rounds, the first after a pull when `pull_first`.
+    pub(crate) async fn execute_rounds(
+        &self,
+        up: &Upstream,
+        requests: &[Request],
+        mut fates: Vec<Option<Fate>>,
+        pull_first: bool,
+    ) -> Result<Outcomes, EngineError> {
         for round in 0..MAX_ROUNDS {
             let todo: Vec<usize> = (0..requests.len())
                 .filter(|&i| fates[i].is_none())
@@ -305,7 +334,7 @@ impl Engine {
             // The first round decides on the copy as it is (the last group's pull and the
             // follower keep it close to the stream): a stale decision is refused by its
             // expected position, never appended, and decided again after a pull.
-            if round > 0 {
+            if round > 0 || pull_first {
                 self.pull().await?;
             }
             let decided = blocking(|| self.decide_round(requests, &todo, &mut fates))?;

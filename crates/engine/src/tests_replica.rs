@@ -333,3 +333,221 @@ async fn a_fresh_replica_of_a_long_stream_answers_as_a_replay_of_it() {
     let differences = fresh.verify(&mut |_, _| {}).expect("verify");
     assert!(differences.is_empty(), "{differences:?}");
 }
+
+/// An upstream whose every append takes `delay` (a quorum's round trip), and where another
+/// writer appends one user just before the `race_at`-th append (0: never).
+struct Slow {
+    log: SledLog,
+    delay: std::time::Duration,
+    appends: std::sync::atomic::AtomicUsize,
+    race_at: usize,
+}
+
+impl Slow {
+    fn over(up: &Upstream, delay_ms: u64, race_at: usize) -> Arc<dyn EventStore> {
+        Arc::new(Slow {
+            log: up.log.clone(),
+            delay: std::time::Duration::from_millis(delay_ms),
+            appends: std::sync::atomic::AtomicUsize::new(0),
+            race_at,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for Slow {
+    async fn append(
+        &self,
+        req: eventlog::AppendRequest,
+    ) -> Result<eventlog::AppendOutcome, eventlog::LogError> {
+        let n = self
+            .appends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        tokio::time::sleep(self.delay).await;
+        if n == self.race_at {
+            self.log
+                .append(eventlog::AppendRequest {
+                    expected: Expected::Any,
+                    idempotency_key: None,
+                    command_id: CommandId::new("other-server"),
+                    recorded_at: Timestamp(1),
+                    events: vec![Event::UserCreatedV1(domain::UserCreatedV1 {
+                        user_id: "u-other".into(),
+                        username: "u-other".into(),
+                    })],
+                })
+                .await?;
+        }
+        self.log.append(req).await
+    }
+    async fn read(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, eventlog::LogError> {
+        self.log.read(from, limit).await
+    }
+    async fn head(&self) -> Result<Position, eventlog::LogError> {
+        self.log.head().await
+    }
+    async fn read_entries(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<eventlog::VerbatimEntry>, eventlog::LogError> {
+        self.log.read_entries(from, limit).await
+    }
+    async fn subscribe(
+        &self,
+        from: Position,
+    ) -> Result<eventlog::Subscription, eventlog::LogError> {
+        self.log.subscribe(from).await
+    }
+}
+
+const CASES: usize = 6;
+
+/// Registers cases `c0..c5`, then 32 tasks submit 4 follow-ups each at once, spread over
+/// those cases; every form must be accepted. Returns each form's (position, instance, case,
+/// value).
+async fn storm(engine: &Arc<Engine>) -> Vec<(Position, String, String, String)> {
+    engine.execute(create_user("u1")).await.expect("user");
+    for c in 0..CASES {
+        let reg = engine
+            .submit(
+                form(&format!("reg-{c}"), &format!("c{c}"), true, "0"),
+                None,
+                None,
+            )
+            .await
+            .expect("registration");
+        assert_eq!(reg.outcome, SubmitStatus::Accepted);
+    }
+    let mut tasks = Vec::new();
+    for t in 0..32 {
+        let engine = Arc::clone(engine);
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for j in 0..4 {
+                let (instance, case) = (format!("f-{t}-{j}"), format!("c{}", (t + j) % CASES));
+                let value = format!("{t}.{j}");
+                let out = engine
+                    .submit(form(&instance, &case, false, &value), None, None)
+                    .await
+                    .expect("submit");
+                assert_eq!(out.outcome, SubmitStatus::Accepted, "{out:?}");
+                mine.push((out.position, instance, case, value));
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all.sort();
+    all
+}
+
+/// What a storm must leave: every form once, at the position it was answered with; each case
+/// holding the value of its last form in received order; the replica entry for entry the
+/// upstream's, and its projections equal to a replay of it.
+async fn check_storm(engine: &Engine, up: &Upstream, forms: &[(Position, String, String, String)]) {
+    assert_eq!(forms.len(), 128);
+    let head = up.log.durable_head();
+    assert_eq!(engine.pull().await.expect("pull"), head);
+    let mut seen = std::collections::HashSet::new();
+    for (position, instance, _, _) in forms {
+        assert!(seen.insert(*position), "two forms answered with {position}");
+        let stored = engine
+            .log()
+            .read_at(*position)
+            .expect("read")
+            .expect("event");
+        match stored.event {
+            Event::FormAcceptedV1(accepted) => {
+                assert_eq!(accepted.form.form_id.as_str(), instance, "at {position}");
+            }
+            other => panic!("{instance} answered with {position}, which holds {other:?}"),
+        }
+    }
+    for c in 0..CASES {
+        let case = format!("c{c}");
+        let last = forms
+            .iter()
+            .filter(|f| f.2 == case)
+            .max_by_key(|f| f.0)
+            .map(|f| f.3.clone());
+        let stored = engine
+            .projections()
+            .case(&CaseId::from(case.as_str()))
+            .expect("read")
+            .expect("case");
+        assert_eq!(stored.properties.get("visit"), last.as_ref(), "{case}");
+    }
+    assert_eq!(
+        engine.log().verify(Position(1)).expect("verify").head_hash,
+        up.log.verify(Position(1)).expect("verify").head_hash
+    );
+    let differences = engine.verify(&mut |_, _| {}).expect("verify projections");
+    assert!(differences.is_empty(), "{differences:?}");
+}
+
+// Issue 11 (the replica's write path): while a group is appended upstream, the next one is
+// decided on the projections plus the group in flight, and its sealed batch is written instead
+// of folding the copy again; a storm through it answers as a replay of the log (R-seed: forms
+// on shared cases, received order wins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_group_is_decided_while_one_is_appended_and_answers_as_a_replay() {
+    let up = upstream();
+    let dir = tempfile::tempdir().expect("tmp");
+    let engine = Arc::new(
+        Engine::open_replica(
+            dir.path(),
+            &"d".into(),
+            EngineConfig::default(),
+            Slow::over(&up, 1, 0),
+        )
+        .await
+        .expect("open"),
+    );
+    let _follow = engine.follow();
+    let forms = storm(&engine).await;
+    assert!(
+        engine.overlapped_groups() > 0,
+        "no group was decided while another was appended"
+    );
+    assert_eq!(engine.refused_appends(), 0);
+    assert_eq!(up.log.durable_head(), Position(1 + CASES as u64 + 128));
+    check_storm(&engine, &up, &forms).await;
+}
+
+// Issue 11 ("a decision made on a stale position is retried against the new head, never
+// appended"): another writer appends in the middle of a streak; the group it lands in, and
+// the group decided on that one, are decided again on the new head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streak_refused_midway_decides_its_groups_again_on_the_new_head() {
+    let up = upstream();
+    let dir = tempfile::tempdir().expect("tmp");
+    let race_at = 1 + CASES + 40;
+    let engine = Arc::new(
+        Engine::open_replica(
+            dir.path(),
+            &"d".into(),
+            EngineConfig::default(),
+            Slow::over(&up, 1, race_at),
+        )
+        .await
+        .expect("open"),
+    );
+    let _follow = engine.follow();
+    let forms = storm(&engine).await;
+    assert!(engine.refused_appends() >= 1, "the race refused nothing");
+    assert_eq!(
+        up.log.durable_head(),
+        Position(1 + CASES as u64 + 128 + 1),
+        "every form once, and the other writer's user"
+    );
+    check_storm(&engine, &up, &forms).await;
+}

@@ -211,6 +211,16 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
                 engine.refused_appends()
             );
         }
+        out.push_str("# HELP caseledger_replica_overlapped_groups_total Groups decided while the group before them was being appended to the stream.\n");
+        out.push_str("# TYPE caseledger_replica_overlapped_groups_total counter\n");
+        for (domain, engine) in engines.iter().filter(|(_, e)| e.upstream().is_some()) {
+            let _ = writeln!(
+                out,
+                "caseledger_replica_overlapped_groups_total{{domain=\"{}\"}} {}",
+                label(domain.as_str()),
+                engine.overlapped_groups()
+            );
+        }
     }
     out.push_str("# HELP caseledger_sse_subscribers Server-Sent Event streams open now.\n");
     out.push_str("# TYPE caseledger_sse_subscribers gauge\n");

@@ -1,0 +1,519 @@
+//! A replica's write path, pipelined: the next group is decided while this one is appended.
+//!
+//! Each upstream append costs a round trip (a quorum's fsyncs for JetStream at R3), and a
+//! replica decided, appended, copied and folded one group at a time, so its deciding and the
+//! round trip never overlapped. The leader of a group now keeps the lead for a *streak* of up
+//! to [`MAX_STREAK`] groups while requests keep coming:
+//!
+//! 1. it decides group *k + 1* on the projections plus the [`Overlay`] of group *k* (as the
+//!    sled path decides on the batch in flight), while *k*'s append is in flight upstream;
+//! 2. it awaits *k*'s append; when every command of *k* landed exactly where it was decided
+//!    (each `Appended` at the positions folded into its overlay), it copies *k*'s entries into
+//!    the replica and hands *k*'s sealed projection batch to the committer thread, instead of
+//!    folding the copy again; *k*'s callers are answered once that batch is written;
+//! 3. only then is *k + 1* appended, its first command expecting the head *k* left. So a group
+//!    is appended only after the group it was decided on landed as decided: `Expected::Head`
+//!    checks a position, not the entries before it, and a group decided on a group that was
+//!    refused must never be appended after someone else's entries of the same length.
+//!
+//! When a group does not land as decided (another writer moved the head, a retry found its
+//! first attempt, the upstream failed), its sealed batch and the next group's decisions are
+//! dropped and every command without a final answer goes through the round-by-round path
+//! ([`Engine::execute_replicated`]), which pulls and decides again on the new head; the streak
+//! ends there. A command whose fold reads its own forms back from the log (an edit, an
+//! archive) ends its group and is folded from the copy once it lands; the group after it is
+//! decided only then.
+//!
+//! While a streak runs, `Writer::leading` keeps every other fold of the copy away (a pull
+//! copies but does not fold): the copy holds the streak's entries before their batches are
+//! written, and folding them from the copy too would apply them twice. The streak ends with a
+//! pull that folds whatever other writers appended meanwhile.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use domain::{Position, RecordedEvent};
+use eventlog::{AppendOutcome, AppendRequest, Expected, LogError};
+use projections::{Overlay, Sealed};
+
+use crate::combine::{answer_all, answer_failed, Answer};
+use crate::committer::Inflight;
+use crate::replica::{Fate, Upstream};
+use crate::{blocking, Engine, EngineError, Outcome, Outcomes, Request};
+
+/// Groups one leader decides and appends back to back before it hands the lead on. Its own
+/// caller is answered with the first group but returns only when the streak ends.
+const MAX_STREAK: usize = 8;
+
+/// How long a landed group's entries may take to be readable upstream (a direct get served
+/// by a replica that has not applied them yet) before the streak gives up on copying them.
+const COPY_WAIT: Duration = Duration::from_secs(10);
+
+/// An append in flight upstream.
+type Appending<'a> =
+    Pin<Box<dyn Future<Output = Vec<Result<AppendOutcome, LogError>>> + Send + 'a>>;
+
+/// What the next group is decided on.
+enum Base {
+    /// The projections, plus the overlay of the group before when it is still landing.
+    Over(Option<Arc<Overlay>>),
+    /// Nothing yet: the group before folds from the copy once it lands (an edit or archive).
+    AfterFold,
+}
+
+/// A group as [`Engine::decide_group`] leaves it.
+struct Decision {
+    /// Per request: its answer when it needs no append, `SameAs` a repeated key, else `None`.
+    fates: Vec<Option<Fate>>,
+    /// The decided appends: request slot, append, its events as recorded.
+    appends: Vec<(usize, AppendRequest, Vec<RecordedEvent>)>,
+    /// Requests decided; the rest come after an edit or archive and go to the next group.
+    decided: usize,
+    /// The group's projection batch and the overlay the next group reads through.
+    sealed: Option<(Sealed, Arc<Overlay>)>,
+    /// What the group after this one is decided on.
+    next: Base,
+}
+
+/// A decided group and its callers.
+struct Group {
+    requests: Vec<Request>,
+    answers: Vec<Answer>,
+    decision: Decision,
+}
+
+/// Clears `Writer::leading` when the streak ends, however it ends (a dropped leader too).
+struct Leading<'a>(&'a Engine);
+
+impl<'a> Leading<'a> {
+    fn start(engine: &'a Engine) -> Self {
+        engine.lock().leading = true;
+        Leading(engine)
+    }
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.0.lock().leading = false;
+    }
+}
+
+impl Engine {
+    /// Leads a streak of groups, starting with `first` (see the module docs). Every request
+    /// taken is answered on its own channel.
+    pub(crate) async fn lead_replicated(&self, up: &Upstream, first: Vec<(Request, Answer)>) {
+        let leading = Leading::start(self);
+        let mut queued = first;
+        let mut base = Base::Over(None);
+        let mut flying: Option<(Group, Appending<'_>)> = None;
+        let mut streak = 0;
+        loop {
+            // Decide the next group on what the flying one leaves, while it is in flight.
+            let mut next = None;
+            if let Base::Over(over) = &base {
+                if !queued.is_empty() {
+                    streak += 1;
+                    if flying.is_some() {
+                        up.overlapped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let (requests, answers): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut queued).into_iter().unzip();
+                    match blocking(|| self.decide_group(&requests, over.clone())) {
+                        Ok(decision) => {
+                            let (requests, answers) =
+                                carry_rest(requests, answers, decision.decided, &mut queued);
+                            next = Some(Group {
+                                requests,
+                                answers,
+                                decision,
+                            });
+                        }
+                        Err(e) => answer_failed(answers, &e),
+                    }
+                }
+            }
+            // Land the flying group.
+            if let Some((group, append)) = flying.take() {
+                let results = append.await;
+                if let Err(mut rest) = self.land(up, group, results).await {
+                    // Not as decided: everything without a final answer goes round by round.
+                    if let Some(next) = next.take() {
+                        rest.push_undecided(next.requests, next.answers);
+                    }
+                    let (requests, answers): (Vec<_>, Vec<_>) = queued.drain(..).unzip();
+                    rest.push_undecided(requests, answers);
+                    drop(leading);
+                    let outcomes = self
+                        .execute_rounds(up, &rest.requests, rest.fates, true)
+                        .await;
+                    match outcomes {
+                        Ok(outcomes) => answer_all(rest.answers, outcomes, Ok(())),
+                        Err(e) => answer_failed(rest.answers, &e),
+                    }
+                    return;
+                }
+            }
+            let Some(group) = next else {
+                if queued.is_empty() {
+                    break;
+                }
+                // A group that folds from the copy landed: decide the rest now.
+                base = Base::Over(None);
+                continue;
+            };
+            base = match &group.decision.next {
+                Base::Over(over) => Base::Over(over.clone()),
+                Base::AfterFold => Base::AfterFold,
+            };
+            let appends: Vec<AppendRequest> = group
+                .decision
+                .appends
+                .iter()
+                .map(|(_, append, _)| append.clone())
+                .collect();
+            let mut append = if appends.is_empty() {
+                Box::pin(std::future::ready(Vec::new())) as Appending<'_>
+            } else {
+                up.store.append_all(appends)
+            };
+            // Poll once, so that a store that queues on the first poll (JetStream) has the
+            // appends on their way while the next group is decided.
+            let polled = std::future::poll_fn(|cx| Poll::Ready(append.as_mut().poll(cx))).await;
+            if let Poll::Ready(results) = polled {
+                append = Box::pin(std::future::ready(results));
+            }
+            flying = Some((group, append));
+            if queued.is_empty() && streak < MAX_STREAK {
+                queued = self.combiner.take();
+            }
+        }
+        drop(leading);
+        // Fold what other writers appended meanwhile; the streak's own batches are written.
+        if let Err(e) = self.pull().await {
+            tracing::warn!(error = %e, "replica: pull after a streak failed");
+        }
+    }
+
+    /// Decides `requests` in order, on the projections plus `over` (the group before, still
+    /// landing), or on the projections caught up with the copy when `over` is `None`. Stops
+    /// after a command whose fold reads its forms back from the log.
+    fn decide_group(
+        &self,
+        requests: &[Request],
+        over: Option<Arc<Overlay>>,
+    ) -> Result<Decision, EngineError> {
+        let mut clock = self.lock();
+        // The batch of the group before `over`'s is written first: `over` holds only its own
+        // group's changes.
+        if !Self::settle(&mut clock) {
+            return Err(EngineError::Internal(
+                "a projection batch of this streak was not written; the next group catches up \
+                 from the log"
+                    .into(),
+            ));
+        }
+        let plain = over.is_none();
+        if plain {
+            self.catch_up()?;
+        }
+        let mut pending = self.projections.pending_over(over.clone(), None);
+        let start = pending.checkpoint();
+        let mut head = start;
+        let mut fates: Vec<Option<Fate>> = requests.iter().map(|_| None).collect();
+        let mut appends = Vec::new();
+        let mut keys: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut decided = requests.len();
+        let mut rebuilt = false;
+        for (slot, request) in requests.iter().enumerate() {
+            let key = request.idempotent.then_some(request.command_id.0.as_str());
+            if let Some(k) = key {
+                if let Some((first, last)) = self.log.lookup_idempotency(k)? {
+                    fates[slot] = Some(Fate::At(first, last));
+                    continue;
+                }
+                if let Some(&earlier) = keys.get(k) {
+                    fates[slot] = Some(Fate::SameAs(earlier));
+                    continue;
+                }
+            }
+            let received_at = clock.received_at(request);
+            let events = match domain::decide(&pending, &request.command, received_at) {
+                Ok(events) => events,
+                Err(e) => {
+                    fates[slot] = Some(Fate::Answered(Err(EngineError::Command(e))));
+                    continue;
+                }
+            };
+            if let Some(e) = pending.take_error() {
+                return Err(EngineError::Projection(e));
+            }
+            if events.is_empty() {
+                fates[slot] = Some(Fate::Answered(Ok(Outcome { events: Vec::new() })));
+                continue;
+            }
+            let rebuilds = events.iter().any(crate::rebuilds_cases);
+            let recorded = crate::recorded_after(head, request, received_at, &events);
+            let expected = Expected::Head(head);
+            head = recorded.last().map_or(head, |e| e.position);
+            if let Some(k) = key {
+                keys.insert(k, slot);
+            }
+            let append = AppendRequest {
+                expected,
+                // Always keyed: an append whose answer was lost is retried without doubling.
+                idempotency_key: Some(request.command_id.0.clone()),
+                command_id: request.command_id.clone(),
+                recorded_at: received_at,
+                events,
+            };
+            if rebuilds {
+                // Its fold reads this form back from the log: fold it from the copy once it
+                // has landed, and decide the rest after that.
+                appends.push((slot, append, recorded));
+                decided = slot + 1;
+                rebuilt = true;
+                break;
+            }
+            for ev in &recorded {
+                pending.apply(ev)?;
+            }
+            appends.push((slot, append, recorded));
+        }
+        let (sealed, next) = if rebuilt {
+            (None, Base::AfterFold)
+        } else if pending.checkpoint() == start {
+            (None, Base::Over(over))
+        } else {
+            let (sealed, overlay) = pending.seal()?;
+            let overlay = Arc::new(overlay);
+            (
+                Some((sealed, Arc::clone(&overlay))),
+                Base::Over(Some(overlay)),
+            )
+        };
+        fates.truncate(decided);
+        Ok(Decision {
+            fates,
+            appends,
+            decided,
+            sealed,
+            next,
+        })
+    }
+
+    /// Lands a group whose append answered `results`: when every append landed where it was
+    /// decided, copies the entries, hands the batch to the committer (or folds the copy after
+    /// an edit or archive) and answers the callers once it is written. Otherwise hands back
+    /// what is left to decide again.
+    async fn land(
+        &self,
+        up: &Upstream,
+        group: Group,
+        results: Vec<Result<AppendOutcome, LogError>>,
+    ) -> Result<(), Rest> {
+        let Group {
+            requests,
+            answers,
+            decision,
+        } = group;
+        let Decision {
+            mut fates,
+            appends,
+            sealed,
+            next,
+            ..
+        } = decision;
+        let mut first_off: Option<usize> = None;
+        let mut last = None;
+        let mut recorded_of: Vec<Option<Vec<RecordedEvent>>> =
+            requests.iter().map(|_| None).collect();
+        for ((slot, _, recorded), result) in appends.into_iter().zip(results) {
+            let decided = (
+                recorded.first().map(|e| e.position),
+                recorded.last().map(|e| e.position),
+            );
+            fates[slot] = match result {
+                Ok(AppendOutcome::Appended { first, last: end })
+                    if decided == (Some(first), Some(end)) =>
+                {
+                    last = Some(end);
+                    recorded_of[slot] = Some(recorded);
+                    Some(Fate::At(first, end))
+                }
+                Ok(AppendOutcome::Appended { first, last: end })
+                | Ok(AppendOutcome::AlreadyAppended { first, last: end }) => {
+                    first_off.get_or_insert(slot);
+                    Some(Fate::At(first, end))
+                }
+                Err(LogError::WrongExpectedPosition { .. }) => {
+                    up.refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    first_off.get_or_insert(slot);
+                    None
+                }
+                Err(e) => {
+                    first_off.get_or_insert(slot);
+                    Some(Fate::Answered(Err(e.into())))
+                }
+            };
+        }
+        if let Some(off) = first_off {
+            // Answers decided after the first append that did not land as decided assumed it
+            // did: decide them again. Appends that landed stay landed.
+            for fate in fates.iter_mut().skip(off + 1) {
+                if matches!(fate, Some(Fate::Answered(_) | Fate::SameAs(_))) {
+                    *fate = None;
+                }
+            }
+            return Err(Rest {
+                requests,
+                answers,
+                fates,
+            });
+        }
+        if let Some(last) = last {
+            if let Err(e) = self.copy_through(last).await {
+                // Landed upstream but not copied: answer from the log once it is copied.
+                fates.iter_mut().for_each(|f| {
+                    if matches!(f, Some(Fate::At(..))) {
+                        *f = None;
+                    }
+                });
+                tracing::warn!(error = %e, "replica: landed entries not copied yet");
+                return Err(Rest {
+                    requests,
+                    answers,
+                    fates,
+                });
+            }
+        }
+        if sealed.is_some() && !blocking(|| Self::settle(&mut self.lock())) {
+            // The batch it was decided on top of was not written: fold from the copy instead.
+            return Err(Rest {
+                requests,
+                answers,
+                fates,
+            });
+        }
+        let outcomes = self.outcomes(fates, recorded_of);
+        match (sealed, next) {
+            (Some((sealed, overlay)), _) => {
+                let done = self.committer.submit(sealed);
+                self.lock().inflight = Some(Inflight {
+                    overlay,
+                    done: Arc::clone(&done),
+                });
+                tokio::spawn(async move {
+                    let written = done.done().await.map_err(|e| {
+                        EngineError::Internal(format!(
+                            "projection write failed ({e}); the log holds the events and the \
+                             next command catches the projections up"
+                        ))
+                    });
+                    answer_all(answers, outcomes, written);
+                });
+            }
+            (None, Base::AfterFold) => {
+                let folded = blocking(|| -> Result<(), EngineError> {
+                    let mut writer = self.lock();
+                    Self::settle(&mut writer);
+                    self.catch_up()
+                });
+                answer_all(answers, outcomes, folded);
+            }
+            (None, Base::Over(_)) => answer_all(answers, outcomes, Ok(())),
+        }
+        Ok(())
+    }
+
+    /// The answers of a group that landed as decided: its events as recorded for a command
+    /// appended now, the log's for a retry found there, and a repeated key's earlier answer.
+    fn outcomes(
+        &self,
+        fates: Vec<Option<Fate>>,
+        mut recorded: Vec<Option<Vec<RecordedEvent>>>,
+    ) -> Outcomes {
+        let mut out: Outcomes = Vec::with_capacity(fates.len());
+        let mut same = Vec::new();
+        for (slot, fate) in fates.into_iter().enumerate() {
+            out.push(match fate {
+                Some(Fate::At(first, last)) => {
+                    match recorded.get_mut(slot).and_then(Option::take) {
+                        Some(events) => Ok(Outcome { events }),
+                        None => self.events_between(first, last),
+                    }
+                }
+                Some(Fate::Answered(result)) => result,
+                Some(Fate::SameAs(earlier)) => {
+                    same.push((slot, earlier));
+                    Ok(Outcome { events: Vec::new() })
+                }
+                None => Err(EngineError::Internal(
+                    "a command of the group has no outcome".into(),
+                )),
+            });
+        }
+        for (slot, earlier) in same {
+            out[slot] = match out.get(earlier) {
+                Some(Ok(outcome)) => Ok(outcome.clone()),
+                _ => Err(EngineError::Internal(
+                    "the command this one repeats did not succeed".into(),
+                )),
+            };
+        }
+        out
+    }
+
+    /// Copies the upstream into the replica until it holds `last`, waiting for a direct get
+    /// that lags the append it answers.
+    async fn copy_through(&self, last: Position) -> Result<(), EngineError> {
+        let deadline = tokio::time::Instant::now() + COPY_WAIT;
+        loop {
+            if self.copy().await? >= last {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EngineError::Log(LogError::Unavailable(format!(
+                    "position {last} was acknowledged but could not be read back within {COPY_WAIT:?}"
+                ))));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// What a group that did not land as decided leaves to the round-by-round path.
+struct Rest {
+    requests: Vec<Request>,
+    answers: Vec<Answer>,
+    fates: Vec<Option<Fate>>,
+}
+
+impl Rest {
+    fn push_undecided(&mut self, requests: Vec<Request>, answers: Vec<Answer>) {
+        self.fates.extend(requests.iter().map(|_| None));
+        self.requests.extend(requests);
+        self.answers.extend(answers);
+    }
+}
+
+/// Splits off the requests after the first `decided` and puts them first in `queued`.
+fn carry_rest(
+    mut requests: Vec<Request>,
+    mut answers: Vec<Answer>,
+    decided: usize,
+    queued: &mut Vec<(Request, Answer)>,
+) -> (Vec<Request>, Vec<Answer>) {
+    let rest: Vec<(Request, Answer)> = requests
+        .split_off(decided)
+        .into_iter()
+        .zip(answers.split_off(decided))
+        .collect();
+    let later = std::mem::replace(queued, rest);
+    queued.extend(later);
+    (requests, answers)
+}
