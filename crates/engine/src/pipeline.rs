@@ -48,6 +48,10 @@ use crate::{blocking, Engine, EngineError, Outcome, Outcomes, Request};
 /// caller is answered with the first group but returns only when the streak ends.
 const MAX_STREAK: usize = 8;
 
+/// A queue this long, with no group in flight, is decided as two groups, the second while the
+/// first is appended.
+const SPLIT_FROM: usize = 16;
+
 /// How long a landed group's entries may take to be readable upstream (a direct get served
 /// by a replica that has not applied them yet) before the streak gives up on copying them.
 const COPY_WAIT: Duration = Duration::from_secs(10);
@@ -57,6 +61,7 @@ type Appending<'a> =
     Pin<Box<dyn Future<Output = Vec<Result<AppendOutcome, LogError>>> + Send + 'a>>;
 
 /// What the next group is decided on.
+#[derive(Clone)]
 enum Base {
     /// The projections, plus the overlay of the group before when it is still landing.
     Over(Option<Arc<Overlay>>),
@@ -120,8 +125,16 @@ impl Engine {
                         up.overlapped
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
+                    // Nothing in flight: split a long queue in two, so that the second half
+                    // is decided while the first is appended (else callers that all wait on
+                    // one group come back together, and no group ever overlaps another).
+                    let later = if flying.is_none() && queued.len() >= SPLIT_FROM {
+                        queued.split_off(queued.len() / 2)
+                    } else {
+                        Vec::new()
+                    };
                     let (requests, answers): (Vec<_>, Vec<_>) =
-                        std::mem::take(&mut queued).into_iter().unzip();
+                        std::mem::replace(&mut queued, later).into_iter().unzip();
                     match blocking(|| self.decide_group(&requests, over.clone())) {
                         Ok(decision) => {
                             let (requests, answers) =
@@ -132,69 +145,84 @@ impl Engine {
                                 decision,
                             });
                         }
-                        Err(e) => answer_failed(answers, &e),
+                        Err(e) => {
+                            answer_failed(answers, &e);
+                            base = Base::Over(None);
+                        }
                     }
                 }
             }
-            // Land the flying group.
             if let Some((group, append)) = flying.take() {
                 let results = append.await;
-                if let Err(mut rest) = self.land(up, group, results).await {
-                    // Not as decided: everything without a final answer goes round by round.
-                    if let Some(next) = next.take() {
-                        rest.push_undecided(next.requests, next.answers);
+                let landed = match classify(up, group, results) {
+                    Ok(landed) => landed,
+                    Err(mut rest) => {
+                        // Not as decided: everything without a final answer goes round by
+                        // round, after a pull, on the new head.
+                        if let Some(next) = next.take() {
+                            rest.push_undecided(next.requests, next.answers);
+                        }
+                        return self.fall_back(up, leading, rest, queued).await;
                     }
-                    let (requests, answers): (Vec<_>, Vec<_>) = queued.drain(..).unzip();
-                    rest.push_undecided(requests, answers);
-                    drop(leading);
-                    let outcomes = self
-                        .execute_rounds(up, &rest.requests, rest.fates, true)
-                        .await;
-                    match outcomes {
-                        Ok(outcomes) => answer_all(rest.answers, outcomes, Ok(())),
-                        Err(e) => answer_failed(rest.answers, &e),
+                };
+                // Landed as decided: the next group goes on its way before this one is copied.
+                if let Some(group) = next.take() {
+                    base = group.decision.next.clone();
+                    let append = send(up, group_appends(&group)).await;
+                    flying = Some((group, append));
+                }
+                let folds = matches!(landed.next, Base::AfterFold);
+                if let Err(mut rest) = self.finish_landed(landed).await {
+                    if let Some((group, append)) = flying.take() {
+                        let results = append.await;
+                        match classify(up, group, results) {
+                            Ok(landed) => rest.push_landed(landed),
+                            Err(more) => rest.push_rest(more),
+                        }
                     }
-                    return;
+                    return self.fall_back(up, leading, rest, queued).await;
                 }
-            }
-            let Some(group) = next else {
-                if queued.is_empty() {
-                    break;
+                if folds {
+                    // Its fold read the log: the rest is decided on the projections now.
+                    base = Base::Over(None);
                 }
-                // A group that folds from the copy landed: decide the rest now.
-                base = Base::Over(None);
-                continue;
-            };
-            base = match &group.decision.next {
-                Base::Over(over) => Base::Over(over.clone()),
-                Base::AfterFold => Base::AfterFold,
-            };
-            let appends: Vec<AppendRequest> = group
-                .decision
-                .appends
-                .iter()
-                .map(|(_, append, _)| append.clone())
-                .collect();
-            let mut append = if appends.is_empty() {
-                Box::pin(std::future::ready(Vec::new())) as Appending<'_>
-            } else {
-                up.store.append_all(appends)
-            };
-            // Poll once, so that a store that queues on the first poll (JetStream) has the
-            // appends on their way while the next group is decided.
-            let polled = std::future::poll_fn(|cx| Poll::Ready(append.as_mut().poll(cx))).await;
-            if let Poll::Ready(results) = polled {
-                append = Box::pin(std::future::ready(results));
+            } else if let Some(group) = next.take() {
+                base = group.decision.next.clone();
+                let append = send(up, group_appends(&group)).await;
+                flying = Some((group, append));
             }
-            flying = Some((group, append));
             if queued.is_empty() && streak < MAX_STREAK {
                 queued = self.combiner.take();
+            }
+            if flying.is_none() && queued.is_empty() {
+                break;
             }
         }
         drop(leading);
         // Fold what other writers appended meanwhile; the streak's own batches are written.
         if let Err(e) = self.pull().await {
             tracing::warn!(error = %e, "replica: pull after a streak failed");
+        }
+    }
+
+    /// Ends a streak whose group did not land as decided: `rest` and everything queued go
+    /// through the round-by-round path, which pulls and decides again on the new head.
+    async fn fall_back(
+        &self,
+        up: &Upstream,
+        leading: Leading<'_>,
+        mut rest: Rest,
+        queued: Vec<(Request, Answer)>,
+    ) {
+        let (requests, answers): (Vec<_>, Vec<_>) = queued.into_iter().unzip();
+        rest.push_undecided(requests, answers);
+        drop(leading);
+        match self
+            .execute_rounds(up, &rest.requests, rest.fates, true)
+            .await
+        {
+            Ok(outcomes) => answer_all(rest.answers, outcomes, Ok(())),
+            Err(e) => answer_failed(rest.answers, &e),
         }
     }
 
@@ -305,101 +333,37 @@ impl Engine {
         })
     }
 
-    /// Lands a group whose append answered `results`: when every append landed where it was
-    /// decided, copies the entries, hands the batch to the committer (or folds the copy after
-    /// an edit or archive) and answers the callers once it is written. Otherwise hands back
-    /// what is left to decide again.
-    async fn land(
-        &self,
-        up: &Upstream,
-        group: Group,
-        results: Vec<Result<AppendOutcome, LogError>>,
-    ) -> Result<(), Rest> {
-        let Group {
+    /// Finishes a group that landed as decided: copies its entries, hands its batch to the
+    /// committer (or folds the copy after an edit or archive) and answers its callers once the
+    /// batch is written. Hands the group back when its entries cannot be copied.
+    async fn finish_landed(&self, landed: Landed) -> Result<(), Rest> {
+        let Landed {
             requests,
             answers,
-            decision,
-        } = group;
-        let Decision {
-            mut fates,
-            appends,
+            fates,
+            recorded,
+            last,
             sealed,
             next,
-            ..
-        } = decision;
-        let mut first_off: Option<usize> = None;
-        let mut last = None;
-        let mut recorded_of: Vec<Option<Vec<RecordedEvent>>> =
-            requests.iter().map(|_| None).collect();
-        for ((slot, _, recorded), result) in appends.into_iter().zip(results) {
-            let decided = (
-                recorded.first().map(|e| e.position),
-                recorded.last().map(|e| e.position),
-            );
-            fates[slot] = match result {
-                Ok(AppendOutcome::Appended { first, last: end })
-                    if decided == (Some(first), Some(end)) =>
-                {
-                    last = Some(end);
-                    recorded_of[slot] = Some(recorded);
-                    Some(Fate::At(first, end))
-                }
-                Ok(AppendOutcome::Appended { first, last: end })
-                | Ok(AppendOutcome::AlreadyAppended { first, last: end }) => {
-                    first_off.get_or_insert(slot);
-                    Some(Fate::At(first, end))
-                }
-                Err(LogError::WrongExpectedPosition { .. }) => {
-                    up.refused
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    first_off.get_or_insert(slot);
-                    None
-                }
-                Err(e) => {
-                    first_off.get_or_insert(slot);
-                    Some(Fate::Answered(Err(e.into())))
-                }
-            };
-        }
-        if let Some(off) = first_off {
-            // Answers decided after the first append that did not land as decided assumed it
-            // did: decide them again. Appends that landed stay landed.
-            for fate in fates.iter_mut().skip(off + 1) {
-                if matches!(fate, Some(Fate::Answered(_) | Fate::SameAs(_))) {
-                    *fate = None;
-                }
-            }
-            return Err(Rest {
-                requests,
-                answers,
-                fates,
-            });
-        }
-        if let Some(last) = last {
-            if let Err(e) = self.copy_through(last).await {
-                // Landed upstream but not copied: answer from the log once it is copied.
-                fates.iter_mut().for_each(|f| {
-                    if matches!(f, Some(Fate::At(..))) {
-                        *f = None;
-                    }
-                });
+        } = landed;
+        let copied = match last {
+            Some(last) => self.copy_through(last).await,
+            None => Ok(()),
+        };
+        // The batch it was decided on top of was written, or this one must not be either.
+        let settled =
+            copied.is_ok() && (sealed.is_none() || blocking(|| Self::settle(&mut self.lock())));
+        if !settled {
+            if let Err(e) = copied {
                 tracing::warn!(error = %e, "replica: landed entries not copied yet");
-                return Err(Rest {
-                    requests,
-                    answers,
-                    fates,
-                });
             }
-        }
-        if sealed.is_some() && !blocking(|| Self::settle(&mut self.lock())) {
-            // The batch it was decided on top of was not written: fold from the copy instead.
             return Err(Rest {
                 requests,
                 answers,
                 fates,
             });
         }
-        let outcomes = self.outcomes(fates, recorded_of);
+        let outcomes = self.outcomes(fates, recorded);
         match (sealed, next) {
             (Some((sealed, overlay)), _) => {
                 let done = self.committer.submit(sealed);
@@ -473,7 +437,8 @@ impl Engine {
     async fn copy_through(&self, last: Position) -> Result<(), EngineError> {
         let deadline = tokio::time::Instant::now() + COPY_WAIT;
         loop {
-            if self.copy().await? >= last {
+            // The follower may have copied it already.
+            if self.log.written_head() >= last || self.copy().await? >= last {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
@@ -499,6 +464,148 @@ impl Rest {
         self.requests.extend(requests);
         self.answers.extend(answers);
     }
+
+    /// Appends another group's rest; its `SameAs` slots are renumbered.
+    fn push_rest(&mut self, other: Rest) {
+        let offset = self.requests.len();
+        self.fates.extend(other.fates.into_iter().map(|f| match f {
+            Some(Fate::SameAs(earlier)) => Some(Fate::SameAs(earlier + offset)),
+            other => other,
+        }));
+        self.requests.extend(other.requests);
+        self.answers.extend(other.answers);
+    }
+
+    /// A group that landed as decided but will not be finished here: what landed stays
+    /// landed (answered from the log once copied), its batch is dropped.
+    fn push_landed(&mut self, landed: Landed) {
+        self.push_rest(Rest {
+            requests: landed.requests,
+            answers: landed.answers,
+            fates: landed.fates,
+        });
+    }
+}
+
+/// A group that landed as decided, before it is copied and projected.
+struct Landed {
+    requests: Vec<Request>,
+    answers: Vec<Answer>,
+    fates: Vec<Option<Fate>>,
+    /// Per slot, the events of a command appended now, as decided and folded.
+    recorded: Vec<Option<Vec<RecordedEvent>>>,
+    /// The last position the group appended.
+    last: Option<Position>,
+    sealed: Option<(Sealed, Arc<Overlay>)>,
+    next: Base,
+}
+
+/// Files each append's answer in its command's fate: `Ok` when every append landed where it
+/// was decided; otherwise the group's rest to decide again. Answers decided after the first
+/// append that did not land as decided assumed it did, so they are decided again too;
+/// appends that landed stay landed.
+fn classify(
+    up: &Upstream,
+    group: Group,
+    results: Vec<Result<AppendOutcome, LogError>>,
+) -> Result<Landed, Rest> {
+    let Group {
+        requests,
+        answers,
+        decision,
+    } = group;
+    let Decision {
+        mut fates,
+        appends,
+        sealed,
+        next,
+        ..
+    } = decision;
+    let mut first_off: Option<usize> = None;
+    let mut last = None;
+    let mut recorded_of: Vec<Option<Vec<RecordedEvent>>> = requests.iter().map(|_| None).collect();
+    let mut results = results.into_iter();
+    for (slot, _, recorded) in appends {
+        let decided = (
+            recorded.first().map(|e| e.position),
+            recorded.last().map(|e| e.position),
+        );
+        let result = results.next().unwrap_or_else(|| {
+            Err(LogError::Unavailable(
+                "the store answered fewer appends than asked".into(),
+            ))
+        });
+        fates[slot] = match result {
+            Ok(AppendOutcome::Appended { first, last: end })
+                if decided == (Some(first), Some(end)) =>
+            {
+                last = Some(end);
+                recorded_of[slot] = Some(recorded);
+                Some(Fate::At(first, end))
+            }
+            Ok(AppendOutcome::Appended { first, last: end })
+            | Ok(AppendOutcome::AlreadyAppended { first, last: end }) => {
+                first_off.get_or_insert(slot);
+                Some(Fate::At(first, end))
+            }
+            Err(LogError::WrongExpectedPosition { .. }) => {
+                up.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                first_off.get_or_insert(slot);
+                None
+            }
+            Err(e) => {
+                first_off.get_or_insert(slot);
+                Some(Fate::Answered(Err(e.into())))
+            }
+        };
+    }
+    if let Some(off) = first_off {
+        for fate in fates.iter_mut().skip(off + 1) {
+            if matches!(fate, Some(Fate::Answered(_) | Fate::SameAs(_))) {
+                *fate = None;
+            }
+        }
+        return Err(Rest {
+            requests,
+            answers,
+            fates,
+        });
+    }
+    Ok(Landed {
+        requests,
+        answers,
+        fates,
+        recorded: recorded_of,
+        last,
+        sealed,
+        next,
+    })
+}
+
+/// A group's appends, as sent upstream.
+fn group_appends(group: &Group) -> Vec<AppendRequest> {
+    group
+        .decision
+        .appends
+        .iter()
+        .map(|(_, append, _)| append.clone())
+        .collect()
+}
+
+/// Sends `appends` upstream and polls once, so that a store that queues on the first poll
+/// (JetStream) has them on their way while the leader goes on.
+async fn send(up: &Upstream, appends: Vec<AppendRequest>) -> Appending<'_> {
+    let mut append = if appends.is_empty() {
+        Box::pin(std::future::ready(Vec::new())) as Appending<'_>
+    } else {
+        up.store.append_all(appends)
+    };
+    let polled = std::future::poll_fn(|cx| Poll::Ready(append.as_mut().poll(cx))).await;
+    if let Poll::Ready(results) = polled {
+        append = Box::pin(std::future::ready(results));
+    }
+    append
 }
 
 /// Splits off the requests after the first `decided` and puts them first in `queued`.
