@@ -35,6 +35,9 @@ pub(crate) type Answer = oneshot::Sender<Result<Outcome, EngineError>>;
 pub(crate) struct Combiner {
     queue: Mutex<Vec<(Request, Answer)>>,
     pub(crate) lead: tokio::sync::Mutex<()>,
+    /// Woken by each push: a replica's leader waiting on an append decides what arrives
+    /// meanwhile (`pipeline.rs`).
+    pub(crate) arrived: tokio::sync::Notify,
 }
 
 impl Combiner {
@@ -43,6 +46,7 @@ impl Combiner {
             Ok(mut q) => q.push(job),
             Err(poisoned) => poisoned.into_inner().push(job),
         }
+        self.arrived.notify_one();
     }
 
     pub(crate) fn take(&self) -> Vec<(Request, Answer)> {

@@ -48,10 +48,6 @@ use crate::{blocking, Engine, EngineError, Outcome, Outcomes, Request};
 /// caller is answered with the first group but returns only when the streak ends.
 const MAX_STREAK: usize = 8;
 
-/// A queue this long, with no group in flight, is decided as two groups, the second while the
-/// first is appended.
-const SPLIT_FROM: usize = 16;
-
 /// How long a landed group's entries may take to be readable upstream (a direct get served
 /// by a replica that has not applied them yet) before the streak gives up on copying them.
 const COPY_WAIT: Duration = Duration::from_secs(10);
@@ -65,7 +61,8 @@ type Appending<'a> =
 enum Base {
     /// The projections, plus the overlay of the group before when it is still landing.
     Over(Option<Arc<Overlay>>),
-    /// Nothing yet: the group before folds from the copy once it lands (an edit or archive).
+    /// Nothing yet: the group before folds from the copy once it lands (an edit or archive),
+    /// or a group failed to be decided; decide again once nothing is in flight.
     AfterFold,
 }
 
@@ -81,6 +78,13 @@ struct Decision {
     sealed: Option<(Sealed, Arc<Overlay>)>,
     /// What the group after this one is decided on.
     next: Base,
+}
+
+/// A leader's streak: what waits to be decided, on what, and how many groups it decided.
+struct Streak {
+    queued: Vec<(Request, Answer)>,
+    base: Base,
+    groups: usize,
 }
 
 /// A decided group and its callers.
@@ -111,49 +115,36 @@ impl Engine {
     /// taken is answered on its own channel.
     pub(crate) async fn lead_replicated(&self, up: &Upstream, first: Vec<(Request, Answer)>) {
         let leading = Leading::start(self);
-        let mut queued = first;
-        let mut base = Base::Over(None);
+        let mut streak = Streak {
+            queued: first,
+            base: Base::Over(None),
+            groups: 0,
+        };
         let mut flying: Option<(Group, Appending<'_>)> = None;
-        let mut streak = 0;
         loop {
-            // Decide the next group on what the flying one leaves, while it is in flight.
-            let mut next = None;
-            if let Base::Over(over) = &base {
-                if !queued.is_empty() {
-                    streak += 1;
-                    if flying.is_some() {
-                        up.overlapped
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    // Nothing in flight: split a long queue in two, so that the second half
-                    // is decided while the first is appended (else callers that all wait on
-                    // one group come back together, and no group ever overlaps another).
-                    let later = if flying.is_none() && queued.len() >= SPLIT_FROM {
-                        queued.split_off(queued.len() / 2)
-                    } else {
-                        Vec::new()
-                    };
-                    let (requests, answers): (Vec<_>, Vec<_>) =
-                        std::mem::replace(&mut queued, later).into_iter().unzip();
-                    match blocking(|| self.decide_group(&requests, over.clone())) {
-                        Ok(decision) => {
-                            let (requests, answers) =
-                                carry_rest(requests, answers, decision.decided, &mut queued);
-                            next = Some(Group {
-                                requests,
-                                answers,
-                                decision,
-                            });
-                        }
-                        Err(e) => {
-                            answer_failed(answers, &e);
-                            base = Base::Over(None);
-                        }
-                    }
-                }
+            if streak.queued.is_empty() && streak.groups < MAX_STREAK {
+                streak.queued = self.combiner.take();
             }
-            if let Some((group, append)) = flying.take() {
-                let results = append.await;
+            // Decide the next group on what the flying one leaves, while it is in flight.
+            let mut next = self.decide_next(up, &mut streak, flying.is_some());
+            if let Some((group, mut append)) = flying.take() {
+                // Requests that arrive while the group is in flight are decided meanwhile.
+                let results = loop {
+                    if next.is_some()
+                        || !matches!(streak.base, Base::Over(_))
+                        || streak.groups >= MAX_STREAK
+                    {
+                        break append.await;
+                    }
+                    tokio::select! {
+                        biased;
+                        results = &mut append => break results,
+                        () = self.combiner.arrived.notified() => {
+                            streak.queued = self.combiner.take();
+                            next = self.decide_next(up, &mut streak, true);
+                        }
+                    }
+                };
                 let landed = match classify(up, group, results) {
                     Ok(landed) => landed,
                     Err(mut rest) => {
@@ -162,16 +153,15 @@ impl Engine {
                         if let Some(next) = next.take() {
                             rest.push_undecided(next.requests, next.answers);
                         }
-                        return self.fall_back(up, leading, rest, queued).await;
+                        return self.fall_back(up, leading, rest, streak.queued).await;
                     }
                 };
                 // Landed as decided: the next group goes on its way before this one is copied.
                 if let Some(group) = next.take() {
-                    base = group.decision.next.clone();
+                    streak.base = group.decision.next.clone();
                     let append = send(up, group_appends(&group)).await;
                     flying = Some((group, append));
                 }
-                let folds = matches!(landed.next, Base::AfterFold);
                 if let Err(mut rest) = self.finish_landed(landed).await {
                     if let Some((group, append)) = flying.take() {
                         let results = append.await;
@@ -180,21 +170,18 @@ impl Engine {
                             Err(more) => rest.push_rest(more),
                         }
                     }
-                    return self.fall_back(up, leading, rest, queued).await;
-                }
-                if folds {
-                    // Its fold read the log: the rest is decided on the projections now.
-                    base = Base::Over(None);
+                    return self.fall_back(up, leading, rest, streak.queued).await;
                 }
             } else if let Some(group) = next.take() {
-                base = group.decision.next.clone();
+                streak.base = group.decision.next.clone();
                 let append = send(up, group_appends(&group)).await;
                 flying = Some((group, append));
             }
-            if queued.is_empty() && streak < MAX_STREAK {
-                queued = self.combiner.take();
+            if flying.is_none() && matches!(streak.base, Base::AfterFold) {
+                // Nothing of the streak is in flight: decide on the projections again.
+                streak.base = Base::Over(None);
             }
-            if flying.is_none() && queued.is_empty() {
+            if flying.is_none() && streak.queued.is_empty() {
                 break;
             }
         }
@@ -202,6 +189,41 @@ impl Engine {
         // Fold what other writers appended meanwhile; the streak's own batches are written.
         if let Err(e) = self.pull().await {
             tracing::warn!(error = %e, "replica: pull after a streak failed");
+        }
+    }
+
+    /// Decides the queued requests as the next group, on `streak.base`, unless there are none
+    /// or the base is not known yet. A group that fails to be decided is answered with its
+    /// error; the next one is then decided only once nothing of the streak is in flight.
+    fn decide_next(&self, up: &Upstream, streak: &mut Streak, flying: bool) -> Option<Group> {
+        let Base::Over(over) = &streak.base else {
+            return None;
+        };
+        if streak.queued.is_empty() {
+            return None;
+        }
+        streak.groups += 1;
+        if flying {
+            up.overlapped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let (requests, answers): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut streak.queued).into_iter().unzip();
+        match blocking(|| self.decide_group(&requests, over.clone())) {
+            Ok(decision) => {
+                let (requests, answers) =
+                    carry_rest(requests, answers, decision.decided, &mut streak.queued);
+                Some(Group {
+                    requests,
+                    answers,
+                    decision,
+                })
+            }
+            Err(e) => {
+                answer_failed(answers, &e);
+                streak.base = Base::AfterFold;
+                None
+            }
         }
     }
 

@@ -408,7 +408,7 @@ impl EventStore for Slow {
 
 const CASES: usize = 6;
 
-/// Registers cases `c0..c5`, then 32 tasks submit 4 follow-ups each at once, spread over
+/// Registers cases `c0..c5`, then 64 tasks submit 2 follow-ups each at once, spread over
 /// those cases; every form must be accepted. Returns each form's (position, instance, case,
 /// value).
 async fn storm(engine: &Arc<Engine>) -> Vec<(Position, String, String, String)> {
@@ -425,11 +425,11 @@ async fn storm(engine: &Arc<Engine>) -> Vec<(Position, String, String, String)> 
         assert_eq!(reg.outcome, SubmitStatus::Accepted);
     }
     let mut tasks = Vec::new();
-    for t in 0..32 {
+    for t in 0..64 {
         let engine = Arc::clone(engine);
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
-            for j in 0..4 {
+            for j in 0..2 {
                 let (instance, case) = (format!("f-{t}-{j}"), format!("c{}", (t + j) % CASES));
                 let value = format!("{t}.{j}");
                 let out = engine
