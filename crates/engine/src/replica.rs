@@ -249,8 +249,9 @@ impl Engine {
         }
         let head = self.log.written_head();
         if head > before {
-            // Durable in the replica's sense (flushed, not synced): subscriptions see it.
-            self.log.wait_durable(head).await?;
+            // Durable in the replica's sense: the upstream holds it, and a crash that loses it
+            // here is made good by copying it again. Subscriptions see it now.
+            self.log.mark_copied_durable();
         }
         Ok(head)
     }
@@ -286,6 +287,8 @@ impl Engine {
                     };
                     match next {
                         Ok(event) if event.position <= this.log.written_head() => {}
+                        // A streak copies its own groups and pulls when it ends.
+                        Ok(_) if this.lock().leading => {}
                         Ok(_) => {
                             if let Err(e) = this.pull().await {
                                 tracing::warn!(error = %e, "replica: pull failed; retrying");

@@ -271,6 +271,18 @@ impl SledLog {
         }
     }
 
+    /// Counts everything written so far as durable, without a flush: for a replica's copy,
+    /// whose entries are durable in the log of record it copies, where they are copied again
+    /// if a crash loses them here (sled's own background flush writes them within
+    /// `flush_every_ms`). Returns the new durable head.
+    pub fn mark_copied_durable(&self) -> Position {
+        let inner = &*self.inner;
+        let target = self.written_head();
+        inner.durable.fetch_max(target.0, Ordering::AcqRel);
+        inner.durable_tx.send_modify(|d| *d = (*d).max(target.0));
+        target
+    }
+
     /// Stops all further writes: we no longer know what reached the disk (fjall's approach).
     pub(crate) fn poison(&self, what: &str, error: &dyn std::fmt::Display) {
         let inner = &*self.inner;
