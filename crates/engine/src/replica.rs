@@ -6,17 +6,22 @@
 //! upstream's entries (checked against the hash chain as they arrive, so its head hash is the
 //! upstream's), with every command id indexed, and the projections folded from that copy and
 //! checkpointed beside it. Both are derived state: delete the directory and they are copied and
-//! folded again. That is why the replica is flushed to the OS but never `fsync`ed: what counts
-//! as acknowledged is what the upstream acknowledged (on a quorum's disks for JetStream).
+//! folded again. That is why the copy is neither flushed per group nor `fsync`ed (sled's
+//! background flush writes it): what counts as acknowledged is what the upstream acknowledged
+//! (on a quorum's disks for JetStream), and a crash that loses the copy's tail here is made
+//! good by copying it again.
 //!
-//! Write path of a group of commands ([`Engine::execute_replicated`]), one group at a time per
-//! engine:
+//! Concurrent [`Engine::execute`] calls take the pipelined path of `pipeline.rs`: a leader
+//! decides the next group on the group in flight and writes each landed group's sealed batch.
+//! [`Engine::execute_many`], and any group that does not land as decided, take the
+//! round-by-round path here ([`Engine::execute_replicated`]):
 //! 1. decide each command against the projections, positions counted from the copy's head
 //!    (kept close to the upstream's by the previous group's pull and the follower); a command
 //!    whose fold reads its own forms back (an edit, an archive) ends the round, the rest waits
 //!    for the next one;
-//! 2. append the decided commands, each with `Expected::Head` of the one before and its command
-//!    id as idempotency key, pipelined ([`EventStore::append_all`]);
+//! 2. append the decided commands as one chain, each with `Expected::Head` of the one before
+//!    and its command id as idempotency key ([`EventStore::append_all`]: once one is not
+//!    appended, the rest of the chain is refused);
 //! 3. a command refused because another writer got there first (`WrongExpectedPosition`) is
 //!    decided again in the next round, after a pull, against the new head: a decision made on
 //!    a stale position is never appended;
