@@ -13,10 +13,15 @@
 //!      message and await its `PubAck` before the next, N messages that are the envelopes the
 //!      replica just stored (read back untimed), into a plain stream: as many messages in
 //!      flight at most as the replica's groups have, no headers, no decide, no fold;
+//!    - the floor of a conditional writer, bare: the same messages as atomic batches of the
+//!      replica's mean group size, each conditional on `Nats-Expected-Last-Sequence`, one batch
+//!      at a time (a conditional append cannot send the next batch before the last one's ack:
+//!      its expected sequence is what that ack confirms), no decide, no hash, no copy;
 //!    - the sled engine (`Engine::open`, default config: `fdatasync` per group commit).
 //!
-//!    Ratios: replica forms/s ÷ bare msgs/s at the same replication (target ≥ 0.7), replica ÷
-//!    sled engine. Then, for comparison, two replica engines writing one R3 stream (32 tasks
+//!    Ratios: replica forms/s ÷ bare msgs/s at the same replication (target ≥ 0.7), the
+//!    conditional batches ÷ bare publish (the floor that target meets), replica ÷ conditional
+//!    batches, replica ÷ sled engine. Then, for comparison, two replica engines writing one R3 stream (32 tasks
 //!    each, the first N/4 forms): how much refused appends cost.
 //! 2. Replay of those streams (directory + N forms), at R1 and R3:
 //!    - bare: an async-nats ordered consumer reading every message of the stream;
@@ -282,7 +287,7 @@ async fn replica_forms(
     replicas: usize,
     forms: &Arc<Vec<Vec<u8>>>,
     nats: &[(String, u32)],
-) -> BenchResult<(Run, JetStreamLog, Position)> {
+) -> BenchResult<(Run, JetStreamLog, Position, usize)> {
     let domain = DomainName::new(format!("forms-r{replicas}"));
     let log = JetStreamLog::open(js_config(cluster, replicas), &domain).await?;
     let dir = tempfile::tempdir()?;
@@ -306,11 +311,13 @@ async fn replica_forms(
     let seconds = started.elapsed().as_secs_f64();
     let cpu = watch.stop();
     let note = format!(
-        "{}; {} appends refused and decided again",
+        "{}; {} appends refused and decided again; {} groups decided while one was appended",
         tally_note(&tally),
         engine.refused_appends(),
+        engine.overlapped_groups(),
     );
     let detail = calls.summary(forms.len() as u64, seconds);
+    let group = (forms.len() as u64 / calls.append_calls.load(Ordering::Relaxed).max(1)).max(1);
     Ok((
         Run {
             name: format!("replica engine on JetStream, R{replicas}: Engine::submit"),
@@ -323,6 +330,7 @@ async fn replica_forms(
         },
         log,
         before,
+        group as usize,
     ))
 }
 
@@ -385,6 +393,85 @@ async fn bare_publish(
     Ok(Run {
         name: format!("bare JetStream publish + ack, R{replicas}, same envelopes"),
         count,
+        unit: "msgs",
+        seconds,
+        note: format!("{} B/msg", bytes / messages.len().max(1)),
+        detail: String::new(),
+        cpu: watch.stop(),
+    })
+}
+
+/// The floor of a single writer with optimistic concurrency, bare: `messages` published into
+/// a fresh stream at `replicas` as atomic batches of `batch` (ADR-50: `Nats-Batch-Id`,
+/// `Nats-Batch-Sequence`, `Nats-Batch-Commit`), each conditional on
+/// `Nats-Expected-Last-Sequence` = the sequence the batch before it left, one batch at a time
+/// (the next is sent once the last one's ack came, as a conditional append must be). No
+/// deciding, no hashing, no copy: what the replica's rounds cost the stream alone.
+async fn bare_conditional_batches(
+    cluster: &Cluster,
+    replicas: usize,
+    messages: &[Vec<u8>],
+    batch: usize,
+    nats: &[(String, u32)],
+) -> BenchResult<Run> {
+    let client = async_nats::connect(cluster.url_list()).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let subject = format!("bench.forms-batches{replicas}");
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: format!("BENCH_FORMS_BATCHES_R{replicas}"),
+        subjects: vec![subject.clone()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await?;
+    let bytes: usize = messages.iter().map(Vec::len).sum();
+    let watch = CpuWatch::start(nats);
+    let started = Instant::now();
+    let mut head = 0u64;
+    for (n, chunk) in messages.chunks(batch.max(1)).enumerate() {
+        let id = format!("bench-{replicas}-{n}");
+        let last = chunk.len() - 1;
+        let mut ack = None;
+        for (i, m) in chunk.iter().enumerate() {
+            let mut headers = async_nats::HeaderMap::new();
+            if i == 0 {
+                headers.insert("Nats-Expected-Last-Sequence", head.to_string().as_str());
+            }
+            if chunk.len() > 1 {
+                headers.insert("Nats-Batch-Id", id.as_str());
+                headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            }
+            if i == last {
+                if chunk.len() > 1 {
+                    headers.insert("Nats-Batch-Commit", "1");
+                }
+                let message = async_nats::jetstream::message::PublishMessage::build()
+                    .headers(headers)
+                    .payload(m.clone().into());
+                ack = Some(js.send_publish(subject.clone(), message).await?);
+            } else {
+                client
+                    .publish_with_headers(subject.clone(), headers, m.clone().into())
+                    .await?;
+            }
+        }
+        let ack = ack.ok_or("an empty batch")?.await?;
+        if ack.sequence != head + chunk.len() as u64 {
+            return Err(format!(
+                "batch {n} stored at {}, expected {}",
+                ack.sequence,
+                head + chunk.len() as u64
+            )
+            .into());
+        }
+        head = ack.sequence;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Run {
+        name: format!("bare conditional atomic batches of {batch}, one at a time, R{replicas}"),
+        count: messages.len() as u64,
         unit: "msgs",
         seconds,
         note: format!("{} B/msg", bytes / messages.len().max(1)),
@@ -635,15 +722,24 @@ fn main() -> BenchResult<()> {
         let mut streams = Vec::new();
         let mut rates = Vec::new();
         for replicas in [1, 3] {
-            let (run, log, before) = replica_forms(&cluster, replicas, &forms, &nats).await?;
+            let (run, log, before, group) =
+                replica_forms(&cluster, replicas, &forms, &nats).await?;
             run.print();
             let messages = envelopes(&log, before, forms.len()).await?;
+            let batches =
+                bare_conditional_batches(&cluster, replicas, &messages, group, &nats).await?;
             let bare = bare_publish(&cluster, replicas, messages, &nats).await?;
             bare.print();
             eprintln!(
                 "  ratio replica forms/s / bare publish msgs/s at R{replicas}: {:.2} (target >= 0.70: {})",
                 run.rate() / bare.rate(),
                 if run.rate() >= 0.7 * bare.rate() { "met" } else { "MISSED" }
+            );
+            batches.print();
+            eprintln!(
+                "  floor: bare conditional batches / bare publish at R{replicas}: {:.2}; replica / bare conditional batches: {:.2}",
+                batches.rate() / bare.rate(),
+                run.rate() / batches.rate()
             );
             let head = log.head().await?.0;
             streams.push((replicas, log.domain().clone(), log.stream_name().to_owned(), head));
