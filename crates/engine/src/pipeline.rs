@@ -186,9 +186,14 @@ impl Engine {
             }
         }
         drop(leading);
-        // Fold what other writers appended meanwhile; the streak's own batches are written.
-        if let Err(e) = self.pull().await {
-            tracing::warn!(error = %e, "replica: pull after a streak failed");
+        // Copy and fold what other writers appended meanwhile, which the follower left to the
+        // streak (`leading` is cleared before `seen` is read, the follower sets them the other
+        // way round: one of the two pulls). The streak's own batches are written.
+        let seen = up.seen.load(std::sync::atomic::Ordering::SeqCst);
+        if seen > self.log.written_head().0 {
+            if let Err(e) = self.pull().await {
+                tracing::warn!(error = %e, "replica: pull after a streak failed");
+            }
         }
     }
 

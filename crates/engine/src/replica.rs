@@ -53,6 +53,8 @@ pub(crate) struct Upstream {
     pub(crate) refused: std::sync::atomic::AtomicU64,
     /// Groups decided while the group before them was being appended (`pipeline.rs`).
     pub(crate) overlapped: std::sync::atomic::AtomicU64,
+    /// The highest upstream position the follower has seen announced, copied or not.
+    pub(crate) seen: std::sync::atomic::AtomicU64,
 }
 
 impl Upstream {
@@ -62,6 +64,7 @@ impl Upstream {
             pull: tokio::sync::Mutex::new(()),
             refused: std::sync::atomic::AtomicU64::new(0),
             overlapped: std::sync::atomic::AtomicU64::new(0),
+            seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -292,8 +295,9 @@ impl Engine {
                     };
                     match next {
                         Ok(event) if event.position <= this.log.written_head() => {}
-                        // A streak copies its own groups and pulls when it ends.
-                        Ok(_) if this.lock().leading => {}
+                        // A streak copies its own groups, and pulls when it ends if the
+                        // follower saw more than it copied (`seen` first, `leading` after).
+                        Ok(event) if this.seen_while_leading(event.position) => {}
                         Ok(_) => {
                             if let Err(e) = this.pull().await {
                                 tracing::warn!(error = %e, "replica: pull failed; retrying");
@@ -310,6 +314,17 @@ impl Engine {
                 }
             }
         })
+    }
+
+    /// Notes that the upstream holds `position`; true when a streak is leading, which then
+    /// copies it (`seen` is set before `leading` is read, and a streak clears `leading` before
+    /// it reads `seen`, so one of the two pulls).
+    fn seen_while_leading(&self, position: Position) -> bool {
+        if let Some(up) = &self.upstream {
+            up.seen
+                .fetch_max(position.0, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.lock().leading
     }
 
     /// Decides and appends a group of commands on the upstream log, round by round (see the
