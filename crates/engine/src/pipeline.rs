@@ -36,12 +36,12 @@ use std::task::Poll;
 use std::time::Duration;
 
 use domain::{Position, RecordedEvent};
-use eventlog::{AppendOutcome, AppendRequest, Expected, LogError};
+use eventlog::{AppendOutcome, AppendRequest, LogError};
 use projections::{Overlay, Sealed};
 
 use crate::combine::{answer_all, answer_failed, Answer};
 use crate::committer::Inflight;
-use crate::replica::{Fate, Upstream};
+use crate::replica::{Decided, Fate, Upstream};
 use crate::{blocking, Engine, EngineError, Outcome, Outcomes, Request};
 
 /// Groups one leader decides and appends back to back before it hands the lead on. Its own
@@ -70,8 +70,8 @@ enum Base {
 struct Decision {
     /// Per request: its answer when it needs no append, `SameAs` a repeated key, else `None`.
     fates: Vec<Option<Fate>>,
-    /// The decided appends: request slot, append, its events as recorded.
-    appends: Vec<(usize, AppendRequest, Vec<RecordedEvent>)>,
+    /// The decided appends.
+    appends: Decided,
     /// Requests decided; the rest come after an edit or archive and go to the next group.
     decided: usize,
     /// The group's projection batch and the overlay the next group reads through.
@@ -271,73 +271,23 @@ impl Engine {
                     .into(),
             ));
         }
-        let plain = over.is_none();
-        if plain {
+        if over.is_none() {
             self.catch_up()?;
         }
         let mut pending = self.projections.pending_over(over.clone(), None);
         let start = pending.checkpoint();
-        let mut head = start;
         let mut fates: Vec<Option<Fate>> = requests.iter().map(|_| None).collect();
-        let mut appends = Vec::new();
-        let mut keys: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        let mut decided = requests.len();
-        let mut rebuilt = false;
-        for (slot, request) in requests.iter().enumerate() {
-            let key = request.idempotent.then_some(request.command_id.0.as_str());
-            if let Some(k) = key {
-                if let Some((first, last)) = self.log.lookup_idempotency(k)? {
-                    fates[slot] = Some(Fate::At(first, last));
-                    continue;
-                }
-                if let Some(&earlier) = keys.get(k) {
-                    fates[slot] = Some(Fate::SameAs(earlier));
-                    continue;
-                }
-            }
-            let received_at = clock.received_at(request);
-            let events = match domain::decide(&pending, &request.command, received_at) {
-                Ok(events) => events,
-                Err(e) => {
-                    fates[slot] = Some(Fate::Answered(Err(EngineError::Command(e))));
-                    continue;
-                }
-            };
-            if let Some(e) = pending.take_error() {
-                return Err(EngineError::Projection(e));
-            }
-            if events.is_empty() {
-                fates[slot] = Some(Fate::Answered(Ok(Outcome { events: Vec::new() })));
-                continue;
-            }
-            let rebuilds = events.iter().any(crate::rebuilds_cases);
-            let recorded = crate::recorded_after(head, request, received_at, &events);
-            let expected = Expected::Head(head);
-            head = recorded.last().map_or(head, |e| e.position);
-            if let Some(k) = key {
-                keys.insert(k, slot);
-            }
-            let append = AppendRequest {
-                expected,
-                // Always keyed: an append whose answer was lost is retried without doubling.
-                idempotency_key: Some(request.command_id.0.clone()),
-                command_id: request.command_id.clone(),
-                recorded_at: received_at,
-                events,
-            };
-            if rebuilds {
-                // Its fold reads this form back from the log: fold it from the copy once it
-                // has landed, and decide the rest after that.
-                appends.push((slot, append, recorded));
-                decided = slot + 1;
-                rebuilt = true;
-                break;
-            }
-            for ev in &recorded {
-                pending.apply(ev)?;
-            }
-            appends.push((slot, append, recorded));
-        }
+        let (appends, rebuilt) = self.decide_in_order(
+            &mut clock,
+            &mut pending,
+            requests,
+            0..requests.len(),
+            &mut fates,
+        )?;
+        let decided = match appends.last() {
+            Some((slot, _, _)) if rebuilt => slot + 1,
+            _ => requests.len(),
+        };
         let (sealed, next) = if rebuilt {
             (None, Base::AfterFold)
         } else if pending.checkpoint() == start {

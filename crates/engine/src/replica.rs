@@ -36,8 +36,9 @@ use std::time::Duration;
 use domain::{Position, Timestamp};
 use eventlog::raw::raw_dir;
 use eventlog::{AppendOutcome, AppendRequest, EventStore, Expected, LogError};
+use projections::Pending;
 
-use crate::{blocking, Engine, EngineConfig, EngineError, Outcome, Outcomes, Request};
+use crate::{blocking, Engine, EngineConfig, EngineError, Outcome, Outcomes, Request, Writer};
 
 /// Entries copied per upstream read.
 const PULL_PAGE: usize = 1024;
@@ -68,6 +69,9 @@ impl Upstream {
         }
     }
 }
+
+/// Decided appends: request slot, append, its events as recorded.
+pub(crate) type Decided = Vec<(usize, AppendRequest, Vec<domain::RecordedEvent>)>;
 
 /// What one round made of a command of the group.
 pub(crate) enum Fate {
@@ -421,15 +425,42 @@ impl Engine {
         let mut clock = self.lock();
         Self::settle(&mut clock);
         self.catch_up()?;
-        let mut pending = self.projections.pending_over(None, None);
         // The head the decisions see: what the projections folded, not the copy's written head,
         // which the follower's copy may have moved past since `catch_up` (it appends without
         // the writer lock). Expecting the copy's head would let a decision that did not see
         // those entries be appended after them: a form accepted twice under a kill -9 storm.
+        let mut pending = self.projections.pending_over(None, None);
+        let (decided, _) = self.decide_in_order(
+            &mut clock,
+            &mut pending,
+            requests,
+            todo.iter().copied(),
+            fates,
+        )?;
+        Ok(decided
+            .into_iter()
+            .map(|(slot, append, _)| (slot, append))
+            .collect())
+    }
+
+    /// Decides the requests at `slots`, in order, on `pending`, each on the ones before it:
+    /// files the fate of those answered without an append (an error, nothing to do, a retry
+    /// already in the log, a key repeated in the group) and returns the others' appends,
+    /// chained from `pending`'s checkpoint, with their events as recorded and folded into
+    /// `pending`. Stops after a command whose fold reads its own forms back from the log (an
+    /// edit, an archive), which is not folded; the flag says so.
+    pub(crate) fn decide_in_order(
+        &self,
+        clock: &mut Writer,
+        pending: &mut Pending,
+        requests: &[Request],
+        slots: impl IntoIterator<Item = usize>,
+        fates: &mut [Option<Fate>],
+    ) -> Result<(Decided, bool), EngineError> {
         let mut head = pending.checkpoint();
         let mut keys: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         let mut out = Vec::new();
-        for &slot in todo {
+        for slot in slots {
             let request = &requests[slot];
             let key = request.idempotent.then_some(request.command_id.0.as_str());
             if let Some(k) = key {
@@ -443,7 +474,7 @@ impl Engine {
                 }
             }
             let received_at = clock.received_at(request);
-            let events = match domain::decide(&pending, &request.command, received_at) {
+            let events = match domain::decide(&*pending, &request.command, received_at) {
                 Ok(events) => events,
                 Err(e) => {
                     fates[slot] = Some(Fate::Answered(Err(EngineError::Command(e))));
@@ -459,28 +490,28 @@ impl Engine {
             }
             let rebuilds = events.iter().any(crate::rebuilds_cases);
             let recorded = crate::recorded_after(head, request, received_at, &events);
-            out.push((
-                slot,
-                AppendRequest {
-                    expected: Expected::Head(head),
-                    idempotency_key: Some(request.command_id.0.clone()),
-                    command_id: request.command_id.clone(),
-                    recorded_at: received_at,
-                    events,
-                },
-            ));
+            let append = AppendRequest {
+                expected: Expected::Head(head),
+                // Always keyed: an append whose answer was lost is retried without doubling.
+                idempotency_key: Some(request.command_id.0.clone()),
+                command_id: request.command_id.clone(),
+                recorded_at: received_at,
+                events,
+            };
             if let Some(k) = key {
                 keys.insert(k, slot);
             }
             head = recorded.last().map_or(head, |e| e.position);
             if rebuilds {
                 // Its fold reads this form back from the log: decide the rest after it is there.
-                break;
+                out.push((slot, append, recorded));
+                return Ok((out, true));
             }
             for ev in &recorded {
                 pending.apply(ev)?;
             }
+            out.push((slot, append, recorded));
         }
-        Ok(out)
+        Ok((out, false))
     }
 }

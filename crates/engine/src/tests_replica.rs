@@ -216,69 +216,12 @@ async fn a_replica_restarted_catches_up_and_one_of_another_store_is_refused() {
     );
 }
 
-/// An upstream where another writer appends just before this replica's first append lands,
-/// after the replica caught up and decided.
-struct Racing {
-    log: SledLog,
-    raced: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl EventStore for Racing {
-    async fn append(
-        &self,
-        req: eventlog::AppendRequest,
-    ) -> Result<eventlog::AppendOutcome, eventlog::LogError> {
-        if !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            self.log
-                .append(eventlog::AppendRequest {
-                    expected: Expected::Any,
-                    idempotency_key: None,
-                    command_id: CommandId::new("other-server"),
-                    recorded_at: Timestamp(1),
-                    events: vec![Event::UserCreatedV1(domain::UserCreatedV1 {
-                        user_id: "u1".into(),
-                        username: "u1".into(),
-                    })],
-                })
-                .await?;
-        }
-        self.log.append(req).await
-    }
-    async fn read(
-        &self,
-        from: Position,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, eventlog::LogError> {
-        self.log.read(from, limit).await
-    }
-    async fn head(&self) -> Result<Position, eventlog::LogError> {
-        self.log.head().await
-    }
-    async fn read_entries(
-        &self,
-        from: Position,
-        limit: usize,
-    ) -> Result<Vec<eventlog::VerbatimEntry>, eventlog::LogError> {
-        self.log.read_entries(from, limit).await
-    }
-    async fn subscribe(
-        &self,
-        from: Position,
-    ) -> Result<eventlog::Subscription, eventlog::LogError> {
-        self.log.subscribe(from).await
-    }
-}
-
 // Issue 11: "a decision made on a stale position is retried against the new head, never
 // appended". The other writer creates u1 between this replica's catch-up and its append.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_refused_for_a_moved_head_is_decided_again_on_the_new_head() {
     let up = upstream();
-    let racing: Arc<dyn EventStore> = Arc::new(Racing {
-        log: up.log.clone(),
-        raced: std::sync::atomic::AtomicBool::new(false),
-    });
+    let racing = Slow::over(&up, 0, 1, "u1");
     let dir = tempfile::tempdir().expect("tmp");
     let a = Engine::open_replica(dir.path(), &"d".into(), EngineConfig::default(), racing)
         .await
@@ -335,21 +278,28 @@ async fn a_fresh_replica_of_a_long_stream_answers_as_a_replay_of_it() {
 }
 
 /// An upstream whose every append takes `delay` (a quorum's round trip), and where another
-/// writer appends one user just before the `race_at`-th append (0: never).
+/// writer creates user `other` just before the `race_at`-th append (0: never).
 struct Slow {
     log: SledLog,
     delay: std::time::Duration,
     appends: std::sync::atomic::AtomicUsize,
     race_at: usize,
+    other: &'static str,
 }
 
 impl Slow {
-    fn over(up: &Upstream, delay_ms: u64, race_at: usize) -> Arc<dyn EventStore> {
+    fn over(
+        up: &Upstream,
+        delay_ms: u64,
+        race_at: usize,
+        other: &'static str,
+    ) -> Arc<dyn EventStore> {
         Arc::new(Slow {
             log: up.log.clone(),
             delay: std::time::Duration::from_millis(delay_ms),
             appends: std::sync::atomic::AtomicUsize::new(0),
             race_at,
+            other,
         })
     }
 }
@@ -373,8 +323,8 @@ impl EventStore for Slow {
                     command_id: CommandId::new("other-server"),
                     recorded_at: Timestamp(1),
                     events: vec![Event::UserCreatedV1(domain::UserCreatedV1 {
-                        user_id: "u-other".into(),
-                        username: "u-other".into(),
+                        user_id: self.other.into(),
+                        username: self.other.into(),
                     })],
                 })
                 .await?;
@@ -507,7 +457,7 @@ async fn the_next_group_is_decided_while_one_is_appended_and_answers_as_a_replay
             dir.path(),
             &"d".into(),
             EngineConfig::default(),
-            Slow::over(&up, 1, 0),
+            Slow::over(&up, 1, 0, "u-other"),
         )
         .await
         .expect("open"),
@@ -536,7 +486,7 @@ async fn a_streak_refused_midway_decides_its_groups_again_on_the_new_head() {
             dir.path(),
             &"d".into(),
             EngineConfig::default(),
-            Slow::over(&up, 1, race_at),
+            Slow::over(&up, 1, race_at, "u-other"),
         )
         .await
         .expect("open"),

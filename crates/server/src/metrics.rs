@@ -190,36 +190,38 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
             label(domain.as_str())
         );
     }
+    type Gauge = fn(&engine::Engine) -> u64;
+    let replica: [(&str, &str, &str, Gauge); 3] = [
+        (
+            "caseledger_replica_head_position",
+            "gauge",
+            "Last position copied from the JetStream stream, per project space.",
+            |e| e.log().written_head().0,
+        ),
+        (
+            "caseledger_replica_refused_appends_total",
+            "counter",
+            "Appends the stream refused because another writer had moved its head; each was decided again.",
+            engine::Engine::refused_appends,
+        ),
+        (
+            "caseledger_replica_overlapped_groups_total",
+            "counter",
+            "Groups decided while the group before them was being appended to the stream.",
+            engine::Engine::overlapped_groups,
+        ),
+    ];
     if engines.iter().any(|(_, e)| e.upstream().is_some()) {
-        out.push_str("# HELP caseledger_replica_head_position Last position copied from the JetStream stream, per project space.\n");
-        out.push_str("# TYPE caseledger_replica_head_position gauge\n");
-        for (domain, engine) in engines.iter().filter(|(_, e)| e.upstream().is_some()) {
-            let _ = writeln!(
-                out,
-                "caseledger_replica_head_position{{domain=\"{}\"}} {}",
-                label(domain.as_str()),
-                engine.log().written_head().0
-            );
-        }
-        out.push_str("# HELP caseledger_replica_refused_appends_total Appends the stream refused because another writer had moved its head; each was decided again.\n");
-        out.push_str("# TYPE caseledger_replica_refused_appends_total counter\n");
-        for (domain, engine) in engines.iter().filter(|(_, e)| e.upstream().is_some()) {
-            let _ = writeln!(
-                out,
-                "caseledger_replica_refused_appends_total{{domain=\"{}\"}} {}",
-                label(domain.as_str()),
-                engine.refused_appends()
-            );
-        }
-        out.push_str("# HELP caseledger_replica_overlapped_groups_total Groups decided while the group before them was being appended to the stream.\n");
-        out.push_str("# TYPE caseledger_replica_overlapped_groups_total counter\n");
-        for (domain, engine) in engines.iter().filter(|(_, e)| e.upstream().is_some()) {
-            let _ = writeln!(
-                out,
-                "caseledger_replica_overlapped_groups_total{{domain=\"{}\"}} {}",
-                label(domain.as_str()),
-                engine.overlapped_groups()
-            );
+        for (name, kind, help, value) in replica {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (domain, engine) in engines.iter().filter(|(_, e)| e.upstream().is_some()) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{domain=\"{}\"}} {}",
+                    label(domain.as_str()),
+                    value(engine)
+                );
+            }
         }
     }
     out.push_str("# HELP caseledger_sse_subscribers Server-Sent Event streams open now.\n");
