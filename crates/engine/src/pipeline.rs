@@ -6,15 +6,18 @@
 //! to [`MAX_STREAK`] groups while requests keep coming:
 //!
 //! 1. it decides group *k + 1* on the projections plus the [`Overlay`] of group *k* (as the
-//!    sled path decides on the batch in flight), while *k*'s append is in flight upstream;
-//! 2. it awaits *k*'s append; when every command of *k* landed exactly where it was decided
-//!    (each `Appended` at the positions folded into its overlay), it copies *k*'s entries into
-//!    the replica and hands *k*'s sealed projection batch to the committer thread, instead of
-//!    folding the copy again; *k*'s callers are answered once that batch is written;
-//! 3. only then is *k + 1* appended, its first command expecting the head *k* left. So a group
-//!    is appended only after the group it was decided on landed as decided: `Expected::Head`
-//!    checks a position, not the entries before it, and a group decided on a group that was
-//!    refused must never be appended after someone else's entries of the same length.
+//!    sled path decides on the batch in flight), while *k*'s append is in flight upstream:
+//!    what is queued when *k* is sent, or else what arrives while it is in flight;
+//! 2. it awaits *k*'s append. When every command of *k* landed exactly where it was decided
+//!    (each `Appended` at the positions folded into its overlay), it sends *k + 1* at once, its
+//!    first command expecting the head *k* left; then it copies *k*'s entries into the replica
+//!    and hands *k*'s sealed projection batch to the committer thread, instead of folding the
+//!    copy again. *k*'s callers are answered once that batch is written.
+//!
+//! So a group is appended only after the group it was decided on landed as decided:
+//! `Expected::Head` checks a position, not the entries before it, and a group decided on a
+//! group that was refused must never be appended after someone else's entries of the same
+//! length.
 //!
 //! When a group does not land as decided (another writer moved the head, a retry found its
 //! first attempt, the upstream failed), its sealed batch and the next group's decisions are
@@ -25,9 +28,10 @@
 //! decided only then.
 //!
 //! While a streak runs, `Writer::leading` keeps every other fold of the copy away (a pull
-//! copies but does not fold): the copy holds the streak's entries before their batches are
-//! written, and folding them from the copy too would apply them twice. The streak ends with a
-//! pull that folds whatever other writers appended meanwhile.
+//! copies but does not fold, the follower leaves new entries to the streak): the copy holds
+//! the streak's entries before their batches are written, and folding them from the copy too
+//! would apply them twice. The streak ends with a pull when the follower saw entries beyond
+//! the copy meanwhile (other writers').
 
 use std::future::Future;
 use std::pin::Pin;
