@@ -220,7 +220,8 @@ impl JetStreamLog {
     /// `config.replicas`, direct gets and atomic batches allowed, deletes and purges denied so
     /// positions stay gapless), reads it once to rebuild the key index and the head's chain
     /// hash, and starts the committer. Needs a tokio runtime. While the cluster or the new
-    /// stream's group elects a leader, the stream is asked for again, for up to three timeouts.
+    /// stream's group elects a leader, the stream is asked for (and read) again, for up to
+    /// three timeouts.
     ///
     /// # Errors
     /// [`LogError::Unavailable`] when the cluster cannot be reached or refuses the stream;
@@ -259,7 +260,19 @@ impl JetStreamLog {
             scratch: Vec::with_capacity(4096),
             broken: std::collections::HashSet::new(),
         };
-        shared.catch_up(&mut writer).await?;
+        // A stream just created (or just after an election) may answer direct gets 503 for a
+        // moment: read on while that passes, within the same bound as its creation.
+        let deadline = tokio::time::Instant::now() + shared.config.timeout * CREATE_TIMEOUTS;
+        loop {
+            match shared.catch_up(&mut writer).await {
+                Ok(()) => break,
+                Err(LogError::Unavailable(reason)) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(stream = %shared.stream, %reason, "the stream cannot be read yet; reading again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         tracing::info!(domain = %domain, head = writer.head.0, stream = %shared.stream, "opened JetStream log");
         let (jobs, queue) = mpsc::unbounded_channel();
         tokio::spawn(commit_loop(Arc::clone(&shared), writer, queue));
