@@ -31,19 +31,7 @@ impl Streams {
     /// # Errors
     /// [`LogError::Unavailable`] when no URL is given or the cluster cannot be reached.
     pub async fn connect(config: &JetStreamConfig) -> Result<Streams, LogError> {
-        let servers = config.server_list();
-        if servers.is_empty() {
-            return Err(LogError::Unavailable("no server URL given".into()));
-        }
-        let client = async_nats::ConnectOptions::new()
-            .request_timeout(Some(config.timeout))
-            .connection_timeout(config.timeout)
-            .connect(servers)
-            .await
-            .map_err(unavailable)?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(config.timeout)
-            .build(client.clone());
+        let (client, js) = crate::log::connect(config).await?;
         Ok(Streams { client, js })
     }
 

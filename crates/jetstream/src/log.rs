@@ -487,13 +487,17 @@ impl EventStore for JetStreamLog {
 }
 
 /// A connection to the servers `config` names, and its JetStream context.
-async fn connect(config: &JetStreamConfig) -> Result<(Client, jetstream::Context), LogError> {
-    let servers: Vec<&str> = config
-        .servers
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+/// Connects to the servers `config` names, with its timeouts for requests and acks.
+///
+/// # Errors
+/// [`LogError::Unavailable`] when no URL is given or the cluster cannot be reached.
+pub(crate) async fn connect(
+    config: &JetStreamConfig,
+) -> Result<(Client, jetstream::Context), LogError> {
+    let servers = config.server_list();
+    if servers.is_empty() {
+        return Err(LogError::Unavailable("no server URL given".into()));
+    }
     let client = async_nats::ConnectOptions::new()
         .request_timeout(Some(config.timeout))
         .connection_timeout(config.timeout)
@@ -697,38 +701,25 @@ impl Shared {
     }
 
     /// Publishes a round without awaiting its ack: one message for a lone single-event append,
-    /// one atomic batch (ADR-50) for anything more. Only the first message is conditional, on
-    /// the head the round is chained to.
+    /// one atomic batch (ADR-50) for anything more ([`Shared::send`]). Only the first message
+    /// is conditional, on the head the round is chained to.
     async fn publish(
         &self,
         writer: &Writer,
         round: &Round,
     ) -> Result<jetstream::context::PublishAckFuture, LogError> {
-        let total: usize = round.appends.iter().map(|a| a.payloads.len()).sum();
-        let batch = total > 1;
-        let batch_id = uuid::Uuid::new_v4().simple().to_string();
-        let mut n = 0usize;
-        let mut wait = None;
+        let batch = round.messages() > 1;
+        let mut messages: Vec<Message> = Vec::with_capacity(round.messages());
         for append in &round.appends {
             for (i, payload) in append.payloads.iter().enumerate() {
-                n += 1;
                 let mut headers = HeaderMap::new();
-                if n == 1 {
-                    headers.insert(
-                        wire::EXPECTED_LAST_SEQUENCE,
-                        round.base.0.to_string().as_str(),
-                    );
-                }
                 if i == 0 {
                     if let Some(key) = &append.key {
                         headers.insert(wire::KEY, key.as_str());
                     }
                     headers.insert(wire::COUNT, append.payloads.len().to_string().as_str());
                 }
-                if batch {
-                    headers.insert(wire::BATCH_ID, batch_id.as_str());
-                    headers.insert(wire::BATCH_SEQUENCE, n.to_string().as_str());
-                } else {
+                if !batch {
                     // The key is the message id, except after an attempt that got no answer:
                     // JetStream silently drops a publish whose id matches one it still holds
                     // as "in process" (seen after a stream leader change: retries unanswered
@@ -741,37 +732,17 @@ impl Shared {
                     };
                     headers.insert(wire::MSG_ID, msg_id.as_str());
                 }
-                let subject = self.subject.clone();
-                if n == total {
-                    if batch {
-                        headers.insert(wire::BATCH_COMMIT, "1");
-                    }
-                    let message = jetstream::message::PublishMessage::build()
-                        .headers(headers)
-                        .payload(payload.clone());
-                    let ack = self
-                        .js
-                        .send_publish(subject, message)
-                        .await
-                        .map_err(unavailable)?;
-                    wait = Some(ack);
-                } else {
-                    self.client
-                        .publish_with_headers(subject, headers, payload.clone())
-                        .await
-                        .map_err(unavailable)?;
-                }
+                messages.push((headers, payload.clone()));
             }
         }
-        wait.ok_or_else(|| LogError::Encode("a round without events".into()))
+        self.send(round.base, messages).await
     }
 }
 
 impl Shared {
     /// Publishes `messages` (headers and payload each) right after `head`: one message, or one
     /// atomic batch for several, the first conditional on `Nats-Expected-Last-Sequence` = `head`
-    /// (an import, [`JetStreamLog::append_verbatim`]). Returns the ack of the last message, not
-    /// awaited.
+    /// (a round of appends, an import). Returns the ack of the last message, not awaited.
     async fn send(
         &self,
         head: Position,
@@ -810,7 +781,7 @@ impl Shared {
                     .map_err(unavailable)?;
             }
         }
-        wait.ok_or_else(|| LogError::Encode("an import without entries".into()))
+        wait.ok_or_else(|| LogError::Encode("nothing to publish".into()))
     }
 }
 
