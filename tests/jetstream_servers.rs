@@ -556,6 +556,54 @@ impl Running {
     }
 }
 
+/// Two caseledger servers over the cluster, each with a data dir of its own, on a project
+/// space bootstrapped through `log`.
+struct TwoServers {
+    log: JetStreamLog,
+    auth: String,
+    dirs: [tempfile::TempDir; 2],
+    running: [Running; 2],
+}
+
+impl TwoServers {
+    async fn start(cluster: &Cluster) -> TwoServers {
+        let log = open(cluster).await;
+        let auth = bootstrap(&log).await;
+        let dirs = [
+            tempfile::tempdir().expect("a"),
+            tempfile::tempdir().expect("b"),
+        ];
+        let running = [
+            start(dirs[0].path(), cluster).await,
+            start(dirs[1].path(), cluster).await,
+        ];
+        TwoServers {
+            log,
+            auth,
+            dirs,
+            running,
+        }
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.running.iter().map(|r| r.addr).collect()
+    }
+
+    /// Stops both servers, then checks each one's replica against the stream
+    /// ([`check_replica`]).
+    async fn stop_and_check(self, head: Position, hash: caseledger::eventlog::Hash) {
+        let TwoServers {
+            log, dirs, running, ..
+        } = self;
+        for server in running {
+            server.stop().await;
+        }
+        for dir in &dirs {
+            check_replica(dir.path(), &log, head, hash).await;
+        }
+    }
+}
+
 /// Opens the replica in `dir` (a stopped server's data dir) and checks it against the stream:
 /// its log is the stream's entry for entry (same head, same head hash), and its projections are
 /// at the head and equal a fresh replay of its log (`Engine::verify` rebuilds and compares).
@@ -615,15 +663,8 @@ async fn storm(victim: Victim) {
         return;
     };
     let started = Instant::now();
-    let log = open(&cluster).await;
-    let auth = bootstrap(&log).await;
-    let (da, db) = (
-        tempfile::tempdir().expect("a"),
-        tempfile::tempdir().expect("b"),
-    );
-    let a = start(da.path(), &cluster).await;
-    let b = start(db.path(), &cluster).await;
-    let servers = vec![a.addr, b.addr];
+    let pair = TwoServers::start(&cluster).await;
+    let (log, auth, servers) = (pair.log.clone(), pair.auth.clone(), pair.addrs());
 
     let leader = log.leader().await.expect("leader").expect("a leader");
     let leader = cluster.index_of(&leader).expect("the leader is a node");
@@ -730,10 +771,7 @@ async fn storm(victim: Victim) {
     }
     assert_eq!(lists[0], lists[1], "both servers' case lists are equal");
 
-    a.stop().await;
-    b.stop().await;
-    check_replica(da.path(), &log, head, hash).await;
-    check_replica(db.path(), &log, head, hash).await;
+    pair.stop_and_check(head, hash).await;
 
     let retries: u64 = acked.values().map(|a| a.retries).sum();
     let by_a = acked.values().filter(|a| a.server == 0).count();
@@ -778,15 +816,8 @@ async fn issue11_two_servers_updating_one_case_lose_no_update_and_keep_received_
         return;
     };
     let started = Instant::now();
-    let log = open(&cluster).await;
-    let auth = bootstrap(&log).await;
-    let (da, db) = (
-        tempfile::tempdir().expect("a"),
-        tempfile::tempdir().expect("b"),
-    );
-    let a = start(da.path(), &cluster).await;
-    let b = start(db.path(), &cluster).await;
-    let servers = vec![a.addr, b.addr];
+    let pair = TwoServers::start(&cluster).await;
+    let (log, auth, servers) = (pair.log.clone(), pair.auth.clone(), pair.addrs());
     let deadline = Instant::now() + Duration::from_secs(60);
     let registration = submit_until_acked(
         &servers,
@@ -892,10 +923,7 @@ async fn issue11_two_servers_updating_one_case_lose_no_update_and_keep_received_
             "server {addr}: the history lists every form of c1 in position order"
         );
     }
-    a.stop().await;
-    b.stop().await;
-    check_replica(da.path(), &log, head, hash).await;
-    check_replica(db.path(), &log, head, hash).await;
+    pair.stop_and_check(head, hash).await;
     eprintln!(
         "two servers, one case: {} follow-ups accepted once each (retries: {} on A, {} on \
          B), head {head}, final value {expected_value} of {last}; {:.1} s",
