@@ -1046,25 +1046,13 @@ async fn audit(
             }
         }
         (Cmd::Import { file, head }, None) => {
-            let head = head
-                .as_deref()
-                .map(|h| {
-                    audit::parse_head(h)
-                        .ok_or_else(|| fail(Code::InvalidInput, "--head wants 64 hex digits"))
-                })
-                .transpose()?;
+            let head = expected_head(head.as_deref())?;
             audit::import(file, &cli.data, &domain, head)
                 .map(Done::Imported)
                 .map_err(Into::into)
         }
         (Cmd::Import { file, head }, Some((up, config))) => {
-            let head = head
-                .as_deref()
-                .map(|h| {
-                    audit::parse_head(h)
-                        .ok_or_else(|| fail(Code::InvalidInput, "--head wants 64 hex digits"))
-                })
-                .transpose()?;
+            let head = expected_head(head.as_deref())?;
             match audit::import_into_stream(file, up, head).await {
                 // The replica copies and folds what was imported.
                 Ok(report) => match open_audited(cli, up, config).await {
@@ -1166,6 +1154,15 @@ async fn verify_replica(
     let report = audit::verify_replica(engine.log(), from, &stream)?;
     engine.flush()?;
     Ok((report, (upstream.stream_name().to_owned(), stream)))
+}
+
+/// `import --head`: the head hash an import must end on, if given.
+fn expected_head(head: Option<&str>) -> anyhow::Result<Option<caseledger::eventlog::Hash>> {
+    head.map(|h| {
+        caseledger::audit::parse_head(h)
+            .ok_or_else(|| fail(Code::InvalidInput, "--head wants 64 hex digits"))
+    })
+    .transpose()
 }
 
 /// [`open_replica`] for `verify` and `export`: a replica that does not chain, or is not a copy of
