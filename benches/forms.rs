@@ -213,6 +213,7 @@ fn main() -> BenchResult<()> {
     let flushes_before = engine.log().flush_count();
     let mut total = Tally::default();
     let mut seconds = 0.0;
+    let mut round_rates = Vec::with_capacity(ROUNDS);
     writeln!(
         out,
         "durable: {tasks} tasks x execute_many of {batch} forms (prepare_submission counted), {cpus} runtime workers, EngineConfig fsync = {}, raw submissions {}",
@@ -251,6 +252,7 @@ fn main() -> BenchResult<()> {
             written as f64 / 1e3 / forms_in.max(1) as f64
         )?;
         out.flush()?;
+        round_rates.push(forms_in as f64 / secs);
         total.accepted += tally.accepted;
         total.other += tally.other;
         total.failed += tally.failed;
@@ -281,7 +283,7 @@ fn main() -> BenchResult<()> {
     if total.accepted != n {
         return Err(format!("{} of {n} forms were not accepted", n - total.accepted).into());
     }
-    let bare = bare_sled_writes(&engine, batch)?;
+    let bare = bare_sled_writes(&engine, batch, per_round * batch.max(1))?;
     writeln!(
         out,
         "  {:<58} {:>9.0} forms/s {:>7.2} s; {} log entries, {} random-key entries; CPU {:.0} µs per form",
@@ -292,10 +294,44 @@ fn main() -> BenchResult<()> {
         bare.random_entries,
         bare.cpu * 1e6 / bare.forms.max(1) as f64
     )?;
+    for (round, ((forms_in, secs), durable)) in (1..).zip(bare.rounds.iter().zip(&round_rates)) {
+        let rate = *forms_in as f64 / secs;
+        writeln!(
+            out,
+            "  {:<58} {:>9.0} forms/s {:>7.2} s; durable round / bare round {:.2}",
+            format!("bare sled round {round}/{}", bare.rounds.len()),
+            rate,
+            secs,
+            durable / rate
+        )?;
+    }
     writeln!(
         out,
-        "ratio durable/bare sled writes: {:.2}",
-        durable / (bare.forms as f64 / bare.seconds)
+        "ratio durable/bare sled writes: {:.2} (target >= 0.80: {})",
+        durable / (bare.forms as f64 / bare.seconds),
+        if durable / (bare.forms as f64 / bare.seconds) >= 0.8 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    )?;
+    let last_over_first = |rates: &[f64]| match (rates.first(), rates.last()) {
+        (Some(first), Some(last)) if *first > 0.0 => last / first,
+        _ => f64::NAN,
+    };
+    let bare_rates: Vec<f64> = bare.rounds.iter().map(|(f, s)| *f as f64 / s).collect();
+    let durable_curve = last_over_first(&round_rates);
+    let bare_curve = last_over_first(&bare_rates);
+    writeln!(
+        out,
+        "last round / first round: durable {durable_curve:.2} (target >= 0.70: {}), bare sled doing the same writes {bare_curve:.2}",
+        if durable_curve >= 0.7 {
+            "met"
+        } else if durable_curve >= bare_curve {
+            "MISSED, at or above bare sled's own curve"
+        } else {
+            "MISSED"
+        }
     )?;
     Ok(())
 }
@@ -307,6 +343,8 @@ struct Bare {
     random_entries: u64,
     seconds: f64,
     cpu: f64,
+    /// Forms and seconds of each round of the durable phase's size.
+    rounds: Vec<(usize, f64)>,
 }
 
 /// The sled writes the engine made for the forms, without parsing or deciding: into a fresh
@@ -320,7 +358,7 @@ struct Bare {
 /// 44-byte record header) to a plain file and 8 bytes per form to another, and `fdatasync`s
 /// both, as the log does. One thread, so
 /// its rate is what sled alone gives a writer that does nothing else.
-fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
+fn bare_sled_writes(engine: &Engine, batch: usize, round_forms: usize) -> BenchResult<Bare> {
     use caseledger::domain::{Event, Position};
     let dir = tempfile::tempdir()?;
     let db = sled::Config::new()
@@ -344,6 +382,7 @@ fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
         random_entries: 0,
         seconds: 0.0,
         cpu: 0.0,
+        rounds: Vec::new(),
     };
     // The engine's envelopes: the facts only when raw submissions are out of line (then their
     // bytes are written to the raw file below), else the bytes inline.
@@ -370,6 +409,7 @@ fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
     let mut last_change: HashMap<caseledger::domain::CaseId, u64> = HashMap::new();
     let cpu_before = process_cpu_seconds();
     let started = std::time::Instant::now();
+    let mut round_started = (0usize, 0.0f64);
     for (group, (chunk, envs)) in forms
         .chunks(batch.max(1))
         .zip(envelopes.chunks(batch.max(1)))
@@ -434,6 +474,13 @@ fn bare_sled_writes(engine: &Engine, batch: usize) -> BenchResult<Bare> {
         proj.apply_batch(proj_batch)?;
         db.flush()?;
         data.sync_data()?;
+        let done = (group + 1) * batch.max(1);
+        if done % round_forms.max(1) == 0 || done >= forms.len() {
+            let now = started.elapsed().as_secs_f64();
+            let forms_in = done.min(forms.len()) - round_started.0;
+            bare.rounds.push((forms_in, now - round_started.1));
+            round_started = (done.min(forms.len()), now);
+        }
     }
     bare.seconds = started.elapsed().as_secs_f64();
     bare.cpu = process_cpu_seconds() - cpu_before;
