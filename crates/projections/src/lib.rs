@@ -35,6 +35,7 @@ mod keys;
 mod past;
 mod pending;
 mod prefetch;
+mod reclaim;
 mod sorter;
 mod version;
 
@@ -345,6 +346,8 @@ pub struct Projections {
     meta: sled::Tree,
     current: RwLock<Arc<Generation>>,
     reader: RwLock<Option<LogReader>>,
+    /// Generations retired by a replay, deleted in the background.
+    reclaimer: reclaim::Reclaimer,
     /// What [`Projections::open`] found wrong; the owner rebuilds when an entry
     /// [`Damage::needs_rebuild`].
     found: Vec<Damage>,
@@ -380,7 +383,7 @@ impl Projections {
         for name in db.tree_names() {
             if let Some(rest) = name.strip_prefix(prefix.as_bytes()) {
                 if rest != active.to_string().as_bytes() {
-                    if let Err(e) = reclaim_tree(db, &name) {
+                    if let Err(e) = reclaim::reclaim_now(db, &name) {
                         // The tree is not active, so nothing reads it; a later replay numbers
                         // its generation past it (`begin_rebuild`).
                         found.push(Damage::Leftover {
@@ -419,6 +422,7 @@ impl Projections {
             meta,
             current: RwLock::new(Arc::new(generation)),
             reader: RwLock::new(None),
+            reclaimer: reclaim::Reclaimer::default(),
             found,
         })
     }
@@ -427,6 +431,12 @@ impl Projections {
     /// sound as far as opening reads them). Each entry is a reason to rebuild from the log.
     pub fn damage(&self) -> &[Damage] {
         &self.found
+    }
+
+    /// Waits until the generations retired by earlier replays are deleted. Dropping the
+    /// projections instead stops their deletion between two batches; the next open finishes it.
+    pub fn wait_reclaimed(&self) {
+        self.reclaimer.wait();
     }
 
     /// The layout and rules versions recorded in the store (`None` before the first open of
@@ -493,8 +503,10 @@ impl Projections {
     }
 
     /// Number of projection generation trees of this project space in the store: 1, except
-    /// while a replay builds the next one (a crashed replay's tree is reclaimed on open).
+    /// while a replay builds the next one (a crashed replay's tree is reclaimed on open). Waits
+    /// first for the background deletion of retired generations ([`Projections::wait_reclaimed`]).
     pub fn generation_trees(&self) -> usize {
+        self.wait_reclaimed();
         let prefix = format!("proj/{}/", self.domain.as_str());
         self.db
             .tree_names()
@@ -704,7 +716,7 @@ impl Projections {
             .unwrap_or(0);
         let next = highest.max(self.current().id) + 1;
         // A tree of that number can only be a leftover of a crashed replay.
-        reclaim_tree(&self.db, tree_name(&self.domain, next).as_bytes())?;
+        reclaim::reclaim_now(&self.db, tree_name(&self.domain, next).as_bytes())?;
         let generation = Arc::new(Generation::open(
             &self.db,
             &self.domain,
@@ -771,10 +783,11 @@ impl Rebuild<'_> {
     pub fn discard(self) -> Result<(), ProjectionError> {
         let id = self.generation.id;
         drop(self.generation);
-        reclaim_tree(&self.owner.db, tree_name(&self.owner.domain, id).as_bytes())
+        reclaim::reclaim_now(&self.owner.db, tree_name(&self.owner.domain, id).as_bytes())
     }
 
-    /// Makes the new generation the active one and drops the old tree. Call it with the new
+    /// Makes the new generation the active one and retires the old tree, which is deleted in
+    /// the background ([`Projections::wait_reclaimed`]). Call it with the new
     /// generation caught up to the log head while no writer can append (the engine's lock).
     /// The active generation and its version are recorded in one batch: after a crash the store
     /// names either the old generation with its version or the new one with this code's.
@@ -794,38 +807,14 @@ impl Rebuild<'_> {
         drop(old);
         // The new generation is installed; an old tree that cannot be reclaimed (damaged) is
         // left for the next open to try again, never a reason to fail.
-        if let Err(e) = reclaim_tree(&owner.db, tree_name(&owner.domain, old_id).as_bytes()) {
-            tracing::warn!(generation = old_id, error = %e, "old projection generation not reclaimed");
-        }
+        owner
+            .reclaimer
+            .spawn(&owner.db, tree_name(&owner.domain, old_id));
         let _ = owner
             .db
             .drop_tree(format!("projblank/{}", owner.domain.as_str()));
         Ok(())
     }
-}
-
-/// Deletes a whole tree with bounded memory. sled 0.34.7's `drop_tree` walks every page of the
-/// tree under one epoch guard, so nothing it frees is released before the end: dropping a
-/// generation of a 1M-event replay took the process from about 250 MB to 870 MB. Removing the
-/// keys in batches first lets each batch's pages go, then the empty tree is dropped.
-fn reclaim_tree(db: &sled::Db, name: &[u8]) -> Result<(), ProjectionError> {
-    const BATCH: usize = 4096;
-    let tree = db.open_tree(name)?;
-    loop {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for key in tree.iter().keys().take(BATCH) {
-            batch.remove(key?);
-            n += 1;
-        }
-        if n == 0 {
-            break;
-        }
-        tree.apply_batch(batch)?;
-    }
-    drop(tree);
-    db.drop_tree(name)?;
-    Ok(())
 }
 
 fn fold_into<I>(

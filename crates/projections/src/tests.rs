@@ -164,6 +164,8 @@ fn a_rebuild_answers_from_the_old_generation_until_installed() {
     rebuild.install().expect("install");
     assert!(p.case(&"c1".into()).expect("read").is_some());
     assert_eq!(p.checkpoint(), Position(1));
+    // The retired generation is deleted in the background.
+    p.wait_reclaimed();
     let names: Vec<_> = db
         .tree_names()
         .into_iter()
