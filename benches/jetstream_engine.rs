@@ -116,6 +116,8 @@ struct Calls {
     read_calls: AtomicU64,
     read_entries: AtomicU64,
     read_ns: AtomicU64,
+    /// Groups copied from the log's own acknowledged appends (`recent_entries`), not read back.
+    recent_copies: AtomicU64,
 }
 
 impl Calls {
@@ -127,6 +129,7 @@ impl Calls {
             &self.read_calls,
             &self.read_entries,
             &self.read_ns,
+            &self.recent_copies,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -137,7 +140,7 @@ impl Calls {
         let (appends, reads) = (get(&self.append_calls), get(&self.read_calls));
         let ms = |ns: u64, calls: u64| ns as f64 / 1e6 / calls.max(1) as f64;
         format!(
-            "upstream calls: {appends} append_all ({:.1} appends each, {:.2} ms each, {:.0}% of the time), {reads} read_entries ({:.1} entries each, {:.2} ms each, {:.0}% of the time); {:.2} read_entries per group; {:.1} forms per group",
+            "upstream calls: {appends} append_all ({:.1} appends each, {:.2} ms each, {:.0}% of the time), {reads} read_entries ({:.1} entries each, {:.2} ms each, {:.0}% of the time); {:.2} read_entries per group; {} groups copied from the log's own appends; {:.1} forms per group",
             get(&self.appended) as f64 / appends.max(1) as f64,
             ms(get(&self.append_ns), appends),
             get(&self.append_ns) as f64 / 1e7 / seconds,
@@ -145,6 +148,7 @@ impl Calls {
             ms(get(&self.read_ns), reads),
             get(&self.read_ns) as f64 / 1e7 / seconds,
             reads as f64 / appends.max(1) as f64,
+            get(&self.recent_copies),
             forms as f64 / appends.max(1) as f64,
         )
     }
@@ -199,6 +203,14 @@ impl EventStore for Counted {
         self.stats
             .read_ns
             .fetch_add(nanos(started), Ordering::Relaxed);
+        out
+    }
+
+    fn recent_entries(&self, from: Position, last: Position) -> Option<Vec<VerbatimEntry>> {
+        let out = self.inner.recent_entries(from, last);
+        if out.is_some() {
+            self.stats.recent_copies.fetch_add(1, Ordering::Relaxed);
+        }
         out
     }
 

@@ -321,6 +321,33 @@ async fn jetstream_log_keeps_the_sled_contract_and_its_hash_chain() {
     let verified = log.verify().await.expect("verify after two writers");
     assert_eq!(verified.head, Position(90));
     assert_eq!(log.head().await.expect("head"), Position(90));
+    // A writer's own acknowledged appends are at hand exactly as the stream holds them (a
+    // replica copies them from there); another writer's never are.
+    let stored = log
+        .read_entries(Position(1), 90)
+        .await
+        .expect("read the stream back");
+    let (mut own, mut theirs) = (0, 0);
+    for entry in &stored {
+        let p = entry.position;
+        match (log.recent_entries(p, p), other.recent_entries(p, p)) {
+            (Some(mine), None) => {
+                assert_eq!(mine, vec![entry.clone()], "log's own entry at {p}");
+                own += 1;
+            }
+            (None, Some(its)) => {
+                assert_eq!(its, vec![entry.clone()], "other's own entry at {p}");
+                theirs += 1;
+            }
+            (None, None) => {}
+            (a, b) => panic!("position {p} at hand in both writers: {a:?} {b:?}"),
+        }
+    }
+    assert!(own >= 40 && theirs >= 40, "own {own}, theirs {theirs}");
+    assert!(
+        log.recent_entries(Position(1), Position(90)).is_none(),
+        "a range with another writer's entries in it is not at hand"
+    );
 
     // A stream that lost acknowledged messages (here: deleted and created again) is never
     // written over: the writer that saw them acknowledged reports the lost tail.

@@ -416,6 +416,14 @@ impl Engine {
     /// Copies the upstream into the replica until it holds `last`, waiting for a direct get
     /// that lags the append it answers.
     async fn copy_through(&self, last: Position) -> Result<(), EngineError> {
+        // Its own appends, as this process sent them: nothing to read back.
+        match self.copy_recent(last).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "replica: own appends not copied; reading them back")
+            }
+        }
         let deadline = tokio::time::Instant::now() + COPY_WAIT;
         loop {
             // The follower may have copied it already.

@@ -244,6 +244,28 @@ impl Engine {
         self.copy_locked(up).await
     }
 
+    /// Copies the upstream's entries up to `last` from what this process appended itself
+    /// ([`EventStore::recent_entries`]), without reading them back. Returns `false` when they
+    /// are not all at hand (another writer's entries come first, or they are gone from the
+    /// store's memory): the caller copies by reading then.
+    pub(crate) async fn copy_recent(&self, last: Position) -> Result<bool, EngineError> {
+        let Some(up) = &self.upstream else {
+            return Ok(false);
+        };
+        let _one = up.pull.lock().await;
+        let from = self.log.written_head().next();
+        if from > last {
+            return Ok(true);
+        }
+        let Some(entries) = up.store.recent_entries(from, last) else {
+            return Ok(false);
+        };
+        // The replica checks the chain as for any copy: the entries must follow its head.
+        blocking(|| self.log.append_replicated(&entries))?;
+        self.log.mark_copied_durable();
+        Ok(true)
+    }
+
     /// [`Engine::copy`] for a caller holding the pull lock: copies and flushes.
     async fn copy_locked(&self, up: &Upstream) -> Result<Position, EngineError> {
         let before = self.log.written_head();

@@ -124,6 +124,15 @@ pub trait EventStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<VerbatimEntry>, LogError>;
 
+    /// The entries `from..=last` exactly as [`EventStore::read_entries`] would answer them,
+    /// when this process appended them itself and still holds their bytes; `None` when any of
+    /// them is not at hand (the default). Asks nothing of the store: a replica copies its own
+    /// acknowledged appends from here instead of reading them back.
+    fn recent_entries(&self, from: Position, last: Position) -> Option<Vec<VerbatimEntry>> {
+        let _ = (from, last);
+        None
+    }
+
     /// Durable events from `from` on: first those already in the log, then new ones as they
     /// become durable.
     async fn subscribe(&self, from: Position) -> Result<Subscription, LogError>;

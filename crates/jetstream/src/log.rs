@@ -162,7 +162,13 @@ struct Shared {
     subject: String,
     domain: DomainName,
     config: JetStreamConfig,
+    /// The payloads of this process's last acknowledged appends, by position, oldest first
+    /// (at most [`RECENT`]): [`EventStore::recent_entries`].
+    recent: std::sync::Mutex<std::collections::VecDeque<(Position, Bytes)>>,
 }
+
+/// How many acknowledged entries [`Shared::recent`] keeps: a few of a replica's groups.
+const RECENT: usize = 2048;
 
 /// What the committer takes from its queue, in order.
 enum Queued {
@@ -250,6 +256,7 @@ impl JetStreamLog {
             subject,
             domain: domain.clone(),
             config,
+            recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
         });
         let mut writer = Writer {
             head: Position::ZERO,
@@ -475,6 +482,10 @@ impl EventStore for JetStreamLog {
         limit: usize,
     ) -> Result<Vec<VerbatimEntry>, LogError> {
         self.inner.shared.read_entries(from, limit).await
+    }
+
+    fn recent_entries(&self, from: Position, last: Position) -> Option<Vec<VerbatimEntry>> {
+        self.inner.shared.recent_entries(from, last)
     }
 
     async fn subscribe(&self, from: Position) -> Result<Subscription, LogError> {
@@ -740,6 +751,48 @@ impl Shared {
 }
 
 impl Shared {
+    /// Keeps the payloads of a round stored as chained, at their positions.
+    fn remember(&self, round: &Round) {
+        let mut recent = match self.recent.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for append in &round.appends {
+            for (position, payload) in (append.first.0..).zip(&append.payloads) {
+                recent.push_back((Position(position), payload.clone()));
+            }
+        }
+        let over = recent.len().saturating_sub(RECENT);
+        recent.drain(..over);
+    }
+
+    /// [`EventStore::recent_entries`]: a live append's message is its envelope alone (no
+    /// `Caseledger-Envelope-Len` header), so the entry is the payload, as `read_entries` reads it.
+    fn recent_entries(&self, from: Position, last: Position) -> Option<Vec<VerbatimEntry>> {
+        if last < from {
+            return Some(Vec::new());
+        }
+        let recent = match self.recent.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let start = recent.binary_search_by_key(&from, |(p, _)| *p).ok()?;
+        let wanted = usize::try_from(last.0 - from.0 + 1).ok()?;
+        let mut out = Vec::with_capacity(wanted.min(RECENT));
+        for (expected, (position, payload)) in (from.0..).zip(recent.range(start..).take(wanted)) {
+            if position.0 != expected {
+                // Another writer's entries sit between two of ours.
+                return None;
+            }
+            out.push(VerbatimEntry {
+                position: *position,
+                envelope: payload.to_vec(),
+                raw: None,
+            });
+        }
+        (out.len() == wanted).then_some(out)
+    }
+
     /// Publishes `messages` (headers and payload each) right after `head`: one message, or one
     /// atomic batch for several, the first conditional on `Nats-Expected-Last-Sequence` = `head`
     /// (a round of appends, an import). Returns the ack of the last message, not awaited.
@@ -1150,6 +1203,7 @@ async fn commit_round(
             // batch with it: stored right after the writer's head, as chained.
             writer.head = round.head;
             writer.hash = round.hash;
+            shared.remember(&round);
             for append in &round.appends {
                 if let Some(key) = &append.key {
                     writer.uncertain.remove(key);
