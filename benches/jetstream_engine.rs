@@ -39,6 +39,8 @@
 //!
 //! `cargo bench --bench jetstream_engine`; `CASELEDGER_BENCH_FORMS=n` sets N (default 20 000),
 //! `CASELEDGER_BENCH_TWO_WRITERS=n` the forms of the two-writer run (default N/4; 0 skips it).
+//! `CASELEDGER_BENCH_RECENT=0` makes the replica read its own appends back instead of copying
+//! them from what the log published (`EventStore::recent_entries`), for before/after pairs.
 //! Without a nats-server (`scripts/nats-server.sh`) it prints `SKIP:`.
 
 #[global_allocator]
@@ -207,6 +209,11 @@ impl EventStore for Counted {
     }
 
     fn recent_entries(&self, from: Position, last: Position) -> Option<Vec<VerbatimEntry>> {
+        // CASELEDGER_BENCH_RECENT=0: the replica reads its own appends back, as before
+        // `recent_entries` existed, for before/after pairs with one binary.
+        if std::env::var("CASELEDGER_BENCH_RECENT").as_deref() == Ok("0") {
+            return None;
+        }
         let out = self.inner.recent_entries(from, last);
         if out.is_some() {
             self.stats.recent_copies.fetch_add(1, Ordering::Relaxed);

@@ -615,6 +615,9 @@ impl Watch {
 fn stall_of(phase: &str) -> Duration {
     if phase.starts_with("fresh process") {
         Duration::from_secs(1800)
+    } else if phase == "replay" {
+        // The sorted passes after the scan report no progress either: minutes at 3M events.
+        Duration::from_secs(900)
     } else {
         STALL
     }
