@@ -321,6 +321,8 @@ async fn jetstream_log_keeps_the_sled_contract_and_its_hash_chain() {
     let verified = log.verify().await.expect("verify after two writers");
     assert_eq!(verified.head, Position(90));
     assert_eq!(log.head().await.expect("head"), Position(90));
+    // A range with another writer's entries in it is not at hand.
+    assert!(log.recent_entries(Position(11), Position(90)).is_none());
     // A writer's own acknowledged appends are at hand exactly as the stream holds them (a
     // replica copies them from there); another writer's never are.
     let stored = log
@@ -345,8 +347,9 @@ async fn jetstream_log_keeps_the_sled_contract_and_its_hash_chain() {
     }
     assert!(own >= 40 && theirs >= 40, "own {own}, theirs {theirs}");
     assert!(
-        log.recent_entries(Position(1), Position(90)).is_none(),
-        "a range with another writer's entries in it is not at hand"
+        log.recent_entries(Position(90), Position(90)).is_none()
+            && other.recent_entries(Position(90), Position(90)).is_none(),
+        "an entry is handed out once"
     );
 
     // A stream that lost acknowledged messages (here: deleted and created again) is never

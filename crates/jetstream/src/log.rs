@@ -162,13 +162,24 @@ struct Shared {
     subject: String,
     domain: DomainName,
     config: JetStreamConfig,
-    /// The payloads of this process's last acknowledged appends, by position, oldest first
-    /// (at most [`RECENT`]): [`EventStore::recent_entries`].
-    recent: std::sync::Mutex<std::collections::VecDeque<(Position, Bytes)>>,
+    /// The payloads of this process's last acknowledged appends not yet taken by
+    /// [`EventStore::recent_entries`], by position, oldest first.
+    recent: std::sync::Mutex<Recent>,
 }
 
-/// How many acknowledged entries [`Shared::recent`] keeps: a few of a replica's groups.
+/// [`Shared::recent`]: at most [`RECENT`] entries and [`RECENT_BYTES`] of payload, the oldest
+/// dropped first. A replica takes each landed group at once, so it holds a group or two; a
+/// process that never takes them (an import, a CLI command) holds at most the bounds.
+#[derive(Default)]
+struct Recent {
+    entries: std::collections::VecDeque<(Position, Bytes)>,
+    bytes: usize,
+}
+
+/// How many acknowledged entries [`Recent`] keeps at most: several of a replica's groups.
 const RECENT: usize = 2048;
+/// How many payload bytes [`Recent`] keeps at most, per project space served.
+const RECENT_BYTES: usize = 4 << 20;
 
 /// What the committer takes from its queue, in order.
 enum Queued {
@@ -256,7 +267,7 @@ impl JetStreamLog {
             subject,
             domain: domain.clone(),
             config,
-            recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            recent: std::sync::Mutex::new(Recent::default()),
         });
         let mut writer = Writer {
             head: Position::ZERO,
@@ -753,33 +764,40 @@ impl Shared {
 impl Shared {
     /// Keeps the payloads of a round stored as chained, at their positions.
     fn remember(&self, round: &Round) {
-        let mut recent = match self.recent.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut recent = self.recent();
         for append in &round.appends {
             for (position, payload) in (append.first.0..).zip(&append.payloads) {
-                recent.push_back((Position(position), payload.clone()));
+                recent.bytes += payload.len();
+                recent
+                    .entries
+                    .push_back((Position(position), payload.clone()));
             }
         }
-        let over = recent.len().saturating_sub(RECENT);
-        recent.drain(..over);
+        while recent.entries.len() > RECENT || recent.bytes > RECENT_BYTES {
+            match recent.entries.pop_front() {
+                Some((_, payload)) => recent.bytes -= payload.len(),
+                None => break,
+            }
+        }
     }
 
     /// [`EventStore::recent_entries`]: a live append's message is its envelope alone (no
-    /// `Caseledger-Envelope-Len` header), so the entry is the payload, as `read_entries` reads it.
+    /// `Caseledger-Envelope-Len` header), so the entry is the payload, as `read_entries` reads
+    /// it. Entries handed out, and any before them, are dropped: a replica takes each once.
     fn recent_entries(&self, from: Position, last: Position) -> Option<Vec<VerbatimEntry>> {
         if last < from {
             return Some(Vec::new());
         }
-        let recent = match self.recent.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let start = recent.binary_search_by_key(&from, |(p, _)| *p).ok()?;
+        let mut recent = self.recent();
+        let start = recent
+            .entries
+            .binary_search_by_key(&from, |(p, _)| *p)
+            .ok()?;
         let wanted = usize::try_from(last.0 - from.0 + 1).ok()?;
         let mut out = Vec::with_capacity(wanted.min(RECENT));
-        for (expected, (position, payload)) in (from.0..).zip(recent.range(start..).take(wanted)) {
+        for (expected, (position, payload)) in
+            (from.0..).zip(recent.entries.range(start..).take(wanted))
+        {
             if position.0 != expected {
                 // Another writer's entries sit between two of ours.
                 return None;
@@ -790,7 +808,23 @@ impl Shared {
                 raw: None,
             });
         }
-        (out.len() == wanted).then_some(out)
+        if out.len() != wanted {
+            return None;
+        }
+        let taken: usize = recent
+            .entries
+            .drain(..start + wanted)
+            .map(|(_, payload)| payload.len())
+            .sum();
+        recent.bytes -= taken;
+        Some(out)
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        match self.recent.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     /// Publishes `messages` (headers and payload each) right after `head`: one message, or one
