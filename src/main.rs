@@ -1275,22 +1275,17 @@ fn replay(engine: &Engine, cli: &Cli) -> Result<u8> {
     // The new generation answers now; the retired one is deleted in the background, and this
     // command ends once it is gone rather than leave it to the next command's open.
     let started = std::time::Instant::now();
+    let spinner = indicatif::ProgressBar::new_spinner();
     if !cli.json {
         print_line(&format!(
             "replayed {} events in {:.3}s ({:.0} events/s)",
             stats.events, stats.seconds, rate
         ))?;
-        bar.reset();
-        bar.set_length(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        bar.set_message("deleting the retired projections");
-        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        spinner.set_message("deleting the retired projections");
+        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
     }
     engine.projections().wait_reclaimed();
-    bar.finish_and_clear();
+    spinner.finish_and_clear();
     let reclaim_seconds = started.elapsed().as_secs_f64();
     if cli.json {
         out(&json!({

@@ -52,6 +52,26 @@ pub(crate) fn reclaim_now(db: &sled::Db, name: &[u8]) -> Result<(), ProjectionEr
     reclaim_tree(db, name, &AtomicBool::new(false)).map(|_| ())
 }
 
+/// [`reclaim_tree`], its outcome logged: a tree not deleted is left for the next open, which
+/// nothing reads meanwhile.
+fn reclaim_logged(db: &sled::Db, name: &str, stop: &AtomicBool) {
+    let started = std::time::Instant::now();
+    match reclaim_tree(db, name.as_bytes(), stop) {
+        Ok(true) => tracing::info!(
+            tree = %name,
+            seconds = started.elapsed().as_secs_f64(),
+            "retired projection generation reclaimed"
+        ),
+        Ok(false) => tracing::info!(
+            tree = %name,
+            "reclaiming a retired projection generation stopped; the next open goes on"
+        ),
+        Err(e) => {
+            tracing::warn!(tree = %name, error = %e, "retired projection generation not reclaimed")
+        }
+    }
+}
+
 /// The background deletions of one [`crate::Projections`].
 #[derive(Default)]
 pub(crate) struct Reclaimer {
@@ -63,33 +83,15 @@ impl Reclaimer {
     /// Deletes `name` on a thread of its own (here, when no thread can be started).
     pub(crate) fn spawn(&self, db: &sled::Db, name: String) {
         let stop = Arc::clone(&self.stop);
-        let thread_db = db.clone();
-        let thread_name = name.clone();
+        let (thread_db, thread_name) = (db.clone(), name.clone());
         let spawned = std::thread::Builder::new()
             .name("caseledger-reclaim".into())
-            .spawn(move || {
-                let started = std::time::Instant::now();
-                match reclaim_tree(&thread_db, thread_name.as_bytes(), &stop) {
-                    Ok(true) => tracing::info!(
-                        tree = %thread_name,
-                        seconds = started.elapsed().as_secs_f64(),
-                        "retired projection generation reclaimed"
-                    ),
-                    Ok(false) => tracing::info!(
-                        tree = %thread_name,
-                        "reclaiming a retired projection generation stopped; the next open goes on"
-                    ),
-                    // Nothing reads the tree; the next open tries again.
-                    Err(e) => tracing::warn!(tree = %thread_name, error = %e, "retired projection generation not reclaimed"),
-                }
-            });
+            .spawn(move || reclaim_logged(&thread_db, &thread_name, &stop));
         match spawned {
             Ok(handle) => self.lock().push(handle),
             Err(e) => {
                 tracing::warn!(error = %e, "no reclaim thread; reclaiming in place");
-                if let Err(e) = reclaim_now(db, name.as_bytes()) {
-                    tracing::warn!(tree = %name, error = %e, "retired projection generation not reclaimed");
-                }
+                reclaim_logged(db, &name, &self.stop);
             }
         }
     }
