@@ -45,7 +45,7 @@ use projections::{Overlay, Sealed};
 
 use crate::combine::{answer_all, answer_failed, Answer};
 use crate::committer::Inflight;
-use crate::replica::{Decided, Fate, Upstream};
+use crate::replica::{Fate, Upstream};
 use crate::{blocking, Engine, EngineError, Outcome, Outcomes, Request};
 
 /// Groups one leader decides and appends back to back before it hands the lead on. Its own
@@ -74,8 +74,10 @@ enum Base {
 struct Decision {
     /// Per request: its answer when it needs no append, `SameAs` a repeated key, else `None`.
     fates: Vec<Option<Fate>>,
-    /// The decided appends.
-    appends: Decided,
+    /// The decided appends' slots, with their events as decided and folded.
+    appends: Vec<(usize, Vec<RecordedEvent>)>,
+    /// The decided appends themselves, in order; taken when the group is sent.
+    outgoing: Vec<AppendRequest>,
     /// Requests decided; the rest come after an edit or archive and go to the next group.
     decided: usize,
     /// The group's projection batch and the overlay the next group reads through.
@@ -162,9 +164,7 @@ impl Engine {
                 };
                 // Landed as decided: the next group goes on its way before this one is copied.
                 if let Some(group) = next.take() {
-                    streak.base = group.decision.next.clone();
-                    let append = send(up, group_appends(&group)).await;
-                    flying = Some((group, append));
+                    flying = Some(launch(up, &mut streak, group).await);
                 }
                 if let Err(mut rest) = self.finish_landed(landed).await {
                     if let Some((group, append)) = flying.take() {
@@ -177,9 +177,7 @@ impl Engine {
                     return self.fall_back(up, leading, rest, streak.queued).await;
                 }
             } else if let Some(group) = next.take() {
-                streak.base = group.decision.next.clone();
-                let append = send(up, group_appends(&group)).await;
-                flying = Some((group, append));
+                flying = Some(launch(up, &mut streak, group).await);
             }
             if flying.is_none() && matches!(streak.base, Base::AfterFold) {
                 // Nothing of the streak is in flight: decide on the projections again.
@@ -305,9 +303,14 @@ impl Engine {
             )
         };
         fates.truncate(decided);
+        let (appends, outgoing) = appends
+            .into_iter()
+            .map(|(slot, append, recorded)| ((slot, recorded), append))
+            .unzip();
         Ok(Decision {
             fates,
             appends,
+            outgoing,
             decided,
             sealed,
             next,
@@ -514,7 +517,7 @@ fn classify(
     let mut last = None;
     let mut recorded_of: Vec<Option<Vec<RecordedEvent>>> = requests.iter().map(|_| None).collect();
     let mut results = results.into_iter();
-    for (slot, _, recorded) in appends {
+    for (slot, recorded) in appends {
         let decided = (
             recorded.first().map(|e| e.position),
             recorded.last().map(|e| e.position),
@@ -572,14 +575,17 @@ fn classify(
     })
 }
 
-/// A group's appends, as sent upstream.
-fn group_appends(group: &Group) -> Vec<AppendRequest> {
-    group
-        .decision
-        .appends
-        .iter()
-        .map(|(_, append, _)| append.clone())
-        .collect()
+/// Sends a decided group upstream (its appends moved out, not copied); the next group is
+/// decided on what it leaves.
+async fn launch<'u>(
+    up: &'u Upstream,
+    streak: &mut Streak,
+    mut group: Group,
+) -> (Group, Appending<'u>) {
+    streak.base = group.decision.next.clone();
+    let appends = std::mem::take(&mut group.decision.outgoing);
+    let append = send(up, appends).await;
+    (group, append)
 }
 
 /// Sends `appends` upstream and polls once, so that a store that queues on the first poll
